@@ -1,0 +1,45 @@
+"""camfunc: class activation maps as pure functions of a split model.
+
+A model is cut at a layer into ``head: x -> A`` and ``tail: A -> scores``.
+Each method runs the head without an autograd graph, differentiates only the
+tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
+one pass with ``torch.func.vmap``. Nothing is registered on the model.
+"""
+
+from ._methods import METHODS as METHODS
+from ._methods import gradcam as gradcam
+from ._methods import gradcampp as gradcampp
+from ._methods import layercam as layercam
+from ._methods import smooth_gradcampp as smooth_gradcampp
+from ._methods import xgradcam as xgradcam
+from ._ops import fuse as fuse
+from ._ops import normalize as normalize
+from ._ops import upsample as upsample
+from ._split import LayerChoiceWarning as LayerChoiceWarning
+from ._split import RepeatedLayerWarning as RepeatedLayerWarning
+from ._split import Split as Split
+from ._split import check as check
+from ._split import split as split
+from ._targets import TopK as TopK
+from ._targets import topk as topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "LayerChoiceWarning",
+    "RepeatedLayerWarning",
+    "Split",
+    "TopK",
+    "check",
+    "fuse",
+    "gradcam",
+    "gradcampp",
+    "layercam",
+    "normalize",
+    "smooth_gradcampp",
+    "split",
+    "topk",
+    "upsample",
+    "xgradcam",
+]

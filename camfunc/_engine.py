@@ -1,0 +1,116 @@
+"""The gradient engine: ``(split, x, cls) -> maps``, one vjp for every class.
+
+1. The head runs with no autograd graph.
+2. Each later stage runs under ``torch.func.vjp`` with respect to the
+   activations entering it (cloned inside, so in-place ops cannot touch them).
+3. Cotangents for all requested classes are built from the scores of that one
+   forward pass, and ``torch.func.vmap`` pulls them back through the chain of
+   vjps, so K classes cost one forward and one batched backward.
+4. A method's ``per_class(acts, grads)`` turns each class's gradients into
+   maps *inside* the vmap, so the (K, B, C, *spatial) gradients are never all
+   alive at once when ``chunk_size`` is set.
+
+Everything runs under ``torch.no_grad()``: ``vjp`` still differentiates inside,
+and no graph to the model's parameters is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _targets
+from ._split import Split, as_tuple
+
+PerClass = Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]]
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_constant: bool,
+               objective: Callable[[Any], Any] | None = None):
+    """vjp of one stage with respect to ``A`` (and floating context that depends on it).
+
+    Context computed by the head does not depend on the first ``A``, so it is
+    held constant there. Non-float outputs (shapes, masks) travel as aux.
+    Returns ``(differentiable outputs, vjp_fn, full outputs)``.
+    """
+    a, context = carry[0], carry[1:]
+    varying = () if context_is_constant else tuple(
+        i for i, c in enumerate(context) if _is_float_tensor(c))
+
+    def stage_fn(a: Tensor, *varying_values: Tensor):
+        full = list(context)
+        for i, value in zip(varying, varying_values):
+            full[i] = value.clone()
+        out = stage(a.clone(), *full)
+        if objective is not None:
+            return objective(out), out
+        out = as_tuple(out)
+        return tuple(o for o in out if _is_float_tensor(o)), out
+
+    primals = (a, *(context[i] for i in varying))
+    return torch.func.vjp(stage_fn, *primals, has_aux=True)
+
+
+def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
+    """Activations at every cut and the model's output, with no graph."""
+    with torch.no_grad():
+        carry = as_tuple(split.head(x))
+        acts = [carry[0]]
+        for stage in split.middle:
+            carry = as_tuple(stage(*carry))
+            acts.append(carry[0])
+        return tuple(acts), split.tail(*carry)
+
+
+def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,
+               chunk_size: int | None = None, classes: tuple[Tensor, bool] | None = None,
+               ) -> tuple[tuple[Tensor, ...], Any]:
+    """Maps for every requested class, one tuple entry per layer, and the scores.
+
+    Each map is ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample
+    (a ``(B, K)`` tensor, ``topk``, or a callable returning ``(B, K)``), else
+    ``(B, *spatial)``. ``classes`` overrides ``cls`` with ready ``(index, keep_k)``
+    from :func:`camfunc._targets.class_indices` (classes chosen on another pass).
+    """
+    objective = cls if classes is None and _targets.is_objective(cls) else None
+    with torch.no_grad():
+        carry = as_tuple(split.head(x))
+        acts = [carry[0]]
+        pullbacks = []
+        for i, stage in enumerate(split.middle):
+            _, pullback, carry = _vjp_stage(stage, carry, context_is_constant=(i == 0))
+            pullbacks.append(pullback)
+            acts.append(carry[0])
+        out, pull_tail, scores = _vjp_stage(
+            split.tail, carry, context_is_constant=not split.middle,
+            objective=objective if objective is not None else (lambda s: s))
+
+        if objective is not None:
+            cotangents, keep_k = _targets.objective_rows(out)
+        else:
+            index, keep_k = classes if classes is not None else _targets.class_indices(cls, scores)
+            cotangents = _targets.one_hot_rows(index, out)
+
+        def maps_for(cotangent: Tensor) -> tuple[Tensor, ...]:
+            grads = pull_tail(cotangent)
+            layer_grads = [grads[0]]
+            for pullback in reversed(pullbacks):
+                grads = pullback(grads)
+                layer_grads.append(grads[0])
+            return per_class(tuple(acts), tuple(reversed(layer_grads)))
+
+        if cotangents.shape[0] == 1:
+            maps = tuple(m.unsqueeze(1) for m in maps_for(cotangents[0]))
+        else:
+            batched = torch.func.vmap(maps_for, chunk_size=chunk_size)(cotangents)
+            maps = tuple(m.movedim(0, 1) for m in batched)
+        if not keep_k:
+            maps = tuple(m.squeeze(1) for m in maps)
+    return maps, scores

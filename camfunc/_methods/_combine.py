@@ -1,0 +1,77 @@
+"""The step every method shares: weights -> weighted sum -> ReLU -> normalise.
+
+A method only supplies ``weights(A, G)``: channel weights ``(B, C)`` or pixel
+weights ``(B, C, *spatial)``. The rest lives here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _engine, _ops, _targets, _validate
+from .._split import Split
+
+Weights = Callable[[Tensor, Tensor], Tensor]
+
+
+def spatial_axes(a: Tensor) -> tuple[int, ...]:
+    """The spatial axes of activations ``(B, C, *spatial)``."""
+    return tuple(range(2, a.ndim))
+
+
+def weighted_sum(a: Tensor, weights: Tensor) -> Tensor:
+    """:math:`\\sum_c w_c A_c`, with channel or pixel weights."""
+    w = weights.reshape(*weights.shape, *(1,) * (a.ndim - weights.ndim))
+    return (w * a).sum(1)
+
+
+def finish(cam: Tensor, *, relu: bool, normalize: bool) -> Tensor:
+    if relu:
+        cam = cam.clamp_min(0)
+    if normalize:
+        cam = _ops.normalize(cam)
+    return cam
+
+
+def check_activations(a: Tensor) -> None:
+    if a.ndim < 3:
+        raise ValueError(
+            f"the layer's activations have shape {tuple(a.shape)}; CAM methods need "
+            "(B, C, *spatial) with 1 to 3 spatial axes. Pick an earlier layer"
+        )
+
+
+def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
+    """Back to the user's layer order; a single layer gives a tensor, several a list."""
+    if split.order:
+        maps = tuple(maps[i] for i in split.order)
+    return maps[0] if len(maps) == 1 else list(maps)
+
+
+def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,
+                 normalize: bool, return_scores: bool, chunk_size: int | None,
+                 relu: bool = True) -> Any:
+    """Runs a gradient method given its ``weights(A, G)`` function."""
+    split = _validate.check_call(split, x)
+    _targets.check_form(cls, x.shape[0])
+
+    def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        maps = []
+        for a, g in zip(acts, grads):
+            check_activations(a)
+            a, g = a.float(), g.float()  # g**3 underflows in half precision
+            maps.append(finish(weighted_sum(a, weights(a, g)), relu=relu, normalize=normalize))
+        return tuple(maps)
+
+    maps, scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)
+    cams = arrange(split, maps)
+    return (cams, scores) if return_scores else cams
+
+
+def safe_reciprocal(den: Tensor, valid: Tensor) -> Tensor:
+    """``1 / den`` where ``valid``, else 0; no inf or NaN even in gradients."""
+    return torch.where(valid, 1.0 / torch.where(valid, den, torch.ones_like(den)), torch.zeros_like(den))

@@ -1,0 +1,147 @@
+"""What to explain: the ``cls`` argument, turned into cotangents for the vjp.
+
+Every form of ``cls`` ends as one of two things:
+
+- class indices ``(B, K)`` into 2-D scores, whose cotangents are one-hot rows;
+- a callable ``objective(scores) -> (B,) or (B, K)``, differentiated as part of
+  the tail, whose cotangents pick one column at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["TopK", "topk", "Target"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Each sample's ``k`` highest-scoring classes, in descending order."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"topk needs a positive int k, got {self.k!r}")
+
+
+def topk(k: int) -> TopK:
+    """Targets each sample's ``k`` highest-scoring classes, in descending order.
+
+    The output gets a class axis: ``(B, k, *spatial)``. Pass
+    ``return_scores=True`` to see which classes they were.
+
+    Example:
+        >>> maps, scores = camfunc.gradcam(s, x, camfunc.topk(3), return_scores=True)
+        >>> maps.shape                         # [B, 3, 7, 7]
+        >>> scores.topk(3).indices             # the classes, in the same order
+    """
+    return TopK(k)
+
+
+Target = Union[int, Sequence[int], Tensor, TopK, Callable[[Any], Tensor]]
+
+
+def is_objective(cls: Target) -> bool:
+    return callable(cls) and not isinstance(cls, (Tensor, TopK))
+
+
+def check_form(cls: Target, batch: int) -> None:
+    """Eager checks of ``cls`` that need no scores: type, shape, sign."""
+    if isinstance(cls, (TopK,)) or is_objective(cls):
+        return
+    if isinstance(cls, bool) or not isinstance(cls, (int, Tensor, Sequence)):
+        raise TypeError(
+            f"cls must be an int, a length-B sequence or 1-D tensor, a (B, K) tensor, "
+            f"camfunc.topk(k) or a callable scores -> (B,); got {type(cls).__name__}"
+        )
+    if isinstance(cls, int):
+        return
+    if isinstance(cls, Tensor):
+        if cls.is_floating_point() or cls.is_complex() or cls.dtype == torch.bool:
+            raise TypeError(f"cls tensor must hold integer class indices, got dtype {cls.dtype}")
+        if cls.ndim not in (0, 1, 2):
+            raise ValueError(f"cls tensor must be 0-D, (B,) or (B, K), got shape {tuple(cls.shape)}")
+        if cls.ndim >= 1 and cls.shape[0] != batch:
+            raise ValueError(
+                f"cls has {cls.shape[0]} rows but the batch has {batch} samples; "
+                "give one class per sample, or an int for all"
+            )
+        if cls.ndim == 2 and cls.shape[1] == 0:
+            raise ValueError("cls of shape (B, 0) asks for no class; give at least one per sample")
+        return
+    if len(cls) != batch:
+        raise ValueError(
+            f"cls has {len(cls)} entries but the batch has {batch} samples; "
+            "give one class per sample, or an int for all"
+        )
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cls):
+        raise TypeError("a cls sequence must hold Python ints; use a tensor for (B, K) classes")
+
+
+def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
+    """Class indices ``(B, K)`` for 2-D ``scores``, and whether K is the caller's axis.
+
+    Returns ``keep_k=False`` when ``cls`` named one class per sample, so the
+    maps drop the class axis.
+    """
+    if scores.ndim != 2:
+        raise ValueError(
+            f"class indices need (B, num_classes) scores, but the model outputs shape "
+            f"{tuple(scores.shape)}; pass a callable cls that maps the output to (B,) scores"
+        )
+    batch = scores.shape[0]
+    if isinstance(cls, TopK):
+        if cls.k > scores.shape[1]:
+            raise ValueError(f"topk({cls.k}) asks for more classes than the model's {scores.shape[1]}")
+        return scores.detach().topk(cls.k, dim=1).indices, True
+    if isinstance(cls, int):
+        index = torch.full((batch, 1), cls, dtype=torch.long, device=scores.device)
+        keep_k = False
+    elif isinstance(cls, Tensor):
+        index = cls.to(device=scores.device, dtype=torch.long)
+        keep_k = index.ndim == 2
+        index = index.reshape(batch, -1) if index.ndim else index.expand(batch).reshape(batch, 1)
+    else:
+        index = torch.tensor(list(cls), dtype=torch.long, device=scores.device).reshape(batch, 1)
+        keep_k = False
+    check_range(index, scores.shape[1])
+    return index, keep_k
+
+
+def check_range(index: Tensor, num_classes: int) -> None:
+    """Class range check; it reads tensor values, so it runs only when not compiling."""
+    if torch.compiler.is_compiling():
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"class index {bad} is out of range: the model has {num_classes} classes, "
+            f"so valid indices are 0 to {num_classes - 1}"
+        )
+
+
+def one_hot_rows(index: Tensor, like: Tensor) -> Tensor:
+    """Cotangents ``(K, B, C)``: row ``[k, b]`` is one-hot at ``index[b, k]``."""
+    k = index.shape[1]
+    basis = like.new_zeros((k, *like.shape))
+    return basis.scatter(2, index.t().unsqueeze(-1), 1.0)
+
+
+def objective_rows(values: Tensor) -> tuple[Tensor, bool]:
+    """Cotangents for a callable objective's ``(B,)`` or ``(B, K)`` output."""
+    if values.ndim == 1:
+        return torch.ones_like(values).unsqueeze(0), False
+    if values.ndim == 2:
+        k = values.shape[1]
+        eye = torch.eye(k, dtype=values.dtype, device=values.device)
+        return eye.unsqueeze(1).expand(k, values.shape[0], k), True
+    raise ValueError(
+        f"a callable cls must return (B,) or (B, K) scores, got shape {tuple(values.shape)}"
+    )

@@ -1,0 +1,76 @@
+"""Input checks that run before any work, so bad input changes nothing.
+
+They read only types, shapes, dtypes and module flags, so they also run
+(and are guarded on) under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._split import _TRAINING_MESSAGE, Split
+
+
+def check_split(split: Any) -> Split:
+    if not isinstance(split, Split):
+        raise TypeError(
+            f"expected a camfunc.Split as first argument, got {type(split).__name__}; "
+            "build one with camfunc.split(model, layer)"
+        )
+    return split
+
+
+def _modules_of(split: Split) -> list[nn.Module]:
+    if split.model is not None:
+        return [split.model]
+    return [f for f in split.stages if isinstance(f, nn.Module)]
+
+
+def check_eval_mode(split: Split) -> None:
+    for root in _modules_of(split):
+        for module in root.modules():
+            if module.training:
+                raise ValueError(_TRAINING_MESSAGE)
+
+
+def _param_dtype(split: Split) -> torch.dtype | None:
+    for root in _modules_of(split):
+        for p in root.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def check_input(split: Split, x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor batch, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"x must be a floating-point tensor, got dtype {x.dtype}; "
+            "convert images with x.float() (and normalise them as the model expects)"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"x must be a batch (B, ...), got shape {tuple(x.shape)}")
+    if split.input_ndim is not None and x.ndim != split.input_ndim:
+        raise ValueError(
+            f"the model expects {split.input_ndim}-D input (B, C, ...), got shape "
+            f"{tuple(x.shape)}; add the batch axis with x.unsqueeze(0) if it is one sample"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (B = 0); give at least one sample")
+    dtype = _param_dtype(split)
+    if dtype is not None and dtype != x.dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but the model's parameters are {dtype}; "
+            f"cast the input with x.to({dtype})"
+        )
+
+
+def check_call(split: Any, x: Any) -> Split:
+    split = check_split(split)
+    check_input(split, x)
+    check_eval_mode(split)
+    return split
