@@ -89,7 +89,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
             pullbacks.append(pullback)
             acts.append(carry[0])
         out, pull_tail, scores = _vjp_stage(
-            split.tail, carry, context_is_constant=not split.middle,
+            split.tail, carry, context_is_constant=len(split.middle) == 0,
             objective=objective if objective is not None else (lambda s: s))
 
         if objective is not None:

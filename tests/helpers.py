@@ -1,0 +1,98 @@
+"""Small models and checks shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+def small_cnn(dims: int = 2, channels: int = 6, classes: int = 5, seed: int = 0) -> nn.Sequential:
+    """conv-bn-relu, conv-relu ("4"), then global pool + linear. Eval mode."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        CONV[dims](3, channels, 3, padding=1), BN[dims](channels), nn.ReLU(),
+        CONV[dims](channels, channels, 3, padding=1), nn.ReLU(),
+        POOL[dims](1), nn.Flatten(), nn.Linear(channels, classes),
+    )
+    # Non-trivial running statistics, so batch norm is not the identity.
+    bn = model[1]
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+class Block(nn.Module):
+    """A residual block ending in a functional op, like torchvision's BasicBlock."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        out = F.relu(self.conv1(x))
+        out = self.conv2(out)
+        return F.relu(out + x)
+
+
+class ResNetish(nn.Module):
+    """stem -> block1 -> block2 -> pool -> fc, with a layer-scale parameter read via get_attr."""
+
+    def __init__(self, channels: int = 6, classes: int = 7, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.block1 = Block(channels)
+        self.block2 = Block(channels)
+        self.scale = nn.Parameter(torch.rand(1, channels, 1, 1) + 0.5)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.block1(x)
+        x = self.block2(x) * self.scale
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a CAM call must leave as it was."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+             len(getattr(m, "_backward_pre_hooks", {})))
+            for m in model.modules()
+        ],
+        "param_ids": [id(p) for p in model.parameters()],
+        "modules": [id(m) for m in model.modules()],
+    }
+
+
+def assert_unchanged(before: dict, model: nn.Module) -> None:
+    after = snapshot(model)
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+    assert before["param_ids"] == after["param_ids"]
+    assert before["modules"] == after["modules"]
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            assert torch.equal(g0, g1)
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+
+
+def fresh(model: nn.Module) -> nn.Module:
+    """A deep copy, for reference libraries that register hooks on what they get."""
+    return copy.deepcopy(model)
