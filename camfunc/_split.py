@@ -354,6 +354,9 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
+    if any(m.training for m in model.modules()):
+        # Tracing bakes in ``if self.training`` branches, so the mode matters already here.
+        raise ValueError(_TRAINING_MESSAGE)
     if layer is None:
         if example_input is None:
             raise ValueError(
@@ -400,8 +403,6 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
 
 
 def _choose_layer(model: nn.Module, example_input: torch.Tensor) -> str:
-    if any(m.training for m in model.modules()):
-        raise ValueError(_TRAINING_MESSAGE)
     tracer = _CutTracer([], record_all=True)
     gm = _trace(model, tracer)
     with torch.no_grad():

@@ -30,10 +30,17 @@ def _modules_of(split: Split) -> list[nn.Module]:
 
 
 def check_eval_mode(split: Split) -> None:
-    for root in _modules_of(split):
-        for module in root.modules():
-            if module.training:
-                raise ValueError(_TRAINING_MESSAGE)
+    # A traced split baked in the model's control flow, so every module counts.
+    # A hand-built split may wrap fresh containers (``model[:4]`` is a new
+    # Sequential in training mode): there only the leaves do the work.
+    if split.model is not None:
+        modules = list(split.model.modules())
+    else:
+        modules = [m for root in _modules_of(split) for m in root.modules()
+                   if next(iter(m.children()), None) is None]
+    for module in modules:
+        if module.training:
+            raise ValueError(_TRAINING_MESSAGE)
 
 
 def _param_dtype(split: Split) -> torch.dtype | None:
