@@ -63,10 +63,13 @@ def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
     with torch.no_grad():
         carry = as_tuple(split.head(x))
         acts = [carry[0]]
-        for stage in split.middle:
-            carry = as_tuple(stage(*carry))
-            acts.append(carry[0])
-        return tuple(acts), split.tail(*carry)
+        for stage in (*split.middle, split.tail):
+            # The clone keeps an in-place op after the cut off the kept activations.
+            carry = stage(carry[0].clone(), *carry[1:])
+            if stage is not split.tail:
+                carry = as_tuple(carry)
+                acts.append(carry[0])
+        return tuple(acts), carry
 
 
 def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,

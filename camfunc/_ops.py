@@ -16,9 +16,9 @@ from torch import Tensor
 
 __all__ = ["normalize", "upsample", "fuse"]
 
-#: Relative part of :func:`normalize`'s eps: ranges below this fraction of a
-#: map's largest magnitude are float32 rounding noise.
-NORMALIZE_EPS = 1e-7
+#: A map whose range is below this fraction of its largest magnitude is flat:
+#: summing C float32 products leaves differences of a few ulps (~1e-7 each).
+FLAT_TOLERANCE = 1e-5
 
 
 def _num_spatial(cams: Tensor, spatial_dims: int | None) -> int:
@@ -32,14 +32,15 @@ def _num_spatial(cams: Tensor, spatial_dims: int | None) -> int:
 
 
 def normalize(cams: Tensor, spatial_dims: int | None = None) -> Tensor:
-    """Per-map min-max scaling to [0, 1].
+    r"""Per-map min-max scaling to [0, 1].
 
-    .. math:: \\hat M = (M - \\min M) / (\\max M - \\min M + \\epsilon),
-              \\quad \\epsilon = 10^{-7} \\max |M| + \\text{tiny}
+    .. math:: \hat M = \frac{M - \min M}{\max M - \min M}, \qquad
+              \hat M = 0 \text{ where } \max M - \min M \le \epsilon \max |M|
 
-    The eps is relative to the map's own magnitude, so the result does not
-    depend on the map's scale, and a constant map becomes zeros, never NaN
-    (``tiny`` is the dtype's smallest normal number, for all-zero maps).
+    with :math:`\epsilon = 10^{-5}` (``FLAT_TOLERANCE``). The eps is relative to
+    the map's own magnitude, so the result does not depend on the map's scale
+    (late-layer gradients are often tiny), and the maximum is exactly 1. A
+    constant map, or one flat up to float32 rounding, becomes zeros, never NaN.
 
     Args:
         cams: ``(B, *spatial)`` maps, or ``(B, K, *spatial)`` with ``spatial_dims``.
@@ -52,10 +53,11 @@ def normalize(cams: Tensor, spatial_dims: int | None = None) -> Tensor:
     n = _num_spatial(cams, spatial_dims)
     flat = cams.flatten(-n)
     low = flat.amin(-1, keepdim=True)
-    high = flat.amax(-1, keepdim=True)
-    scale = flat.abs().amax(-1, keepdim=True)
-    eps = NORMALIZE_EPS * scale + torch.finfo(cams.dtype).tiny
-    return ((flat - low) / (high - low + eps)).reshape(cams.shape)
+    span = flat.amax(-1, keepdim=True) - low
+    varies = span > FLAT_TOLERANCE * flat.abs().amax(-1, keepdim=True)
+    safe_span = torch.where(varies, span, torch.ones_like(span))
+    scaled = torch.where(varies, (flat - low) / safe_span, torch.zeros_like(flat))
+    return scaled.reshape(cams.shape)
 
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}

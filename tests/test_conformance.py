@@ -1,0 +1,183 @@
+"""Every method in camfunc.METHODS passes the same checks.
+
+Shapes in 1-D, 2-D and 3-D, batch consistency, (B, K) equal to K calls,
+compile equal to eager without recompiles, the model left as it was, no NaN
+on flat maps, half precision, thread safety. Per-method tests add the
+paper-specific checks.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import camfunc
+from helpers import assert_unchanged, small_cnn, snapshot
+
+NAMES = sorted(camfunc.METHODS)
+SAMPLES = 3
+
+
+def noise_for(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((SAMPLES, *x.shape), generator=g, dtype=torch.float32).to(x.dtype)
+
+
+def run(name, s, x, cls, noise=None, **kwargs):
+    """Calls a method; the random one gets explicit noise so results are comparable."""
+    if name == "smooth_gradcampp":
+        kwargs.update(num_samples=SAMPLES, noise=noise_for(x) if noise is None else noise)
+    return camfunc.METHODS[name](s, x, cls, **kwargs)
+
+
+def inputs(dims: int, batch: int = 3, size: int = 6, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, 3, *(size,) * dims), generator=g)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_shapes_for_1d_2d_3d_activations(name, dims):
+    model = small_cnn(dims)
+    x = inputs(dims, size=5 if dims == 3 else 7)
+    s = camfunc.split(model, "3")
+    cams = run(name, s, x, 1)
+    assert cams.shape == (3, *x.shape[2:])
+    assert cams.dtype == torch.float32
+    assert torch.isfinite(cams).all()
+    assert cams.min() >= 0 and cams.max() <= 1
+    multi = run(name, s, x, torch.tensor([[0, 4]] * 3))
+    assert multi.shape == (3, 2, *x.shape[2:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_consistency(name):
+    model = small_cnn()
+    x = inputs(2, batch=4)
+    s = camfunc.split(model, "3")
+    noise = noise_for(x)
+    cls = [0, 3, 1, 4]
+    batched = run(name, s, x, cls, noise=noise, normalize=False)
+    for i in range(4):
+        alone = run(name, s, x[i:i + 1], cls[i], noise=noise[:, i:i + 1], normalize=False)
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_class_axis_equals_separate_calls(name):
+    model = small_cnn()
+    x = inputs(2)
+    s = camfunc.split(model, "3")
+    classes = torch.tensor([[0, 1, 2], [4, 4, 0], [3, 1, 2]])
+    together = run(name, s, x, classes)
+    for k in range(3):
+        alone = run(name, s, x, classes[:, k])
+        torch.testing.assert_close(together[:, k], alone, atol=1e-6, rtol=1e-5)
+    chunked = run(name, s, x, classes, chunk_size=2)
+    torch.testing.assert_close(chunked, together, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_topk_is_descending_and_matches_explicit_classes(name):
+    model = small_cnn()
+    x = inputs(2)
+    s = camfunc.split(model, "3")
+    cams, scores = run(name, s, x, camfunc.topk(3), return_scores=True)
+    with torch.no_grad():
+        torch.testing.assert_close(scores, model(x))
+        expected = model(x).topk(3, dim=1).indices
+    explicit = run(name, s, x, expected)
+    torch.testing.assert_close(cams, explicit)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_is_left_as_it_was(name):
+    model = small_cnn()
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # an existing .grad must survive
+    model[3].register_forward_hook(lambda m, i, o: None)  # the user's own hook stays, and alone
+    before = snapshot(model)
+    s = camfunc.split(model, "3")
+    run(name, s, inputs(2), torch.tensor([[0, 1]] * 3))
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flat_maps_give_zeros_not_nan(name):
+    model = small_cnn()
+    with torch.no_grad():
+        model[3].weight.zero_()
+        model[3].bias.fill_(0.5)  # every activation at the cut is the same constant
+    s = camfunc.split(model, "3")
+    cams = run(name, s, inputs(2), 2)
+    assert torch.isfinite(cams).all()
+    assert torch.equal(cams, torch.zeros_like(cams))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_place_op_after_the_cut_does_not_corrupt_activations(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    out_of_place = nn.Sequential(model[0], nn.ReLU(), *model[2:]).eval()
+    x = inputs(2)
+    got = run(name, camfunc.split(model, "0"), x, 1, normalize=False)
+    want = run(name, camfunc.split(out_of_place, "0"), x, 1, normalize=False)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(name, dtype):
+    model = small_cnn()
+    x = inputs(2)
+    reference = run(name, camfunc.split(model, "3"), x, 1)
+    low = small_cnn().to(dtype)
+    cams = run(name, camfunc.split(low, "3"), x.to(dtype), 1,
+               noise=noise_for(x).to(dtype))
+    assert cams.dtype == torch.float32
+    assert torch.isfinite(cams).all()
+    tolerance = 0.05 if dtype == torch.float16 else 0.15  # bfloat16 keeps 8 bits of mantissa
+    assert (cams - reference).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_equals_eager_without_graph_breaks_or_recompiles(name):
+    model = small_cnn()
+    s = camfunc.split(model, ["3", "0"])
+    x = inputs(2)
+    classes = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(camfunc.METHODS[name], backend=counter, fullgraph=True)
+    kwargs = {"num_samples": SAMPLES, "noise": noise_for(x)} if name == "smooth_gradcampp" else {}
+    got = compiled(s, x, classes, **kwargs)
+    want = camfunc.METHODS[name](s, x, classes, **kwargs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    # New values, same shapes: no recompile.
+    compiled(s, inputs(2, seed=7), torch.tensor([[1, 1], [0, 3], [2, 2]]), **kwargs)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_concurrent_calls_from_threads_are_safe(name):
+    model = small_cnn()
+    s = camfunc.split(model, "3")
+    xs = [inputs(2, seed=i) for i in range(6)]
+    expected = [run(name, s, x, i % 5) for i, x in enumerate(xs)]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = run(name, s, xs[i], i % 5)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        torch.testing.assert_close(results[i], expected[i])
