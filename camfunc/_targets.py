@@ -10,6 +10,7 @@ Every form of ``cls`` ends as one of two things:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -55,12 +56,12 @@ def check_form(cls: Target, batch: int) -> None:
     """Eager checks of ``cls`` that need no scores: type, shape, sign."""
     if isinstance(cls, (TopK,)) or is_objective(cls):
         return
-    if isinstance(cls, bool) or not isinstance(cls, (int, Tensor, Sequence)):
+    if isinstance(cls, (bool, str, bytes)) or not isinstance(cls, (numbers.Integral, Tensor, Sequence)):
         raise TypeError(
             f"cls must be an int, a length-B sequence or 1-D tensor, a (B, K) tensor, "
             f"camfunc.topk(k) or a callable scores -> (B,); got {type(cls).__name__}"
         )
-    if isinstance(cls, int):
+    if isinstance(cls, numbers.Integral):
         return
     if isinstance(cls, Tensor):
         if cls.is_floating_point() or cls.is_complex() or cls.dtype == torch.bool:
@@ -80,7 +81,7 @@ def check_form(cls: Target, batch: int) -> None:
             f"cls has {len(cls)} entries but the batch has {batch} samples; "
             "give one class per sample, or an int for all"
         )
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cls):
+    if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in cls):
         raise TypeError("a cls sequence must hold Python ints; use a tensor for (B, K) classes")
 
 
@@ -100,15 +101,15 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
         if cls.k > scores.shape[1]:
             raise ValueError(f"topk({cls.k}) asks for more classes than the model's {scores.shape[1]}")
         return scores.detach().topk(cls.k, dim=1).indices, True
-    if isinstance(cls, int):
-        index = torch.full((batch, 1), cls, dtype=torch.long, device=scores.device)
+    if isinstance(cls, numbers.Integral):
+        index = torch.full((batch, 1), int(cls), dtype=torch.long, device=scores.device)
         keep_k = False
     elif isinstance(cls, Tensor):
         index = cls.to(device=scores.device, dtype=torch.long)
         keep_k = index.ndim == 2
         index = index.reshape(batch, -1) if index.ndim else index.expand(batch).reshape(batch, 1)
     else:
-        index = torch.tensor(list(cls), dtype=torch.long, device=scores.device).reshape(batch, 1)
+        index = torch.tensor([int(c) for c in cls], dtype=torch.long, device=scores.device).reshape(batch, 1)
         keep_k = False
     check_range(index, scores.shape[1])
     return index, keep_k
