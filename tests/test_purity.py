@@ -1,0 +1,46 @@
+"""Hook-free means hook-free: no hooks, no parameter graph, nothing mutated."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import torch
+
+import camfunc
+from helpers import small_cnn
+
+PACKAGE = pathlib.Path(camfunc.__file__).parent
+FORBIDDEN = [
+    r"register_forward_hook", r"register_forward_pre_hook", r"register_full_backward_hook",
+    r"register_full_backward_pre_hook", r"register_backward_hook", r"register_hook",
+    r"register_module_forward", r"register_module_full_backward", r"functional_call",
+    r"requires_grad_", r"\.backward\(", r"retain_graph",
+]
+
+
+def test_package_source_registers_no_hooks_and_swaps_no_parameters():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for pattern in FORBIDDEN:
+            assert not re.search(pattern, text), f"{path.name} uses {pattern}"
+
+
+def test_no_graph_to_parameters_or_input():
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x_before = x.detach().clone()
+    for name, method in camfunc.METHODS.items():
+        cams, scores = method(camfunc.split(model, "3"), x, 1, return_scores=True)
+        assert cams.grad_fn is None and not cams.requires_grad, name
+        assert scores.grad_fn is None and not scores.requires_grad, name
+    assert all(p.grad is None for p in model.parameters())
+    assert x.grad is None and torch.equal(x.detach(), x_before)
+
+
+def test_no_graph_is_kept_even_with_grad_mode_on():
+    model = small_cnn()
+    assert torch.is_grad_enabled()
+    cams = camfunc.gradcam(camfunc.split(model, "3"), torch.randn(2, 3, 8, 8), 0)
+    assert cams.grad_fn is None
+    assert torch.is_grad_enabled()  # the caller's grad mode is restored
