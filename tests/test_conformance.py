@@ -181,3 +181,16 @@ def test_concurrent_calls_from_threads_are_safe(name):
         t.join()
     for i in range(6):
         torch.testing.assert_close(results[i], expected[i])
+
+
+def test_all_thousand_classes_in_chunks_match_single_calls():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000)).eval()
+    s = camfunc.split(model, "1")
+    x = inputs(2)
+    every = torch.arange(1000).expand(3, 1000)
+    cams = camfunc.gradcam(s, x, every, chunk_size=128)
+    assert cams.shape == (3, 1000, 6, 6)
+    for c in (0, 137, 999):
+        torch.testing.assert_close(cams[:, c], camfunc.gradcam(s, x, c), atol=1e-6, rtol=1e-5)
