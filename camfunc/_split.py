@@ -407,9 +407,16 @@ def _choose_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     gm = _trace(model, tracer)
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
+    # Resizing pools (vgg's 7x7 avgpool), dropout and identities only pass a map
+    # on; the layer worth explaining is the one that computed it.
+    passive = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+    modules = dict(model.named_modules())
     owners: dict[torch.fx.Node, list[str]] = {}
     for name, calls in tracer.outputs.items():
-        owners.setdefault(calls[-1], []).append(name)
+        if not isinstance(modules[name], passive):
+            owners.setdefault(calls[-1], []).append(name)
     best = None
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")

@@ -260,3 +260,10 @@ def test_split_of_a_model_in_training_mode_asks_for_eval():
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
         camfunc.split(model, "3")
     assert all(m.training for m in model.modules())
+
+
+def test_automatic_choice_skips_resizing_pools():
+    model = torchvision.models.vgg11_bn().eval()
+    with pytest.warns(camfunc.LayerChoiceWarning, match="'features'"):
+        s = camfunc.split(model, example_input=torch.randn(1, 3, 64, 64))
+    assert s.layers == ("features",)
