@@ -8,7 +8,9 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 
 from ._methods import METHODS as METHODS
 from ._methods import gradcam as gradcam
+from ._methods import gradcam_elementwise as gradcam_elementwise
 from ._methods import gradcampp as gradcampp
+from ._methods import hirescam as hirescam
 from ._methods import layercam as layercam
 from ._methods import smooth_gradcampp as smooth_gradcampp
 from ._methods import xgradcam as xgradcam
@@ -34,7 +36,9 @@ __all__ = [
     "check",
     "fuse",
     "gradcam",
+    "gradcam_elementwise",
     "gradcampp",
+    "hirescam",
     "layercam",
     "normalize",
     "smooth_gradcampp",

@@ -99,7 +99,7 @@ def test_invariant_to_a_permutation_of_the_channels(name, problem, data):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gradcam", "xgradcam", "layercam"])
+@pytest.mark.parametrize("name", ["gradcam", "xgradcam", "layercam", "hirescam", "gradcam_elementwise"])
 @given(problem=problems(), scale=st.floats(1e-3, 1e3))
 def test_normalised_map_ignores_a_positive_scaling_of_the_logits(name, problem, scale):
     # Grad-CAM++ is left out on purpose: its alpha = 1/(2 + sum(A) g) depends on g's scale.
@@ -114,7 +114,7 @@ def test_normalised_map_ignores_a_positive_scaling_of_the_logits(name, problem, 
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["gradcam", "xgradcam"])
+@pytest.mark.parametrize("name", ["gradcam", "xgradcam", "hirescam"])
 @given(problem=problems(nonnegative=True))
 def test_on_a_pool_linear_tail_equals_relu_of_the_original_cam(name, problem):
     # With S_c = W_c . mean(A), dS_c/dA_k = W_ck / Z everywhere, so both weightings

@@ -1,6 +1,7 @@
 """CAM methods: one small weights function per method, one shared combine step."""
 
-from ._gradient import gradcam, gradcampp, layercam, smooth_gradcampp, xgradcam
+from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
+                        smooth_gradcampp, xgradcam)
 
 #: Every method by name; each takes ``(split, x, cls, *, normalize, return_scores, chunk_size)``.
 METHODS = {
@@ -9,6 +10,9 @@ METHODS = {
     "smooth_gradcampp": smooth_gradcampp,
     "xgradcam": xgradcam,
     "layercam": layercam,
+    "hirescam": hirescam,
+    "gradcam_elementwise": gradcam_elementwise,
 }
 
-__all__ = ["METHODS", "gradcam", "gradcampp", "layercam", "smooth_gradcampp", "xgradcam"]
+__all__ = ["METHODS", "gradcam", "gradcam_elementwise", "gradcampp", "hirescam", "layercam",
+           "smooth_gradcampp", "xgradcam"]

@@ -1,7 +1,8 @@
 """The step every method shares: weights -> weighted sum -> ReLU -> normalise.
 
 A method only supplies ``weights(A, G)``: channel weights ``(B, C)`` or pixel
-weights ``(B, C, *spatial)``. The rest lives here, once.
+weights ``(B, C, *spatial)``, and, rarely, a combine other than the weighted
+sum. The rest lives here, once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .. import _engine, _ops, _targets, _validate
 from .._split import Split
 
 Weights = Callable[[Tensor, Tensor], Tensor]
+Combine = Callable[[Tensor, Tensor], Tensor]
 
 
 def spatial_axes(a: Tensor) -> tuple[int, ...]:
@@ -23,10 +25,18 @@ def spatial_axes(a: Tensor) -> tuple[int, ...]:
     return tuple(range(2, a.ndim))
 
 
+def _broadcast(weights: Tensor, a: Tensor) -> Tensor:
+    return weights.reshape(*weights.shape, *(1,) * (a.ndim - weights.ndim))
+
+
 def weighted_sum(a: Tensor, weights: Tensor) -> Tensor:
     """:math:`\\sum_c w_c A_c`, with channel or pixel weights."""
-    w = weights.reshape(*weights.shape, *(1,) * (a.ndim - weights.ndim))
-    return (w * a).sum(1)
+    return (_broadcast(weights, a) * a).sum(1)
+
+
+def rectified_sum(a: Tensor, weights: Tensor) -> Tensor:
+    r""":math:`\sum_c \mathrm{ReLU}(w_c A_c)`: each channel's contribution clipped first."""
+    return (_broadcast(weights, a) * a).clamp_min(0).sum(1)
 
 
 def finish(cam: Tensor, *, relu: bool, normalize: bool) -> Tensor:
@@ -54,7 +64,7 @@ def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
 
 def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,
                  normalize: bool, return_scores: bool, chunk_size: int | None,
-                 relu: bool = True) -> Any:
+                 relu: bool = True, combine: Combine = weighted_sum) -> Any:
     """Runs a gradient method given its ``weights(A, G)`` function."""
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
@@ -64,7 +74,7 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
         for a, g in zip(acts, grads):
             check_activations(a)
             a, g = a.float(), g.float()  # g**3 underflows in half precision
-            maps.append(finish(weighted_sum(a, weights(a, g)), relu=relu, normalize=normalize))
+            maps.append(finish(combine(a, weights(a, g)), relu=relu, normalize=normalize))
         return tuple(maps)
 
     maps, scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import (arrange, check_activations, finish, gradient_cam, safe_reciprocal,
-                       spatial_axes, weighted_sum)
+from ._combine import (arrange, check_activations, finish, gradient_cam, rectified_sum,
+                       safe_reciprocal, spatial_axes, weighted_sum)
 
 # ----------------------------------------------------------------------------
 # Weights: the paper-specific part of each method
@@ -56,6 +56,11 @@ def xgradcam_weights(a: Tensor, g: Tensor) -> Tensor:
 def layercam_weights(a: Tensor, g: Tensor) -> Tensor:
     """Layer-CAM: pixel weights :math:`w_k(i,j) = \\mathrm{ReLU}(G_k(i,j))`."""
     return g.clamp_min(0)
+
+
+def gradient_weights(a: Tensor, g: Tensor) -> Tensor:
+    """HiResCAM and its element-wise variant: pixel weights :math:`w_k(i,j) = G_k(i,j)`."""
+    return g
 
 
 def smooth_gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -190,6 +195,51 @@ def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
     """
     return gradient_cam(split, x, cls, layercam_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size)
+
+
+def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
+             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""HiResCAM: activations times their own gradient, summed over channels.
+
+    .. math:: L = \mathrm{ReLU}\Big(\sum_k g_k(i,j)\, A_k(i,j)\Big)
+
+    Grad-CAM without the spatial average of the gradient, so the map is the
+    exact first-order contribution of each position (for a pooled-linear tail
+    it equals Grad-CAM).
+
+    Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful
+    explanations of convolutional neural networks", arXiv:2011.08891, 2020.
+
+    Args and returns as :func:`gradcam`.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.hirescam(s, x, 281).shape     # [B, 7, 7]
+        >>> camfunc.hirescam(s, x, camfunc.topk(2)).shape  # [B, 2, 7, 7]
+    """
+    return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
+                        return_scores=return_scores, chunk_size=chunk_size)
+
+
+def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
+                        return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""Element-wise Grad-CAM: HiResCAM with each channel's contribution rectified first.
+
+    .. math:: L = \sum_k \mathrm{ReLU}\big(g_k(i,j)\, A_k(i,j)\big)
+
+    As pytorch-grad-cam's ``GradCAMElementWise`` (a variant of HiResCAM, no
+    separate paper): negative evidence in one channel cannot cancel positive
+    evidence in another.
+
+    Args and returns as :func:`gradcam`.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> cams = camfunc.gradcam_elementwise(s, x, 281)  # [B, 7, 7]
+        >>> bool((cams >= 0).all())                         # True
+    """
+    return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
+                        return_scores=return_scores, chunk_size=chunk_size, combine=rectified_sum)
 
 
 def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
