@@ -7,6 +7,10 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 """
 
 from ._methods import METHODS as METHODS
+from ._methods import cam as cam
+from ._methods import eigencam as eigencam
+from ._methods import eigengradcam as eigengradcam
+from ._methods import randomcam as randomcam
 from ._methods import gradcam as gradcam
 from ._methods import gradcam_elementwise as gradcam_elementwise
 from ._methods import gradcampp as gradcampp
@@ -29,20 +33,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
-    "LayerChoiceWarning",
-    "RepeatedLayerWarning",
-    "Split",
-    "TopK",
+    "cam",
     "check",
+    "eigencam",
+    "eigengradcam",
     "fuse",
     "gradcam",
     "gradcam_elementwise",
     "gradcampp",
     "hirescam",
     "layercam",
+    "LayerChoiceWarning",
     "normalize",
+    "randomcam",
+    "RepeatedLayerWarning",
     "smooth_gradcampp",
+    "Split",
     "split",
+    "TopK",
     "topk",
     "upsample",
     "xgradcam",

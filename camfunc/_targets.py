@@ -146,3 +146,16 @@ def objective_rows(values: Tensor) -> tuple[Tensor, bool]:
     raise ValueError(
         f"a callable cls must return (B,) or (B, K) scores, got shape {tuple(values.shape)}"
     )
+
+
+def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
+    """How many classes ``cls`` asks for per sample, and whether maps keep a class axis.
+
+    For methods whose maps do not depend on the class: they still check ``cls``
+    and answer in the same shape as the gradient methods.
+    """
+    if is_objective(cls):
+        rows, keep_k = objective_rows(cls(scores))
+        return rows.shape[0], keep_k
+    index, keep_k = class_indices(cls, scores)
+    return index.shape[1], keep_k

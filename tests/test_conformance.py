@@ -27,10 +27,20 @@ def noise_for(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.randn((SAMPLES, *x.shape), generator=g, dtype=torch.float32).to(x.dtype)
 
 
-def run(name, s, x, cls, noise=None, **kwargs):
-    """Calls a method; the random one gets explicit noise so results are comparable."""
+def random_inputs(name, x, noise=None, channels=6):
+    """Explicit noise or weights for the random methods, so results are comparable."""
     if name == "smooth_gradcampp":
-        kwargs.update(num_samples=SAMPLES, noise=noise_for(x) if noise is None else noise)
+        return {"num_samples": SAMPLES, "noise": noise_for(x) if noise is None else noise}
+    if name == "randomcam":
+        g = torch.Generator().manual_seed(3)
+        weights = torch.rand((SAMPLES + 8, channels), generator=g) * 2 - 1
+        return {"weights": weights[:x.shape[0]] if noise is None else noise}
+    return {}
+
+
+def run(name, s, x, cls, noise=None, **kwargs):
+    """Calls a method, with explicit randomness for the random ones."""
+    kwargs.update(random_inputs(name, x, noise))
     return camfunc.METHODS[name](s, x, cls, **kwargs)
 
 
@@ -44,7 +54,7 @@ def inputs(dims: int, batch: int = 3, size: int = 6, seed: int = 1) -> torch.Ten
 def test_shapes_for_1d_2d_3d_activations(name, dims):
     model = small_cnn(dims)
     x = inputs(dims, size=5 if dims == 3 else 7)
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     cams = run(name, s, x, 1)
     assert cams.shape == (3, *x.shape[2:])
     assert cams.dtype == torch.float32
@@ -58,12 +68,14 @@ def test_shapes_for_1d_2d_3d_activations(name, dims):
 def test_batch_consistency(name):
     model = small_cnn()
     x = inputs(2, batch=4)
-    s = camfunc.split(model, "3")
-    noise = noise_for(x)
+    s = camfunc.split(model, "4")
+    randomness = random_inputs(name, x)
     cls = [0, 3, 1, 4]
-    batched = run(name, s, x, cls, noise=noise, normalize=False)
+    batched = camfunc.METHODS[name](s, x, cls, normalize=False, **randomness)
     for i in range(4):
-        alone = run(name, s, x[i:i + 1], cls[i], noise=noise[:, i:i + 1], normalize=False)
+        alone_randomness = {k: (v[:, i:i + 1] if k == "noise" else v[i:i + 1])
+                            if isinstance(v, torch.Tensor) else v for k, v in randomness.items()}
+        alone = camfunc.METHODS[name](s, x[i:i + 1], cls[i], normalize=False, **alone_randomness)
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
 
 
@@ -71,7 +83,7 @@ def test_batch_consistency(name):
 def test_class_axis_equals_separate_calls(name):
     model = small_cnn()
     x = inputs(2)
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     classes = torch.tensor([[0, 1, 2], [4, 4, 0], [3, 1, 2]])
     together = run(name, s, x, classes)
     for k in range(3):
@@ -85,7 +97,7 @@ def test_class_axis_equals_separate_calls(name):
 def test_topk_is_descending_and_matches_explicit_classes(name):
     model = small_cnn()
     x = inputs(2)
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     cams, scores = run(name, s, x, camfunc.topk(3), return_scores=True)
     with torch.no_grad():
         torch.testing.assert_close(scores, model(x))
@@ -100,7 +112,7 @@ def test_model_is_left_as_it_was(name):
     model[0].weight.grad = torch.ones_like(model[0].weight)  # an existing .grad must survive
     model[3].register_forward_hook(lambda m, i, o: None)  # the user's own hook stays, and alone
     before = snapshot(model)
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     run(name, s, inputs(2), torch.tensor([[0, 1]] * 3))
     assert_unchanged(before, model)
 
@@ -111,21 +123,32 @@ def test_flat_maps_give_zeros_not_nan(name):
     with torch.no_grad():
         model[3].weight.zero_()
         model[3].bias.fill_(0.5)  # every activation at the cut is the same constant
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     cams = run(name, s, inputs(2), 2)
     assert torch.isfinite(cams).all()
     assert torch.equal(cams, torch.zeros_like(cams))
 
 
+class Double(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, a):
+        return a.mul_(2.0) if self.inplace else a * 2.0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_in_place_op_after_the_cut_does_not_corrupt_activations(name):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
-    out_of_place = nn.Sequential(model[0], nn.ReLU(), *model[2:]).eval()
+    def model(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Double(inplace),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
     x = inputs(2)
-    got = run(name, camfunc.split(model, "0"), x, 1, normalize=False)
-    want = run(name, camfunc.split(out_of_place, "0"), x, 1, normalize=False)
+    extra = random_inputs(name, x, channels=4)
+    got = camfunc.METHODS[name](camfunc.split(model(True), "1"), x, 1, normalize=False, **extra)
+    want = camfunc.METHODS[name](camfunc.split(model(False), "1"), x, 1, normalize=False, **extra)
     torch.testing.assert_close(got, want)
 
 
@@ -134,10 +157,11 @@ def test_in_place_op_after_the_cut_does_not_corrupt_activations(name):
 def test_half_precision_models(name, dtype):
     model = small_cnn()
     x = inputs(2)
-    reference = run(name, camfunc.split(model, "3"), x, 1)
+    extra = random_inputs(name, x)
+    reference = camfunc.METHODS[name](camfunc.split(model, "4"), x, 1, **extra)
     low = small_cnn().to(dtype)
-    cams = run(name, camfunc.split(low, "3"), x.to(dtype), 1,
-               noise=noise_for(x).to(dtype))
+    extra = {k: v.to(dtype) if k == "noise" else v for k, v in extra.items()}
+    cams = camfunc.METHODS[name](camfunc.split(low, "4"), x.to(dtype), 1, **extra)
     assert cams.dtype == torch.float32
     assert torch.isfinite(cams).all()
     tolerance = 0.05 if dtype == torch.float16 else 0.15  # bfloat16 keeps 8 bits of mantissa
@@ -147,12 +171,13 @@ def test_half_precision_models(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_equals_eager_without_graph_breaks_or_recompiles(name):
     model = small_cnn()
-    s = camfunc.split(model, ["3", "0"])
+    # CAM is defined at the layer before the pooling only; the others also run a chain.
+    s = camfunc.split(model, ["4"] if name == "cam" else ["4", "2"])
     x = inputs(2)
     classes = torch.tensor([[0, 1], [2, 3], [4, 0]])
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(camfunc.METHODS[name], backend=counter, fullgraph=True)
-    kwargs = {"num_samples": SAMPLES, "noise": noise_for(x)} if name == "smooth_gradcampp" else {}
+    kwargs = random_inputs(name, x)
     got = compiled(s, x, classes, **kwargs)
     want = camfunc.METHODS[name](s, x, classes, **kwargs)
     for g, w in zip(got, want):
@@ -165,7 +190,7 @@ def test_compiled_equals_eager_without_graph_breaks_or_recompiles(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_concurrent_calls_from_threads_are_safe(name):
     model = small_cnn()
-    s = camfunc.split(model, "3")
+    s = camfunc.split(model, "4")
     xs = [inputs(2, seed=i) for i in range(6)]
     expected = [run(name, s, x, i % 5) for i, x in enumerate(xs)]
     results: dict[int, torch.Tensor] = {}

@@ -1,9 +1,12 @@
 """CAM methods: one small weights function per method, one shared combine step."""
 
+from ._classifier import cam, randomcam
+from ._eigen import eigencam, eigengradcam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
 
-#: Every method by name; each takes ``(split, x, cls, *, normalize, return_scores, chunk_size)``.
+#: Every method by name. Each takes ``(split, x, cls, *, normalize, return_scores)``;
+#: gradient methods add ``chunk_size``, random ones their noise or weights.
 METHODS = {
     "gradcam": gradcam,
     "gradcampp": gradcampp,
@@ -12,7 +15,10 @@ METHODS = {
     "layercam": layercam,
     "hirescam": hirescam,
     "gradcam_elementwise": gradcam_elementwise,
+    "eigengradcam": eigengradcam,
+    "cam": cam,
+    "eigencam": eigencam,
+    "randomcam": randomcam,
 }
 
-__all__ = ["METHODS", "gradcam", "gradcam_elementwise", "gradcampp", "hirescam", "layercam",
-           "smooth_gradcampp", "xgradcam"]
+__all__ = ["METHODS", *METHODS]

@@ -82,6 +82,27 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
     return (cams, scores) if return_scores else cams
 
 
+def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
+                   raw_map: Callable[[Tensor], Tensor], *, normalize: bool,
+                   return_scores: bool, relu: bool = True) -> Any:
+    """Runs a method whose map depends on the activations alone (one forward, no vjp).
+
+    ``cls`` is still checked, and the maps get the class axis it asks for, so
+    every method answers in the same shape.
+    """
+    split = _validate.check_call(split, x)
+    _targets.check_form(cls, x.shape[0])
+    acts, scores = _engine.forward(split, x)
+    k, keep_k = _targets.class_count(cls, scores)
+    maps = []
+    for a in acts:
+        check_activations(a)
+        cam = finish(raw_map(a.float()), relu=relu, normalize=normalize)
+        maps.append(cam.unsqueeze(1).expand(cam.shape[0], k, *cam.shape[1:]) if keep_k else cam)
+    cams = arrange(split, tuple(maps))
+    return (cams, scores) if return_scores else cams
+
+
 def safe_reciprocal(den: Tensor, valid: Tensor) -> Tensor:
     """``1 / den`` where ``valid``, else 0; no inf or NaN even in gradients."""
     return torch.where(valid, 1.0 / torch.where(valid, den, torch.ones_like(den)), torch.zeros_like(den))

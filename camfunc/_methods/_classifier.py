@@ -1,0 +1,120 @@
+"""Maps from the classifier's own weights: CAM, and the random-weights baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _targets
+from .._split import Split, as_tuple
+from ._combine import activation_cam, gradient_cam, spatial_axes, weighted_sum
+
+_PROBE_TOLERANCE = 1e-4
+
+
+def _summed_gradient(a: Tensor, g: Tensor) -> Tensor:
+    # For S_c = sum_k W_ck mean_ij A_k(i,j) + b_c, every g_k(i,j) = W_ck / Z, so the sum is W_ck.
+    return g.sum(spatial_axes(g))
+
+
+def _check_pooled_linear_tail(split: Split, x: Tensor) -> None:
+    """Raises unless the tail is ``W . global_pool(A) + b`` around this input.
+
+    A function that is affine in ``A`` and unchanged by reordering positions is
+    exactly a linear map of the position sum. Probed with tail calls: second
+    differences ``f(A + D) + f(A - D) - 2 f(A)`` along a fixed random ``D`` and
+    ``f(A) + f(-A) - 2 f(0)`` (which catches positively homogeneous ReLU tails)
+    vanish, and ``f(A reordered) = f(A)``. Reads values, so it is skipped
+    under ``torch.compile``.
+    """
+    if len(split.middle) > 0:
+        raise ValueError("camfunc.cam takes a split at one layer: the one before the pooling")
+    carry = as_tuple(split.head(x))
+    a, context = carry[0], carry[1:]
+    if a.ndim < 3:
+        return
+
+    def tail(v: Tensor) -> Tensor:
+        return split.tail(v.clone(), *context)
+
+    g = torch.Generator(device=a.device).manual_seed(0)
+    step = torch.randn(a.shape, generator=g, device=a.device, dtype=a.dtype) * a.float().std().to(a.dtype)
+    reordered = a.flatten(2).flip(-1).roll(1, -1).reshape(a.shape)
+    base = tail(a)
+    curvature = torch.maximum(
+        (tail(a + step) + tail(a - step) - 2 * base).abs().amax(),
+        (base + tail(-a) - 2 * tail(torch.zeros_like(a))).abs().amax())
+    moved = tail(reordered) - base
+    # Rounding of the model's own dtype sets how close to linear "linear" can look.
+    tolerance = max(_PROBE_TOLERANCE, 10 * torch.finfo(base.dtype).eps)
+    scale = tolerance * (base.abs().amax() + tail(a + step).abs().amax()).float() + 1e-12
+    if curvature > scale or moved.abs().amax() > scale:
+        name = split.layers[0] if split.layers else "the cut"
+        raise ValueError(
+            f"camfunc.cam needs the model to end, after {name!r}, in a global average pool and "
+            "a linear layer (or 1x1 conv), and this tail is not of that form. Split at the layer "
+            "right before the pooling, or use a gradient method such as camfunc.gradcam"
+        )
+
+
+def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
+        return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""CAM: the feature maps weighted by the classifier's weights for the class.
+
+    .. math:: L_c = \sum_k W_{ck} A_k
+
+    for a model ending in global average pooling and a linear layer (or a 1x1
+    conv), :math:`S_c = \sum_k W_{ck} \frac{1}{Z}\sum_{ij} A_k(i,j) + b_c`. No
+    ReLU, as torchcam does. :math:`W_{ck}` is read as
+    :math:`\sum_{ij} \partial S_c / \partial A_k(i,j)`, which is exact for such
+    a tail and works for any ``cls`` form. A tail of another form raises a
+    ``ValueError`` (checked eagerly; skipped under ``torch.compile``).
+
+    Zhou et al., "Learning Deep Features for Discriminative Localization",
+    CVPR 2016.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")     # resnet: layer4 -> avgpool -> fc
+        >>> camfunc.cam(s, x, 281).shape           # [B, 7, 7]
+        >>> camfunc.cam(s, x, camfunc.topk(5)).shape
+    """
+    if not torch.compiler.is_compiling() and isinstance(split, Split) and isinstance(x, Tensor):
+        with torch.no_grad():
+            _check_pooled_linear_tail(split, x)
+    return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize,
+                        return_scores=return_scores, chunk_size=chunk_size, relu=False)
+
+
+def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Tensor | None = None,
+              generator: torch.Generator | None = None, normalize: bool = True,
+              return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""Random-CAM: channels weighted by uniform random numbers, the baseline of evaluations.
+
+    .. math:: L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big), \quad w_k \sim U(-1, 1)
+
+    A map that knows nothing about the class, to compare faithfulness metrics
+    against (pytorch-grad-cam's ``RandomCAM``). ``weights`` (B, C) fixes the draw;
+    otherwise it comes from ``generator``, eagerly (pass ``weights`` under
+    ``torch.compile``). The map is repeated along the class axis ``cls`` asks for
+    (``chunk_size`` is accepted for a uniform signature).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> camfunc.randomcam(s, x, generator=g).shape   # [B, 7, 7]
+        >>> camfunc.randomcam(s, x, weights=torch.rand(B, 512) * 2 - 1)
+    """
+
+    def raw_map(a: Tensor) -> Tensor:
+        w = weights
+        if w is None:
+            if torch.compiler.is_compiling():
+                raise ValueError("randomcam cannot draw inside torch.compile; pass weights=")
+            device = generator.device if generator is not None else a.device
+            w = torch.rand(a.shape[:2], generator=generator, device=device) * 2 - 1
+        if tuple(w.shape) != tuple(a.shape[:2]):
+            raise ValueError(f"weights must be (B, C) = {tuple(a.shape[:2])}, got {tuple(w.shape)}")
+        return weighted_sum(a, w.to(a))
+
+    return activation_cam(split, x, cls, raw_map, normalize=normalize, return_scores=return_scores)

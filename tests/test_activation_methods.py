@@ -1,0 +1,165 @@
+"""CAM, Eigen-CAM, Eigen-Grad-CAM, Random-CAM, HiResCAM: references and invariants."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+from pytorch_grad_cam import GradCAMElementWise as PgcGradCAMElementWise
+from pytorch_grad_cam import HiResCAM as PgcHiResCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+from torch import nn
+from torchcam.methods import CAM as TcCAM
+
+import camfunc
+from helpers import small_cnn
+
+CLASSES = [3, 7]
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def image(batch: int = 2, size: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randn((batch, 3, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def layer4_and_grads(model: nn.Module, x: torch.Tensor, classes: list[int]):
+    """Activations and gradients at layer4, computed with plain autograd on pieces of the resnet."""
+    head = nn.Sequential(*list(model.children())[:-2])
+    a = head(x).detach().requires_grad_()
+    scores = model.fc(torch.flatten(model.avgpool(a), 1))
+    (g,) = torch.autograd.grad(scores.gather(1, torch.tensor(classes)[:, None]).sum(), a)
+    return a.detach(), g
+
+
+def test_cam_matches_torchcam():
+    model = resnet18()
+    x = image()
+    reference = copy.deepcopy(model)
+    extractor = TcCAM(reference, target_layer="layer4", fc_layer="fc", input_shape=(3, 96, 96))
+    with torch.no_grad():
+        scores = reference(x)
+    (want,) = extractor(class_idx=CLASSES, scores=scores, normalized=False)
+    extractor.remove_hooks()
+    got = camfunc.cam(camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
+    torch.testing.assert_close(camfunc.normalize(got), camfunc.normalize(want), atol=1e-5, rtol=0)
+
+
+def test_cam_is_the_classifier_weights_formula_without_relu():
+    model = resnet18()
+    x = image()
+    with torch.no_grad():
+        a = nn.Sequential(*list(model.children())[:-2])(x)
+        want = torch.einsum("bc,bchw->bhw", model.fc.weight[CLASSES], a)
+    got = camfunc.cam(camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got < 0).any()  # no ReLU
+
+
+def test_cam_refuses_a_tail_that_is_not_pool_and_linear():
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="global average pool and a linear layer"):
+        camfunc.cam(camfunc.split(model, "3"), image(size=8), 0)  # a ReLU follows "3"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="global average pool"):
+        camfunc.cam(camfunc.split(resnet18(), "layer3"), image(), 0)
+
+
+@pytest.mark.parametrize("method, reference", [
+    ("hirescam", PgcHiResCAM), ("gradcam_elementwise", PgcGradCAMElementWise)])
+def test_hirescam_family_matches_pytorch_grad_cam(method, reference):
+    model = resnet18()
+    x = image()
+    ref_model = copy.deepcopy(model)
+    extractor = reference(model=ref_model, target_layers=[ref_model.layer4])
+    targets = [ClassifierOutputTarget(c) for c in CLASSES]
+    outputs = extractor.activations_and_grads(x)
+    ref_model.zero_grad()
+    sum(t(o) for t, o in zip(targets, outputs)).backward()
+    acts = extractor.activations_and_grads.activations[0].cpu().numpy()
+    grads = extractor.activations_and_grads.gradients[0].cpu().numpy()
+    raw = extractor.get_cam_image(x, ref_model.layer4, targets, acts, grads, False)
+    extractor.activations_and_grads.release()
+    want = torch.from_numpy(np.maximum(raw, 0)).float()
+    got = camfunc.METHODS[method](camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
+    torch.testing.assert_close(camfunc.normalize(got), camfunc.normalize(want), atol=1e-5, rtol=0)
+
+
+def matches_up_to_sign(got: torch.Tensor, projection: np.ndarray) -> None:
+    """``got`` is ReLU(p) or ReLU(-p) for the reference projection p, per sample, normalised."""
+    p = torch.from_numpy(projection).float()
+    for i in range(p.shape[0]):
+        candidates = [camfunc.normalize(p[i:i + 1].clamp_min(0)),
+                      camfunc.normalize((-p[i:i + 1]).clamp_min(0))]
+        errors = [float((got[i:i + 1] - c).abs().max()) for c in candidates]
+        assert min(errors) < 1e-4, errors
+
+
+def test_eigencam_matches_pytorch_grad_cams_projection_up_to_its_sign():
+    model = resnet18()
+    x = image()
+    a, _ = layer4_and_grads(model, x, CLASSES)
+    got = camfunc.eigencam(camfunc.split(model, "layer4"), x)
+    matches_up_to_sign(got, get_2d_projection(a.numpy()))
+
+
+def test_eigengradcam_matches_pytorch_grad_cams_projection_up_to_its_sign():
+    model = resnet18()
+    x = image()
+    a, g = layer4_and_grads(model, x, CLASSES)
+    got = camfunc.eigengradcam(camfunc.split(model, "layer4"), x, CLASSES)
+    matches_up_to_sign(got, get_2d_projection((a * g).numpy()))
+
+
+@given(seed=st.integers(0, 10_000), channels=st.integers(2, 6), side=st.integers(2, 5))
+def test_eigencam_sign_rule_holds_whatever_sign_the_solver_returns(seed, channels, side):
+    # An independent solver (eigh of the channel covariance) returns its own sign;
+    # after the documented rule (largest magnitude positive) both must agree.
+    a = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(seed)).double()
+    got = camfunc.eigencam(camfunc.Split(lambda v: v, lambda v: v.mean((2, 3))), a.float(),
+                           normalize=False)
+    x = a.flatten(2).transpose(1, 2)[0]
+    x = x - x.mean(0)
+    values, vectors = torch.linalg.eigh(x.T @ x)
+    if values[-1] - values[-2] < 1e-6 * values[-1].abs().clamp_min(1e-12):
+        return  # a repeated top eigenvalue has no unique direction
+    p = x @ vectors[:, -1]
+    p = p if p.max() + p.min() >= 0 else -p
+    torch.testing.assert_close(got.flatten(), p.clamp_min(0).float(), atol=1e-4, rtol=1e-3)
+
+
+def test_eigencam_ignores_the_class_but_answers_in_its_shape():
+    model = resnet18()
+    x = image()
+    s = camfunc.split(model, "layer4")
+    single = camfunc.eigencam(s, x, 3)
+    many = camfunc.eigencam(s, x, camfunc.topk(3))
+    assert many.shape == (2, 3, *single.shape[1:])
+    for k in range(3):
+        assert torch.equal(many[:, k], single)
+
+
+def test_randomcam_is_reproducible_and_follows_its_weights():
+    model = small_cnn()
+    s = camfunc.split(model, "4")
+    x = image(size=8)
+    first = camfunc.randomcam(s, x, generator=torch.Generator().manual_seed(5))
+    again = camfunc.randomcam(s, x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first, again)
+    w = torch.rand((2, 6), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        a = model[:5](x)
+    want = camfunc.normalize(torch.einsum("bc,bchw->bhw", w, a).clamp_min(0))
+    torch.testing.assert_close(camfunc.randomcam(s, x, weights=w), want)
+    with pytest.raises(ValueError, match=r"weights must be \(B, C\)"):
+        camfunc.randomcam(s, x, weights=torch.rand(2, 5))
