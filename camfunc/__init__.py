@@ -8,6 +8,10 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
+from ._methods import ablationcam as ablationcam
+from ._methods import iscam as iscam
+from ._methods import sscam as sscam
+from ._methods import scorecam as scorecam
 from ._methods import eigencam as eigencam
 from ._methods import eigengradcam as eigengradcam
 from ._methods import randomcam as randomcam
@@ -34,6 +38,10 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "ablationcam",
+    "iscam",
+    "sscam",
+    "scorecam",
     "check",
     "eigencam",
     "eigengradcam",

@@ -117,3 +117,21 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
         if not keep_k:
             maps = tuple(m.squeeze(1) for m in maps)
     return maps, scores
+
+
+def carries(split: Split, x: Tensor) -> tuple[list[tuple[Any, ...]], Any]:
+    """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph."""
+    with torch.no_grad():
+        carry = as_tuple(split.head(x))
+        found = [carry]
+        for stage in split.middle:
+            carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
+            found.append(carry)
+        return found, split.tail(carry[0].clone(), *carry[1:])
+
+
+def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
+    """The model from cut ``layer`` on: later middles, then the tail."""
+    for stage in split.middle[layer:]:
+        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
+    return split.tail(carry[0].clone(), *carry[1:])

@@ -1,9 +1,11 @@
 """CAM methods: one small weights function per method, one shared combine step."""
 
+from ._ablation import ablationcam
 from ._classifier import cam, randomcam
 from ._eigen import eigencam, eigengradcam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
+from ._score import iscam, scorecam, sscam
 
 #: Every method by name. Each takes ``(split, x, cls, *, normalize, return_scores)``;
 #: gradient methods add ``chunk_size``, random ones their noise or weights.
@@ -19,6 +21,10 @@ METHODS = {
     "cam": cam,
     "eigencam": eigencam,
     "randomcam": randomcam,
+    "scorecam": scorecam,
+    "sscam": sscam,
+    "iscam": iscam,
+    "ablationcam": ablationcam,
 }
 
 __all__ = ["METHODS", *METHODS]

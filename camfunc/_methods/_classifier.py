@@ -89,7 +89,7 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
 
 def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Tensor | None = None,
               generator: torch.Generator | None = None, normalize: bool = True,
-              return_scores: bool = False, chunk_size: int | None = None) -> Any:
+              return_scores: bool = False) -> Any:
     r"""Random-CAM: channels weighted by uniform random numbers, the baseline of evaluations.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big), \quad w_k \sim U(-1, 1)
@@ -97,8 +97,7 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
     A map that knows nothing about the class, to compare faithfulness metrics
     against (pytorch-grad-cam's ``RandomCAM``). ``weights`` (B, C) fixes the draw;
     otherwise it comes from ``generator``, eagerly (pass ``weights`` under
-    ``torch.compile``). The map is repeated along the class axis ``cls`` asks for
-    (``chunk_size`` is accepted for a uniform signature).
+    ``torch.compile``). The map is repeated along the class axis ``cls`` asks for.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)

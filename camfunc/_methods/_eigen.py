@@ -39,7 +39,7 @@ def first_component(features: Tensor) -> Tensor:
 
 
 def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+             return_scores: bool = False) -> Any:
     r"""Eigen-CAM: the activations' first principal component, class-agnostic.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = A^T - \bar A, \ X = U\Sigma V^T
@@ -47,8 +47,7 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
     with :math:`A` reshaped to positions by channels and centred over positions
     (as pytorch-grad-cam does). The sign is fixed as in :func:`first_component`,
     so a map never flips at random. The map does not depend on ``cls``; it is
-    repeated along the class axis that ``cls`` asks for (``chunk_size`` is
-    accepted for a uniform signature; one pass serves every class).
+    repeated along the class axis that ``cls`` asks for.
 
     Muhammad & Yeasin, "Eigen-CAM: Class Activation Map using Principal
     Components", IJCNN 2020.

@@ -1,0 +1,228 @@
+"""Score-CAM and its smoothed and integrated variants: channels weighted by masked-input scores.
+
+Each channel of ``A``, min-max normalised and upsampled to the input's size,
+masks the input; the model's score for the class on that masked input,
+softmaxed over channels, is the channel's weight. Follows torchcam 0.5.0's
+conventions: logits (not probabilities) of the masked inputs, softmax over
+channels, ReLU of the weighted sum of the raw activations.
+
+Masked inputs are built ``batch_size`` at a time, never all at once. A channel
+that is constant (its normalised mask is all zeros) masks every input to 0, so
+all such channels share one score: eagerly they are answered by a single
+forward pass of a zero input (skipped under ``torch.compile``, where shapes
+cannot depend on values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _engine, _ops, _targets, _validate
+from .._split import Split
+from ._combine import arrange, check_activations, finish, weighted_sum
+
+# A mask transform gets the upsampled masks of one chunk and the chunk's flat
+# (sample * channel) indices, and returns the masks to multiply the input by.
+MaskTransform = Callable[[Tensor, Tensor], Tensor]
+
+
+def _picker(cls: _targets.Target, scores: Tensor) -> tuple[Callable[[Any, Tensor], Tensor], bool]:
+    """Selects, from a chunk's outputs, the target value of each row's own sample."""
+    if _targets.is_objective(cls):
+        keep_k = _targets.objective_rows(cls(scores))[1]
+
+        def pick(out: Any, rows: Tensor) -> Tensor:
+            values = cls(out)
+            return values.unsqueeze(1) if values.ndim == 1 else values
+        return pick, keep_k
+    index, keep_k = _targets.class_indices(cls, scores)
+
+    def pick_index(out: Tensor, rows: Tensor) -> Tensor:
+        return out.gather(1, index[rows])
+    return pick_index, keep_k
+
+
+def channel_masks(a: Tensor) -> Tensor:
+    """Each channel min-max normalised over positions: ``(B, C, *sp)``, in [0, 1]."""
+    return _ops.normalize(a, spatial_dims=a.ndim - 2)
+
+
+def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, Tensor], Tensor],
+                  batch_size: int, transform: MaskTransform | None = None,
+                  flat_shortcut: bool = True) -> Tensor:
+    """Target scores of ``x`` masked by each channel: ``(B, C, *sp)`` masks -> ``(B, C, K)``.
+
+    Runs the whole model on ``batch_size`` masked inputs at a time.
+    """
+    batch, channels = masks.shape[:2]
+    flat = masks.flatten(0, 1)  # (B*C, *sp)
+    size = x.shape[2:]
+    total = batch * channels
+    todo = torch.arange(total, device=x.device)
+    shared = None
+    if flat_shortcut and transform is None and not torch.compiler.is_compiling():
+        varying = flat.flatten(1).amax(1) > 0
+        if not bool(varying.all()):
+            todo = todo[varying]
+            zero = _engine.forward(split, torch.zeros_like(x[:1]))[1]
+            shared = (~varying, zero)
+    parts = []
+    for start in range(0, todo.numel(), batch_size):
+        flat_index = todo[start:start + batch_size]
+        rows = torch.div(flat_index, channels, rounding_mode="floor")
+        up = _ops.upsample(flat[flat_index], size).unsqueeze(1).to(x.dtype)
+        if transform is not None:
+            up = transform(up, flat_index)
+        out = _engine.forward(split, x[rows] * up)[1]
+        parts.append(pick(out, rows).float())
+    values = torch.cat(parts) if parts else None
+    if shared is not None:
+        constant, zero_out = shared
+        rows = torch.div(torch.arange(total, device=x.device), channels, rounding_mode="floor")
+        filled = pick(zero_out.expand(total, *zero_out.shape[1:]), rows).float()
+        if values is not None:
+            filled[todo] = values
+        values = filled
+    return values.reshape(batch, channels, -1)
+
+
+def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores, *,
+                   normalize: bool, return_scores: bool) -> Any:
+    """Shared driver: ``channel_scores(layer, a, pick) -> (B, C, K)`` becomes softmax weights."""
+    split = _validate.check_call(split, x)
+    _targets.check_form(cls, x.shape[0])
+    acts, scores = _engine.forward(split, x)
+    pick, keep_k = _picker(cls, scores)
+    maps = []
+    for layer, a in enumerate(acts):
+        check_activations(a)
+        weights = torch.softmax(channel_scores(layer, a, pick), dim=1)  # (B, C, K)
+        a = a.float()
+        per_class = [finish(weighted_sum(a, weights[..., k]), relu=True, normalize=normalize)
+                     for k in range(weights.shape[-1])]
+        maps.append(torch.stack(per_class, 1) if keep_k else per_class[0])
+    cams = arrange(split, tuple(maps))
+    return (cams, scores) if return_scores else cams
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
+             normalize: bool = True, return_scores: bool = False) -> Any:
+    r"""Score-CAM: each channel weighted by the score of the input it masks.
+
+    .. math:: w_k = \mathrm{softmax}_k\big(Y^c(X \odot M_k) - Y^c(X)\big), \quad
+              L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
+
+    with :math:`M_k` the channel min-max normalised and upsampled to the input
+    size, and :math:`Y^c` the logit (the baseline :math:`Y^c(X)` cancels in the
+    softmax). C masked forwards per image, ``batch_size`` at a time; constant
+    channels share one forward.
+
+    Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
+    Convolutional Neural Networks", CVPR Workshops 2020.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.scorecam(s, x, 281, batch_size=64).shape   # [B, 7, 7]
+        >>> camfunc.scorecam(s, x, camfunc.topk(2)).shape       # [B, 2, 7, 7]
+    """
+    _check_batch_size(batch_size)
+
+    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+        return masked_scores(split, x, channel_masks(a), pick, batch_size)
+
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
+                          return_scores=return_scores)
+
+
+def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 10,
+          batch_size: int = 32, normalize: bool = True, return_scores: bool = False) -> Any:
+    r"""IS-CAM: Score-CAM with scores averaged along a path of growing masks.
+
+    .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
+              Y^c\big(X \odot (\textstyle\sum_{j=1}^{i} \frac{j}{N}) M_k\big) - Y^c(X)\Big)
+
+    The cumulative coefficients are torchcam 0.5.0's. ``N * C`` masked forwards per image.
+
+    Naidu et al., "IS-CAM: Integrated Score-CAM for axiomatic-based
+    explanations", arXiv:2010.03023, 2020.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.iscam(s, x, 281, num_samples=4).shape   # [B, 7, 7]
+        >>> camfunc.iscam(s, x, [1, 2]).shape               # B = 2
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+
+    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+        masks = channel_masks(a)
+        total = 0.0
+        coefficient = 0.0
+        for i in range(num_samples):
+            coefficient += (i + 1) / num_samples
+            total = total + masked_scores(split, x, coefficient * masks, pick, batch_size)
+        return total / num_samples
+
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
+                          return_scores=return_scores)
+
+
+def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 35,
+          std: float = 2.0, noise: Tensor | None = None, generator: torch.Generator | None = None,
+          batch_size: int = 32, normalize: bool = True, return_scores: bool = False) -> Any:
+    r"""SS-CAM: Score-CAM with scores averaged over noisy masks.
+
+    .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
+              Y^c\big(X \odot (M_k + \delta_i)\big) - Y^c(X)\Big), \quad
+              \delta_i \sim \mathcal N(0, \sigma^2)
+
+    The noise is added to the upsampled mask, at the input's resolution, as
+    torchcam 0.5.0 does. It is drawn chunk by chunk from ``generator``
+    (eagerly), or given as ``noise``, standard-normal draws of shape
+    ``(num_samples, B, C, *input_spatial)`` scaled by ``std`` (needed under
+    ``torch.compile``; large). ``N * C`` masked forwards per image.
+
+    Wang et al., "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature
+    Localization", arXiv:2006.14255, 2020.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> camfunc.sscam(s, x, 281, num_samples=8, generator=g).shape   # [B, 7, 7]
+        >>> camfunc.sscam(s, x, 281, std=0.0)                            # == scorecam
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if noise is None and torch.compiler.is_compiling():
+        raise ValueError("sscam cannot draw noise inside torch.compile; pass noise=")
+
+    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+        masks = channel_masks(a)
+        if noise is not None:
+            expected = (num_samples, *a.shape[:2], *x.shape[2:])
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
+        total = 0.0
+        for i in range(num_samples):
+            def add_noise(up: Tensor, flat_index: Tensor, i: int = i) -> Tensor:
+                if noise is not None:
+                    draw = noise[i].flatten(0, 1)[flat_index].unsqueeze(1)
+                else:
+                    device = generator.device if generator is not None else up.device
+                    draw = torch.randn(up.shape, generator=generator, device=device)
+                return up + std * draw.to(up)
+            total = total + masked_scores(split, x, masks, pick, batch_size, transform=add_noise)
+        return total / num_samples
+
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
+                          return_scores=return_scores)
