@@ -8,6 +8,8 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
+from ._methods import finercam as finercam
+from ._methods import shapleycam as shapleycam
 from ._methods import ablationcam as ablationcam
 from ._methods import iscam as iscam
 from ._methods import sscam as sscam
@@ -31,6 +33,10 @@ from ._split import Split as Split
 from ._split import check as check
 from ._split import split as split
 from ._targets import TopK as TopK
+from ._targets_contrastive import Finer as Finer
+from ._targets_contrastive import ReST as ReST
+from ._targets_contrastive import finer as finer
+from ._targets_contrastive import rest as rest
 from ._targets import topk as topk
 
 __version__ = "0.1.0"
@@ -38,6 +44,12 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "finercam",
+    "shapleycam",
+    "Finer",
+    "finer",
+    "ReST",
+    "rest",
     "ablationcam",
     "iscam",
     "sscam",

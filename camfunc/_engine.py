@@ -16,6 +16,8 @@ and no graph to the model's parameters is built.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,15 @@ from torch import Tensor
 
 from . import _targets
 from ._split import Split, as_tuple
+
+# PyTorch's forward-AD levels are process-wide, not per thread: two threads in
+# ``jvp`` at once corrupt each other's level. Eager calls take turns there.
+_FORWARD_AD_LOCK = threading.Lock()
+
+
+def _forward_ad_turn() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD_LOCK
+
 
 PerClass = Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]]
 
@@ -135,3 +146,39 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
     for stage in split.middle[layer:]:
         carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
     return split.tail(carry[0].clone(), *carry[1:])
+
+
+def curvature_maps(split: Split, x: Tensor, objective: Callable[[Any], Tensor],
+                   per_class: Callable[[Tensor, Tensor, Tensor], Tensor], *,
+                   chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:
+    """Maps from ``(A, G, H A)``, with ``H`` the Hessian of the objective at ``A``.
+
+    ``G`` comes from ``vjp`` and ``H A`` from ``jvp`` of that vjp along ``A``
+    (forward-over-reverse), per class under ``vmap``; never a double backward.
+    ``objective(output)`` returns ``(B,)`` or ``(B, K)``. Each layer is
+    differentiated from its own cut to the output. Forward AD is not thread-safe
+    in PyTorch, so concurrent eager calls take turns inside this function.
+    """
+    found, scores = carries(split, x)
+    maps = []
+    with torch.no_grad(), _forward_ad_turn():
+        for layer, carry in enumerate(found):
+            a, context = carry[0], carry[1:]
+
+            def objective_at(v: Tensor, layer: int = layer, context: tuple = context) -> Tensor:
+                return objective(run_from(split, layer, (v, *context)))
+
+            cotangents, keep_k = _targets.objective_rows(objective_at(a))
+
+            def maps_for(cotangent: Tensor, a: Tensor = a, objective_at=objective_at) -> Tensor:
+                def gradient(v: Tensor) -> Tensor:
+                    return torch.func.vjp(objective_at, v)[1](cotangent)[0]
+                g, hvp = torch.func.jvp(gradient, (a,), (a,))
+                return per_class(a, g, hvp)
+
+            if cotangents.shape[0] == 1:
+                layer_maps = maps_for(cotangents[0]).unsqueeze(1)
+            else:
+                layer_maps = torch.func.vmap(maps_for, chunk_size=chunk_size)(cotangents).movedim(0, 1)
+            maps.append(layer_maps if keep_k else layer_maps.squeeze(1))
+    return tuple(maps), scores

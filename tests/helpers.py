@@ -96,3 +96,38 @@ def assert_unchanged(before: dict, model: nn.Module) -> None:
 def fresh(model: nn.Module) -> nn.Module:
     """A deep copy, for reference libraries that register hooks on what they get."""
     return copy.deepcopy(model)
+
+
+def random_inputs(name: str, x: torch.Tensor, channels: int, samples: int = 2, seed: int = 0) -> dict:
+    """Explicit noise or weights for the random methods, so their results are comparable."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "smooth_gradcampp":
+        return {"num_samples": samples, "noise": torch.randn((samples, *x.shape), generator=g).to(x.dtype)}
+    if name == "sscam":
+        draws = torch.randn((samples, x.shape[0], channels, *x.shape[2:]), generator=g)
+        return {"num_samples": samples, "noise": draws}
+    if name == "randomcam":
+        return {"weights": torch.rand((x.shape[0], channels), generator=g) * 2 - 1}
+    return {}
+
+
+def sample_slice(randomness: dict, i: int) -> dict:
+    """The part of ``random_inputs`` that belongs to sample ``i`` alone."""
+    out = {}
+    for key, value in randomness.items():
+        if key == "noise":
+            value = value[:, i:i + 1]
+        elif key == "weights":
+            value = value[i:i + 1]
+        out[key] = value
+    return out
+
+
+def permute_channels(randomness: dict, perm: torch.Tensor) -> dict:
+    """Random inputs for channel-permuted activations (the input *is* the activations)."""
+    out = dict(randomness)
+    if "weights" in out:
+        out["weights"] = out["weights"][:, perm]
+    if "noise" in out:  # (samples, B, C, ...) for both noisy methods
+        out["noise"] = out["noise"].index_select(2, perm)
+    return out

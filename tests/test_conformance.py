@@ -17,30 +17,19 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import camfunc
-from helpers import assert_unchanged, small_cnn, snapshot
+import helpers
+from helpers import assert_unchanged, sample_slice, small_cnn, snapshot
 
 NAMES = sorted(camfunc.METHODS)
 SAMPLES = 3
 
 
-def noise_for(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((SAMPLES, *x.shape), generator=g, dtype=torch.float32).to(x.dtype)
-
-
 def random_inputs(name, x, noise=None, channels=6):
-    """Explicit noise or weights for the random methods, so results are comparable."""
-    if name == "smooth_gradcampp":
-        return {"num_samples": SAMPLES, "noise": noise_for(x) if noise is None else noise}
-    if name == "sscam":
-        g = torch.Generator().manual_seed(4)
-        draws = torch.randn((2, *x.shape[:1], channels, *x.shape[2:]), generator=g)
-        return {"num_samples": 2, "noise": draws if noise is None else noise}
-    if name == "randomcam":
-        g = torch.Generator().manual_seed(3)
-        weights = torch.rand((SAMPLES + 8, channels), generator=g) * 2 - 1
-        return {"weights": weights[:x.shape[0]] if noise is None else noise}
-    return {}
+    """Explicit randomness for the random methods (``noise`` overrides the draw)."""
+    drawn = helpers.random_inputs(name, x, channels, samples=SAMPLES)
+    if noise is not None and drawn:
+        drawn["noise" if "noise" in drawn else "weights"] = noise
+    return drawn
 
 
 def run(name, s, x, cls, noise=None, **kwargs):
@@ -78,9 +67,8 @@ def test_batch_consistency(name):
     cls = [0, 3, 1, 4]
     batched = camfunc.METHODS[name](s, x, cls, normalize=False, **randomness)
     for i in range(4):
-        alone_randomness = {k: (v[:, i:i + 1] if k == "noise" else v[i:i + 1])
-                            if isinstance(v, torch.Tensor) else v for k, v in randomness.items()}
-        alone = camfunc.METHODS[name](s, x[i:i + 1], cls[i], normalize=False, **alone_randomness)
+        alone = camfunc.METHODS[name](s, x[i:i + 1], cls[i], normalize=False,
+                                      **sample_slice(randomness, i))
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
 
 

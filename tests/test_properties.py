@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import camfunc
+from helpers import permute_channels, random_inputs, sample_slice
 
-NAMES = sorted(camfunc.METHODS)
+# CAM needs a pooled-linear tail and has no ReLU; it has its own closed-form test.
+NAMES = sorted(set(camfunc.METHODS) - {"cam"})
 settings.register_profile("camfunc", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("camfunc")
 
@@ -63,12 +65,11 @@ def problems(draw, nonnegative: bool = False):
     return a, cls, channels, classes, seed
 
 
-def call(name, s, a, cls, noise=None, **kwargs):
-    if name == "smooth_gradcampp":
-        if noise is None:
-            noise = torch.randn((2, *a.shape), generator=torch.Generator().manual_seed(1))
-        kwargs.update(num_samples=2, noise=noise)
-    return camfunc.METHODS[name](s, a, cls, **kwargs)
+def call(name, s, a, cls, randomness=None, **kwargs):
+    """Calls a method; random ones get explicit draws (default: seeded for ``a``)."""
+    if randomness is None:
+        randomness = random_inputs(name, a, a.shape[1], seed=1)
+    return camfunc.METHODS[name](s, a, cls, **randomness, **kwargs)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -92,10 +93,10 @@ def test_invariant_to_a_permutation_of_the_channels(name, problem, data):
     permuted = Tail(channels, 4, classes, seed).eval()
     with torch.no_grad():
         permuted.mix.weight.copy_(tail.mix.weight[:, perm])
-    noise = torch.randn((2, *a.shape), generator=torch.Generator().manual_seed(seed))
-    want = call(name, camfunc.Split(identity, tail), a, cls, noise=noise, normalize=False)
-    got = call(name, camfunc.Split(identity, permuted), a[:, perm], cls, noise=noise[:, :, perm],
-               normalize=False)
+    randomness = random_inputs(name, a, channels, seed=seed)
+    want = call(name, camfunc.Split(identity, tail), a, cls, randomness, normalize=False)
+    got = call(name, camfunc.Split(identity, permuted), a[:, perm], cls,
+               permute_channels(randomness, perm), normalize=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -180,8 +181,8 @@ def test_class_axis_equals_k_separate_calls(name, problem, k):
 def test_a_sample_in_a_batch_gets_its_map_alone(name, problem):
     a, cls, channels, classes, seed = problem
     s = camfunc.Split(identity, Tail(channels, 4, classes, seed).eval())
-    noise = torch.randn((2, *a.shape), generator=torch.Generator().manual_seed(seed))
-    batched = call(name, s, a, cls, noise=noise, normalize=False)
+    randomness = random_inputs(name, a, channels, seed=seed)
+    batched = call(name, s, a, cls, randomness, normalize=False)
     for i in range(a.shape[0]):
-        alone = call(name, s, a[i:i + 1], cls[i:i + 1], noise=noise[:, i:i + 1], normalize=False)
+        alone = call(name, s, a[i:i + 1], cls[i:i + 1], sample_slice(randomness, i), normalize=False)
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)

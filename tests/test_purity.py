@@ -8,7 +8,7 @@ import re
 import torch
 
 import camfunc
-from helpers import small_cnn
+from helpers import random_inputs, small_cnn
 
 PACKAGE = pathlib.Path(camfunc.__file__).parent
 FORBIDDEN = [
@@ -31,7 +31,8 @@ def test_no_graph_to_parameters_or_input():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     x_before = x.detach().clone()
     for name, method in camfunc.METHODS.items():
-        cams, scores = method(camfunc.split(model, "3"), x, 1, return_scores=True)
+        extra = random_inputs(name, x, 6)
+        cams, scores = method(camfunc.split(model, "4"), x, 1, return_scores=True, **extra)
         assert cams.grad_fn is None and not cams.requires_grad, name
         assert scores.grad_fn is None and not scores.requires_grad, name
     assert all(p.grad is None for p in model.parameters())

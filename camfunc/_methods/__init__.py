@@ -3,9 +3,11 @@
 from ._ablation import ablationcam
 from ._classifier import cam, randomcam
 from ._eigen import eigencam, eigengradcam
+from ._finer import finercam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
 from ._score import iscam, scorecam, sscam
+from ._shapley import shapleycam
 
 #: Every method by name. Each takes ``(split, x, cls, *, normalize, return_scores)``;
 #: gradient methods add ``chunk_size``, random ones their noise or weights.
@@ -25,6 +27,8 @@ METHODS = {
     "sscam": sscam,
     "iscam": iscam,
     "ablationcam": ablationcam,
+    "shapleycam": shapleycam,
+    "finercam": finercam,
 }
 
 __all__ = ["METHODS", *METHODS]

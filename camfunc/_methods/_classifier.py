@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets
+from .. import _targets, _validate
 from .._split import Split, as_tuple
 from ._combine import activation_cam, gradient_cam, spatial_axes, weighted_sum
 
@@ -80,7 +80,8 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
         >>> camfunc.cam(s, x, 281).shape           # [B, 7, 7]
         >>> camfunc.cam(s, x, camfunc.topk(5)).shape
     """
-    if not torch.compiler.is_compiling() and isinstance(split, Split) and isinstance(x, Tensor):
+    split = _validate.check_call(split, x)  # before the probe runs the model
+    if not torch.compiler.is_compiling():
         with torch.no_grad():
             _check_pooled_linear_tail(split, x)
     return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize,

@@ -36,7 +36,9 @@ def _picker(cls: _targets.Target, scores: Tensor) -> tuple[Callable[[Any, Tensor
         keep_k = _targets.objective_rows(cls(scores))[1]
 
         def pick(out: Any, rows: Tensor) -> Tensor:
-            values = cls(out)
+            # Targets with per-sample classes are re-indexed; plain callables act row-wise.
+            target = cls.for_rows(scores, rows) if hasattr(cls, "for_rows") else cls
+            values = target(out)
             return values.unsqueeze(1) if values.ndim == 1 else values
         return pick, keep_k
     index, keep_k = _targets.class_indices(cls, scores)

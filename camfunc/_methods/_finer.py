@@ -1,0 +1,36 @@
+"""Finer-CAM: any method, explaining the class against its nearest rivals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .. import _targets
+from .._split import Split
+from .._targets_contrastive import finer
+from ._gradient import gradcam
+
+
+def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
+             method: Callable[..., Any] = gradcam, gamma: float = 0.6, num_references: int = 3,
+             references: Tensor | Sequence[int] | None = None, **method_kwargs: Any) -> Any:
+    r"""Finer-CAM: ``method`` run on the contrastive target :func:`camfunc.finer`.
+
+    .. math:: S = y_c - \gamma \frac{1}{T} \sum_{t=1}^{T} y_{d_t}
+
+    with the ``num_references`` classes whose logits are nearest :math:`y_c`
+    (or ``references``). Defaults are torchcam 0.5.0's: Grad-CAM, gamma 0.6,
+    3 references. Any method works, since the target is just a ``cls``.
+
+    Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details
+    for Visual Explanation", CVPR 2025 (arXiv:2501.11309).
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.finercam(s, x, 281).shape                             # [B, 7, 7]
+        >>> camfunc.finercam(s, x, 281, method=camfunc.layercam, gamma=1.0)
+    """
+    target = finer(cls, gamma=gamma, num_references=num_references, references=references)
+    return method(split, x, target, **method_kwargs)

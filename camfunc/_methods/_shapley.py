@@ -1,0 +1,64 @@
+"""Shapley-CAM: Grad-CAM corrected by the second-order term of a Shapley expansion."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor
+
+from .. import _engine, _targets, _validate
+from .._split import Split
+from .._targets_contrastive import rest
+from ._combine import arrange, check_activations, finish, spatial_axes, weighted_sum
+
+
+def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
+    r""":math:`w_k = \frac{1}{Z}\sum_{ij} \big(g - \tfrac12 H A\big)_k(i,j)`."""
+    return (g - 0.5 * hvp).mean(spatial_axes(g))
+
+
+def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
+               target: Literal["rest", "logit"] = "rest", normalize: bool = True,
+               return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""Shapley-CAM: channel weights from the gradient and the Hessian-vector product.
+
+    .. math:: w_k = \frac{1}{Z}\sum_{i,j}\Big(\frac{\partial S}{\partial A}
+              - \frac12 \frac{\partial^2 S}{\partial A^2} A\Big)_k(i,j), \quad
+              L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
+
+    ``S`` is the ReST target, the logit minus the cross-entropy
+    (:func:`camfunc.rest`), as in the paper and pytorch-grad-cam: a logit's
+    Hessian is exactly zero on a piecewise-linear tail, where Shapley-CAM would
+    collapse to Grad-CAM (``target="logit"`` shows it). A callable ``cls`` is
+    used as the target as it is. The Hessian-vector product is forward-over-
+    reverse: ``jvp`` of the ``vjp``, per class under ``vmap``.
+
+    Cai et al., "CAMs as Shapley Value-based Explainers", The Visual
+    Computer, 2025 (arXiv:2501.06261).
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.shapleycam(s, x, 281).shape                  # [B, 7, 7]
+        >>> camfunc.shapleycam(s, x, camfunc.topk(3)).shape      # [B, 3, 7, 7]
+    """
+    split = _validate.check_call(split, x)
+    _targets.check_form(cls, x.shape[0])
+    if target not in ("rest", "logit"):
+        raise ValueError(f"target must be 'rest' or 'logit', got {target!r}")
+    if _targets.is_objective(cls):
+        objective = cls
+    else:
+        scores = _engine.forward(split, x)[1]
+        index, keep_k = _targets.class_indices(cls, scores)  # fixed on the clean scores
+        classes = index if keep_k else index[:, 0]
+        objective = rest(classes) if target == "rest" else (
+            lambda out: out.gather(1, index) if keep_k else out.gather(1, index)[:, 0])
+
+    def per_class(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
+        check_activations(a)
+        a, g, hvp = a.float(), g.float(), hvp.float()
+        return finish(weighted_sum(a, shapley_weights(a, g, hvp)), relu=True, normalize=normalize)
+
+    maps, scores = _engine.curvature_maps(split, x, objective, per_class, chunk_size=chunk_size)
+    cams = arrange(split, maps)
+    return (cams, scores) if return_scores else cams
