@@ -6,6 +6,8 @@ tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
 one pass with ``torch.func.vmap``. Nothing is registered on the model.
 """
 
+from ._layout import Layout as Layout
+from ._layout import with_layout as with_layout
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
 from ._methods import finercam as finercam
@@ -47,6 +49,8 @@ __all__ = [
     "finercam",
     "shapleycam",
     "Finer",
+    "Layout",
+    "with_layout",
     "finer",
     "ReST",
     "rest",

@@ -32,8 +32,15 @@ from ._split import Split, as_tuple
 _FORWARD_AD_LOCK = threading.Lock()
 
 
-def _forward_ad_turn() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _FORWARD_AD_LOCK
+@contextlib.contextmanager
+def _forward_ad_turn():
+    if torch.compiler.is_compiling():
+        yield
+        return
+    # The fused CPU attention kernels have no forward-AD formula; the math one has.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with _FORWARD_AD_LOCK, sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 PerClass = Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]]

@@ -331,7 +331,8 @@ def _first_conv_ndim(model: nn.Module) -> int | None:
 
 
 def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
-          *, example_input: torch.Tensor | None = None) -> Split:
+          *, example_input: torch.Tensor | None = None, layout: Any = None,
+          grid: Sequence[int] | None = None, prefix_tokens: int | None = None) -> Split:
     """Cuts ``model`` at ``layer``'s output into ``head: x -> A`` and ``tail: A -> scores``.
 
     ``layer`` is a module name (``"layer4"``, ``"features.8"``), a module, or a
@@ -345,6 +346,16 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     tail as context. A module called several times is cut at its last call, as
     hook-based libraries do (a :class:`RepeatedLayerWarning` says so). The
     split shares the model's parameters and modules; the model is not changed.
+
+    Transformer activations are seen as a ``(B, C, *spatial)`` grid
+    (:class:`camfunc.Layout`): ``layout`` is ``"tokens"`` (``(B, N, D)``; class
+    and register tokens set aside, ``grid`` and ``prefix_tokens`` when they
+    cannot be inferred), ``"channels_last"`` or ``"channels_first"``, one for
+    all layers or a list. By default it is recognised for torchvision's
+    ViT (``encoder.*``: tokens with one class token) and Swin (``features.*``:
+    channels-last) and timm's ViTs (``blocks.*``: ``num_prefix_tokens``).
+    Pick a ViT block before the last: only the class token of the last block
+    reaches the head, so its patch tokens get zero gradient.
 
     Example:
         >>> model = torchvision.models.resnet18().eval()
@@ -363,7 +374,7 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
                 "split needs a layer, or example_input to pick one: "
                 "camfunc.split(model, 'layer4') or camfunc.split(model, example_input=x)"
             )
-        layer = _choose_layer(model, example_input)
+        layer = _choose_layer(model, example_input, layout, grid, prefix_tokens)
         warnings.warn(f"camfunc.split picked layer {layer!r}", LayerChoiceWarning, stacklevel=2)
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
@@ -398,11 +409,59 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     stages = _stages(base, [c.name for c in chain], len(chain))
     order = tuple(chain.index(c) for c in cuts)
     chain_names = tuple(names[cuts.index(c)] for c in chain)
-    return Split(stages[0], stages[-1], tuple(stages[1:-1]), chain_names, model,
-                 _first_conv_ndim(model), () if order == tuple(range(len(chain))) else order)
+    plain = Split(stages[0], stages[-1], tuple(stages[1:-1]), chain_names, model,
+                  _first_conv_ndim(model), () if order == tuple(range(len(chain))) else order)
+    from . import _layout  # the layout module builds on Split
+
+    return _layout.with_layout(plain, _chain_layouts(model, names, chain_names, layout, grid,
+                                                      prefix_tokens))
 
 
-def _choose_layer(model: nn.Module, example_input: torch.Tensor) -> str:
+def _chain_layouts(model: nn.Module, names: list[str], chain_names: Sequence[str], layout: Any,
+                   grid: Sequence[int] | None, prefix_tokens: int | None) -> list:
+    """One Layout per chained cut, from the user's per-layer choice or the model's family."""
+    from . import _layout
+
+    def build(item: Any, name: str):
+        if item is None:
+            found = _layout.auto_layout(model, name)
+            if found.kind == "tokens" and (grid is not None or prefix_tokens is not None):
+                return _layout.Layout("tokens", prefix_tokens if prefix_tokens is not None
+                                      else found.prefix_tokens, tuple(grid) if grid else None)
+            return found
+        if isinstance(item, _layout.Layout):
+            return item
+        if isinstance(item, str):
+            return _layout.Layout(item, prefix_tokens, tuple(grid) if grid else None)
+        raise TypeError(f"layout must be a string, a camfunc.Layout or a list of them, got {item!r}")
+
+    if isinstance(layout, (list, tuple)):
+        if len(layout) != len(names):
+            raise ValueError(f"got {len(layout)} layouts for {len(names)} layers")
+        per_name = dict(zip(names, layout))
+        return [build(per_name[name], name) for name in chain_names]
+    return [build(layout, name) for name in chain_names]
+
+
+def _choose_layer(model: nn.Module, example_input: torch.Tensor, layout: Any,
+                  grid: Sequence[int] | None, prefix_tokens: int | None) -> str:
+    """The last module output with spatial (or token) extent whose map gets a gradient.
+
+    A ViT's last block feeds the head through its class token only, so its
+    patch tokens get exactly zero gradient: such layers are skipped.
+    """
+    for name in _spatial_layers(model, example_input):
+        candidate = split(model, name, layout=layout, grid=grid, prefix_tokens=prefix_tokens)
+        if _gets_gradient(candidate, example_input):
+            return name
+    raise ValueError(
+        f"no layer of {type(model).__name__} outputs a map with spatial dimensions that the "
+        f"output depends on, for an input of shape {tuple(example_input.shape)}; pass layer="
+    )
+
+
+def _spatial_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Module outputs with more than one position, last first, each by its outermost module."""
     tracer = _CutTracer([], record_all=True)
     gm = _trace(model, tracer)
     with torch.no_grad():
@@ -417,20 +476,27 @@ def _choose_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     for name, calls in tracer.outputs.items():
         if not isinstance(modules[name], passive):
             owners.setdefault(calls[-1], []).append(name)
-    best = None
+    found = []
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
-        if node not in owners or not isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
-            continue
-        shape = tuple(meta.shape)
-        if len(shape) >= 3 and torch.Size(shape[2:]).numel() > 1:
-            best = node
-    if best is None:
-        raise ValueError(
-            f"no layer of {type(model).__name__} outputs a map with spatial dimensions "
-            f"for an input of shape {tuple(example_input.shape)}; pass layer= explicitly"
-        )
-    return min(owners[best], key=lambda n: (n.count("."), n))
+        if node in owners and isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
+            shape = tuple(meta.shape)
+            if len(shape) >= 3 and torch.Size(shape[2:]).numel() > 1:
+                found.append(min(owners[node], key=lambda n: (n.count("."), n)))
+    return found[::-1]
+
+
+def _gets_gradient(candidate: Split, x: torch.Tensor) -> bool:
+    from . import _engine, _targets  # the engine builds on Split
+
+    def largest_gradient(acts, grads):
+        return tuple(g.abs().flatten(1).amax(1) for g in grads)
+
+    try:
+        peaks, _ = _engine.class_maps(candidate, x, _targets.TopK(1), largest_gradient)
+    except (TypeError, ValueError):  # a layer whose output is not a tensor map
+        return False
+    return bool(peaks[0].amax() > 0)
 
 
 _TRAINING_MESSAGE = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,8 +17,6 @@ from helpers import permute_channels, random_inputs, sample_slice
 
 # CAM needs a pooled-linear tail and has no ReLU; it has its own closed-form test.
 NAMES = sorted(set(camfunc.METHODS) - {"cam"})
-settings.register_profile("camfunc", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("camfunc")
 
 
 def identity(a):
