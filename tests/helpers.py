@@ -131,3 +131,24 @@ def permute_channels(randomness: dict, perm: torch.Tensor) -> dict:
     if "noise" in out:  # (samples, B, C, ...) for both noisy methods
         out["noise"] = out["noise"].index_select(2, perm)
     return out
+
+
+def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """A pytorch-grad-cam extractor's ReLU'd map at the layer's resolution, before it resizes.
+
+    Runs its own hooks and backward, then its ``get_cam_image``; releases the hooks.
+    """
+    import numpy as np
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    outputs = extractor.activations_and_grads(x)
+    if extractor.uses_gradients:
+        extractor.model.zero_grad()
+        sum(t(o) for t, o in zip(targets, outputs)).backward()
+    acts = extractor.activations_and_grads.activations[0].cpu().numpy()
+    grads = (extractor.activations_and_grads.gradients[0].cpu().numpy()
+             if extractor.uses_gradients else None)
+    raw = extractor.get_cam_image(x, layer, targets, acts, grads, False)
+    extractor.activations_and_grads.release()
+    return torch.from_numpy(np.maximum(raw, 0)).float()

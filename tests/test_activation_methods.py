@@ -12,13 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pytorch_grad_cam import GradCAMElementWise as PgcGradCAMElementWise
 from pytorch_grad_cam import HiResCAM as PgcHiResCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 from torchcam.methods import CAM as TcCAM
 
 import camfunc
-from helpers import small_cnn
+from helpers import pytorch_grad_cam_raw, small_cnn
 
 CLASSES = [3, 7]
 
@@ -82,15 +81,7 @@ def test_hirescam_family_matches_pytorch_grad_cam(method, reference):
     x = image()
     ref_model = copy.deepcopy(model)
     extractor = reference(model=ref_model, target_layers=[ref_model.layer4])
-    targets = [ClassifierOutputTarget(c) for c in CLASSES]
-    outputs = extractor.activations_and_grads(x)
-    ref_model.zero_grad()
-    sum(t(o) for t, o in zip(targets, outputs)).backward()
-    acts = extractor.activations_and_grads.activations[0].cpu().numpy()
-    grads = extractor.activations_and_grads.gradients[0].cpu().numpy()
-    raw = extractor.get_cam_image(x, ref_model.layer4, targets, acts, grads, False)
-    extractor.activations_and_grads.release()
-    want = torch.from_numpy(np.maximum(raw, 0)).float()
+    want = pytorch_grad_cam_raw(extractor, ref_model.layer4, x, CLASSES)
     got = camfunc.METHODS[method](camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
     torch.testing.assert_close(camfunc.normalize(got), camfunc.normalize(want), atol=1e-5, rtol=0)
 

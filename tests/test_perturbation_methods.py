@@ -5,20 +5,18 @@ from __future__ import annotations
 import copy
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from hypothesis import given
 from hypothesis import strategies as st
 from pytorch_grad_cam import AblationCAM as PgcAblationCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torchcam.methods import ISCAM as TcISCAM
 from torchcam.methods import ScoreCAM as TcScoreCAM
 
 import camfunc
-from helpers import ResNetish, small_cnn
+from helpers import ResNetish, pytorch_grad_cam_raw, small_cnn
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,12 +129,7 @@ def test_ablationcam_matches_pytorch_grad_cam():
     classes = top_classes(model, x)
     ref_model = copy.deepcopy(model)
     extractor = PgcAblationCAM(model=ref_model, target_layers=[ref_model.layer4], batch_size=64)
-    targets = [ClassifierOutputTarget(c) for c in classes]
-    extractor.activations_and_grads(x)
-    acts = extractor.activations_and_grads.activations[0].cpu().numpy()
-    raw = extractor.get_cam_image(x, ref_model.layer4, targets, acts, None, False)
-    extractor.activations_and_grads.release()
-    want = torch.from_numpy(np.maximum(raw, 0)).float()
+    want = pytorch_grad_cam_raw(extractor, ref_model.layer4, x, classes)
     got = camfunc.ablationcam(camfunc.split(model, "layer4"), x, classes, normalize=False)
     assert want.flatten(1).amax(1).min() > 0
     torch.testing.assert_close(camfunc.normalize(got), camfunc.normalize(want), atol=1e-5, rtol=0)

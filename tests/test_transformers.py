@@ -5,15 +5,14 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from pytorch_grad_cam import GradCAM as PgcGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 import camfunc
+from helpers import pytorch_grad_cam_raw
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
                     "gradcam_elementwise", "eigengradcam", "shapleycam", "finercam"]
@@ -71,15 +70,7 @@ def test_vit_gradcam_matches_pytorch_grad_cam_with_its_reshape_transform():
     ref_model = copy.deepcopy(model)
     layer = ref_model.encoder.layers.encoder_layer_1
     extractor = PgcGradCAM(model=ref_model, target_layers=[layer], reshape_transform=reshape)
-    targets = [ClassifierOutputTarget(c) for c in classes]
-    outputs = extractor.activations_and_grads(x)
-    ref_model.zero_grad()
-    sum(t(o) for t, o in zip(targets, outputs)).backward()
-    acts = extractor.activations_and_grads.activations[0].cpu().numpy()
-    grads = extractor.activations_and_grads.gradients[0].cpu().numpy()
-    raw = extractor.get_cam_image(x, layer, targets, acts, grads, False)
-    extractor.activations_and_grads.release()
-    want = torch.from_numpy(np.maximum(raw, 0)).float()
+    want = pytorch_grad_cam_raw(extractor, layer, x, classes)
     got = camfunc.gradcam(camfunc.split(model, "encoder.layers.encoder_layer_1"), x, classes,
                           normalize=False)
     assert want.flatten(1).amax(1).min() > 0
