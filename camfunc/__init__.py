@@ -10,6 +10,9 @@ from ._layout import Layout as Layout
 from ._layout import with_layout as with_layout
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
+from ._methods import refinecam as refinecam
+from ._methods import fem as fem
+from ._methods import kpcacam as kpcacam
 from ._methods import finercam as finercam
 from ._methods import shapleycam as shapleycam
 from ._methods import ablationcam as ablationcam
@@ -27,6 +30,7 @@ from ._methods import layercam as layercam
 from ._methods import smooth_gradcampp as smooth_gradcampp
 from ._methods import xgradcam as xgradcam
 from ._ops import fuse as fuse
+from ._smoothing import aug_smooth as aug_smooth
 from ._ops import normalize as normalize
 from ._ops import upsample as upsample
 from ._split import LayerChoiceWarning as LayerChoiceWarning
@@ -46,6 +50,10 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "refinecam",
+    "aug_smooth",
+    "fem",
+    "kpcacam",
     "finercam",
     "shapleycam",
     "Finer",

@@ -1,9 +1,11 @@
 """CAM methods: one small weights function per method, one shared combine step."""
 
 from ._ablation import ablationcam
+from ._activation import fem
 from ._classifier import cam, randomcam
-from ._eigen import eigencam, eigengradcam
+from ._eigen import eigencam, eigengradcam, kpcacam
 from ._finer import finercam
+from ._refine import refinecam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
 from ._score import iscam, scorecam, sscam
@@ -29,6 +31,9 @@ METHODS = {
     "ablationcam": ablationcam,
     "shapleycam": shapleycam,
     "finercam": finercam,
+    "kpcacam": kpcacam,
+    "fem": fem,
+    "refinecam": refinecam,
 }
 
 __all__ = ["METHODS", *METHODS]

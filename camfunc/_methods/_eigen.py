@@ -38,6 +38,77 @@ def first_component(features: Tensor) -> Tensor:
     return (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
 
 
+def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float) -> Tensor:
+    """scikit-learn's kernels, for rows of ``x``: ``(B, N, C) -> (B, N, N)``."""
+    gamma = 1.0 / x.shape[-1] if gamma is None else gamma
+    inner = x @ x.transpose(1, 2)
+    if kind == "linear":
+        return inner
+    if kind == "poly":
+        return (gamma * inner + coef0) ** degree
+    if kind == "sigmoid":
+        return torch.tanh(gamma * inner + coef0)
+    if kind == "rbf":
+        sq = x.square().sum(-1)
+        return torch.exp(-gamma * (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * inner).clamp_min(0))
+    if kind == "cosine":
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        return unit @ unit.transpose(1, 2)
+    raise ValueError(f"kernel must be 'linear', 'poly', 'rbf', 'sigmoid' or 'cosine', got {kind!r}")
+
+
+def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: float | None = None,
+                           degree: int = 3, coef0: float = 1.0) -> Tensor:
+    r"""First kernel principal component of the positions' centred features: ``(B, C, *sp) -> (B, *sp)``.
+
+    :math:`K_c = (I - 	frac1N)K(I - 	frac1N)`, top eigenpair :math:`(\lambda, lpha)`,
+    projection :math:`\sqrt{\lambda}\,lpha` (what scikit-learn's
+    ``KernelPCA.fit_transform`` returns), with its sign rule: the largest
+    magnitude is positive. An eigenvalue below 1e-5 N max|K| is rounding noise
+    (features that do not vary), and gives a zero map.
+    """
+    x = features.flatten(2).transpose(1, 2)
+    x = x - x.mean(1, keepdim=True)
+    raw = _kernel(x, kernel, gamma, degree, coef0)
+    k = raw - raw.mean(1, keepdim=True) - raw.mean(2, keepdim=True) + raw.mean((1, 2), keepdim=True)
+    values, vectors = torch.linalg.eigh(k)
+    # Features that do not vary leave only rounding in the centred kernel: no component.
+    floor = 1e-5 * x.shape[1] * raw.abs().flatten(1).amax(1, keepdim=True)
+    top_value = values[..., -1:]
+    top = vectors[..., -1] * torch.where(top_value > floor, top_value, 0).sqrt()  # (B, N)
+    peak = top.gather(1, top.abs().argmax(1, keepdim=True))
+    top = torch.where(peak < 0, -top, top)
+    return top.reshape(features.shape[0], *features.shape[2:])
+
+
+def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = "sigmoid",
+            gamma: float | None = None, degree: int = 3, coef0: float = 1.0,
+            normalize: bool = True, return_scores: bool = False) -> Any:
+    r"""KPCA-CAM: Eigen-CAM with kernel PCA, done in torch.
+
+    .. math:: L = \mathrm{ReLU}ig(\sqrt{\lambda_1}\,lpha_1ig), \quad
+              K_c lpha_1 = \lambda_1 lpha_1
+
+    on the centred kernel matrix of the positions' centred feature vectors.
+    Kernels as scikit-learn's (``gamma`` defaults to 1 / channels); the default
+    sigmoid kernel is pytorch-grad-cam's ``KPCA_CAM``'s. Class-agnostic.
+
+    Karmani et al., "KPCA-CAM: Visual Explainability of Deep Computer Vision
+    Models using Kernel PCA", MMSP 2024 (arXiv:2410.00267).
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.kpcacam(s, x).shape                 # [B, 7, 7]
+        >>> camfunc.kpcacam(s, x, kernel="rbf", gamma=0.01)
+    """
+    _kernel(torch.zeros(1, 1, 1), kernel, gamma, degree, coef0)  # unknown kernels fail first
+
+    def raw_map(a: Tensor) -> Tensor:
+        return first_kernel_component(a, kernel, gamma, degree, coef0)
+
+    return activation_cam(split, x, cls, raw_map, normalize=normalize, return_scores=return_scores)
+
+
 def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bool = True,
              return_scores: bool = False) -> Any:
     r"""Eigen-CAM: the activations' first principal component, class-agnostic.

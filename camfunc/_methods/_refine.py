@@ -1,0 +1,44 @@
+"""Refine-CAM: the product of one method's maps across layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .. import _ops, _targets
+from .._split import Split
+from ._gradient import gradcampp
+
+
+def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
+              method: Callable[..., Any] = gradcampp, size: Sequence[int] | None = None,
+              normalize: bool = True, return_scores: bool = False, **method_kwargs: Any) -> Any:
+    r"""Refine-CAM: multiply one method's normalised maps over several layers.
+
+    .. math:: L = \prod_{l} \mathrm{up}\big(\hat L^{(l)}\big)
+
+    with :math:`\hat L^{(l)}` the min-max normalised map at layer l, upsampled
+    to ``size`` (default: the input's spatial size, as pytorch-grad-cam's
+    ``RefineCAM``, whose default method, Grad-CAM++, is kept). A region must
+    light up at every layer to survive, which denoises early layers' maps.
+    Split at several layers: ``camfunc.split(model, ["layer2", "layer3", "layer4"])``.
+
+    pytorch-grad-cam 1.5.7 ``RefineCAM`` (arXiv:2605.14641).
+
+    Example:
+        >>> s = camfunc.split(model, ["layer3", "layer4"])
+        >>> camfunc.refinecam(s, x, 281).shape                        # [B, 224, 224]
+        >>> camfunc.refinecam(s, x, 281, method=camfunc.layercam, size=(56, 56))
+    """
+    maps, scores = method(split, x, cls, normalize=True, return_scores=True, **method_kwargs)
+    maps = maps if isinstance(maps, list) else [maps]
+    size = tuple(x.shape[2:]) if size is None else tuple(size)
+    product = None
+    for layer_map in maps:
+        resized = _ops.upsample(layer_map, size)
+        product = resized if product is None else product * resized
+    if normalize:
+        product = _ops.normalize(product, spatial_dims=len(size))
+    return (product, scores) if return_scores else product
