@@ -6,6 +6,9 @@ tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
 one pass with ``torch.func.vmap``. Nothing is registered on the model.
 """
 
+from ._guided import guided_backprop as guided_backprop
+from ._guided import guided_gradcam as guided_gradcam
+from ._guided import guided_model as guided_model
 from ._layout import Layout as Layout
 from ._layout import with_layout as with_layout
 from ._methods import METHODS as METHODS
@@ -50,6 +53,9 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "guided_backprop",
+    "guided_gradcam",
+    "guided_model",
     "refinecam",
     "aug_smooth",
     "fem",

@@ -1,0 +1,127 @@
+"""Guided backpropagation and Guided Grad-CAM, batched and hook-free.
+
+The model is traced with ``torch.fx`` into a copy that shares its modules and
+parameters, and every ReLU call in the copy's graph (``nn.ReLU`` modules,
+``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place or not) is replaced by a
+guided ReLU whose backward passes only positive gradients through positive
+inputs. The user's model is never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _engine, _ops, _targets, _validate
+from ._methods import gradcam
+from ._split import Split, _CutTracer, _trace, unwrap
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward ``relu(grad) * [x > 0]`` (Springenberg et al., 2015)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (x > 0).to(grad.dtype)
+
+
+def guided_relu(x: Tensor, inplace: bool = False) -> Tensor:
+    return _GuidedReLU.apply(x)
+
+
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
+
+
+def guided_model(model: nn.Module) -> torch.fx.GraphModule:
+    """A traced copy of ``model`` whose ReLUs backpropagate as guided ReLUs.
+
+    Example:
+        >>> guided = camfunc.guided_model(model)     # model itself is untouched
+        >>> torch.equal(guided(x), model(x))         # same forward
+    """
+    model = unwrap(model)
+    gm = _trace(model, _CutTracer([]))
+    for node in gm.graph.nodes:
+        is_module = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)
+        is_function = node.op == "call_function" and node.target in _RELU_FUNCTIONS
+        is_method = node.op == "call_method" and node.target in ("relu", "relu_")
+        if is_module or is_function or is_method:
+            node.op, node.target = "call_function", guided_relu
+            node.args, node.kwargs = node.args[:1], {}
+    gm.recompile()
+    return gm
+
+
+def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
+                    chunk_size: int | None = None, return_scores: bool = False) -> Any:
+    r"""Guided backpropagation: input gradients through ReLUs that pass only positive signal.
+
+    .. math:: \frac{\partial S}{\partial x} \text{ with each ReLU's backward }
+              R^{(l)} = \mathrm{ReLU}(R^{(l+1)}) \odot [f^{(l)} > 0]
+
+    The whole batch and every requested class in one vjp (``vmap`` over
+    classes), unlike pytorch-grad-cam's, which takes one image and swaps the
+    model's ReLU modules while it runs. Returns signed gradients ``(B, *x.shape[1:])``
+    or ``(B, K, *x.shape[1:])``; not normalised.
+
+    Springenberg et al., "Striving for Simplicity: The All Convolutional Net",
+    ICLR Workshop 2015.
+
+    Example:
+        >>> g = camfunc.guided_backprop(model, x, 281)            # [B, 3, 224, 224]
+        >>> g = camfunc.guided_backprop(model, x, camfunc.topk(2)) # [B, 2, 3, 224, 224]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
+    split = Split(lambda v: v, guided_model(model), model=unwrap(model))
+    split = _validate.check_call(split, x)
+    _targets.check_form(cls, x.shape[0])
+
+    def gradients(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return grads
+
+    (maps,), scores = _engine.class_maps(split, x, cls, gradients, chunk_size=chunk_size)
+    return (maps, scores) if return_scores else maps
+
+
+def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
+                   chunk_size: int | None = None, return_scores: bool = False) -> Any:
+    r"""Guided Grad-CAM: guided backpropagation weighted by the upsampled Grad-CAM.
+
+    .. math:: G = \frac{\partial^{\text{guided}} S}{\partial x} \odot \mathrm{up}(L_{\text{Grad-CAM}})
+
+    The guided part needs the whole model, taken from ``split.model`` (set by
+    :func:`camfunc.split`). Grad-CAM is normalised before weighting, as usual.
+    With several layers, their Grad-CAMs are fused by the mean.
+
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+    Gradient-based Localization", ICCV 2017.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> camfunc.guided_gradcam(s, x, 281).shape    # [B, 3, 224, 224]
+    """
+    if not isinstance(split, Split) or split.model is None:
+        raise ValueError("guided_gradcam needs split.model: build the split with camfunc.split, "
+                         "or pass model= to camfunc.Split")
+    guided, scores = guided_backprop(split.model, x, cls, chunk_size=chunk_size, return_scores=True)
+    cams = gradcam(split, x, cls, chunk_size=chunk_size)
+    cams = cams if isinstance(cams, list) else [cams]
+    size = tuple(x.shape[2:])
+    heat = torch.stack([_ops.upsample(c, size) for c in cams]).mean(0)
+    weighted = guided * heat.unsqueeze(-len(size) - 1)
+    return (weighted, scores) if return_scores else weighted
