@@ -6,6 +6,7 @@ tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
 one pass with ``torch.func.vmap``. Nothing is registered on the model.
 """
 
+from ._fullgrad import fullgrad as fullgrad
 from ._guided import guided_backprop as guided_backprop
 from ._guided import guided_gradcam as guided_gradcam
 from ._guided import guided_model as guided_model
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "fullgrad",
     "guided_backprop",
     "guided_gradcam",
     "guided_model",

@@ -92,13 +92,16 @@ def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
 
 def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,
                chunk_size: int | None = None, classes: tuple[Tensor, bool] | None = None,
-               ) -> tuple[tuple[Tensor, ...], Any]:
+               context_gradients: bool = False) -> tuple[tuple[Tensor, ...], Any]:
     """Maps for every requested class, one tuple entry per layer, and the scores.
 
     Each map is ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample
     (a ``(B, K)`` tensor, ``topk``, or a callable returning ``(B, K)``), else
     ``(B, *spatial)``. ``classes`` overrides ``cls`` with ready ``(index, keep_k)``
     from :func:`camfunc._targets.class_indices` (classes chosen on another pass).
+    ``context_gradients`` (one layer only) also differentiates the floating
+    context the head passes on, and hands ``per_class`` all the tail's
+    gradients, ``(G_A, *G_context)``: FullGrad's probes are such context.
     """
     objective = cls if classes is None and _targets.is_objective(cls) else None
     with torch.no_grad():
@@ -109,8 +112,10 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
             _, pullback, carry = _vjp_stage(stage, carry, context_is_constant=(i == 0))
             pullbacks.append(pullback)
             acts.append(carry[0])
+        if context_gradients and len(split.middle) > 0:
+            raise ValueError("context gradients are for single-layer splits")
         out, pull_tail, scores = _vjp_stage(
-            split.tail, carry, context_is_constant=len(split.middle) == 0,
+            split.tail, carry, context_is_constant=len(split.middle) == 0 and not context_gradients,
             objective=objective if objective is not None else (lambda s: s))
 
         if objective is not None:
@@ -121,6 +126,8 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
 
         def maps_for(cotangent: Tensor) -> tuple[Tensor, ...]:
             grads = pull_tail(cotangent)
+            if context_gradients:
+                return per_class(tuple(acts), tuple(grads))
             layer_grads = [grads[0]]
             for pullback in reversed(pullbacks):
                 grads = pullback(grads)

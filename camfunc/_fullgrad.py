@@ -1,0 +1,119 @@
+"""FullGrad: input-gradient and bias-gradient maps of every biased layer, summed.
+
+The model is traced into a copy (sharing its modules) in which a zero "probe"
+tensor is added to the output of every convolution and batch norm that has a
+bias. The gradient with respect to a probe is the gradient at that layer's
+output, so one ``vjp`` with respect to the input and the probes gives them all,
+for every class at once under ``vmap``, and never with respect to a parameter.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import _engine, _ops, _targets, _validate
+from ._split import Split, _CutTracer, _trace, unwrap
+
+_BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def effective_bias(layer: nn.Module) -> Tensor:
+    """A conv's bias; a batch norm's ``beta - mean * gamma / sqrt(var + eps)`` (eval mode)."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        scale = layer.weight if layer.weight is not None else torch.ones_like(layer.running_var)
+        shift = layer.bias if layer.bias is not None else torch.zeros_like(layer.running_mean)
+        return shift - layer.running_mean * scale / torch.sqrt(layer.running_var + layer.eps)
+    return layer.bias
+
+
+def _probed(model: nn.Module) -> tuple[torch.fx.GraphModule, list[nn.Module], list[torch.fx.Node]]:
+    """A traced copy taking ``(x, *probes)``; probe i is added to biased layer i's output."""
+    gm = _trace(model, _CutTracer([]))
+    graph = gm.graph
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    targets = [n for n in graph.nodes if n.op == "call_module"
+               and isinstance(gm.get_submodule(n.target), _BIASED)
+               and gm.get_submodule(n.target).bias is not None]
+    layers = [gm.get_submodule(n.target) for n in targets]
+    anchor = first
+    probes = []
+    for i in range(len(targets)):
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(f"probe_{i}")
+        probes.append(anchor)
+    for node, probe in zip(targets, probes):
+        with graph.inserting_after(node):
+            shifted = graph.call_function(operator.add, (node, probe))
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+    gm.recompile()
+    return gm, layers, targets
+
+
+def _channel_normalised_sum(m: Tensor) -> Tensor:
+    """``sum_c normalize(m_c)``: each channel min-max scaled on its own, ``(B, C, *sp) -> (B, *sp)``."""
+    return _ops.normalize(m, spatial_dims=m.ndim - 2).sum(1)
+
+
+def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
+             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+    r"""FullGrad: the input-gradient map plus every biased layer's bias-gradient map.
+
+    .. math:: L = \psi\big(|x \odot \nabla_x S|\big) + \sum_{l}\sum_{c}
+              \psi\big(|b_c^{(l)} \, \nabla_{z^{(l)}_c} S|\big)
+
+    with :math:`\psi` per-channel min-max scaling then upsampling to the
+    input's size, and :math:`b^{(l)}` the (effective) bias of each
+    convolution and batch norm with one, :math:`z^{(l)}` its output; as
+    pytorch-grad-cam's ``FullGrad``. Takes the model, or a split whose model
+    is used whole (the cut is ignored). Eager only: it traces the model on each call.
+
+    Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
+    Visualization", NeurIPS 2019.
+
+    Example:
+        >>> camfunc.fullgrad(model, x, 281).shape                 # [B, 224, 224]
+        >>> camfunc.fullgrad(model, x, camfunc.topk(2)).shape     # [B, 2, 224, 224]
+    """
+    if isinstance(model, Split):
+        if model.model is None:
+            raise ValueError("fullgrad needs the whole model: pass it, or a split with split.model")
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fullgrad takes the model (or a Split), got {type(model).__name__}")
+    model = unwrap(model)
+    _validate.check_call(Split(lambda v: v, model, model=model), x)
+    _targets.check_form(cls, x.shape[0])
+    gm, layers, outputs = _probed(model)
+    size = tuple(x.shape[2:])
+    with torch.no_grad():
+        zeros = [torch.zeros(())] * len(layers)
+        ShapeProp(gm).propagate(x, *zeros)  # the probes' shapes are the layers' output shapes
+        probes = [torch.zeros(n.meta["tensor_meta"].shape, dtype=x.dtype, device=x.device)
+                  for n in outputs]
+        biases = [effective_bias(layer).float() for layer in layers]
+
+    def head(v: Tensor) -> tuple[Tensor, ...]:
+        return (v, *probes)
+
+    def tail(v: Tensor, *zs: Tensor) -> Tensor:
+        return gm(v, *zs)
+
+    split = Split(head, tail, model=model)
+
+    def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        input_grad, probe_grads = grads[0], grads[1:]
+        total = _channel_normalised_sum((acts[0].float() * input_grad.float()).abs())
+        for bias, g in zip(biases, probe_grads):
+            shape = (1, -1, *(1,) * (g.ndim - 2))
+            layer_map = _channel_normalised_sum((bias.reshape(shape) * g.float()).abs())
+            total = total + _ops.upsample(layer_map, size)
+        return (_ops.normalize(total, spatial_dims=len(size)) if normalize else total,)
+
+    (maps,), scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size,
+                                         context_gradients=True)
+    return (maps, scores) if return_scores else maps
