@@ -133,10 +133,12 @@ def permute_channels(randomness: dict, perm: torch.Tensor) -> dict:
     return out
 
 
-def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """A pytorch-grad-cam extractor's ReLU'd map at the layer's resolution, before it resizes.
+def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int],
+                         eigen_smooth: bool = False, relu: bool = True) -> torch.Tensor:
+    """A pytorch-grad-cam extractor's map at the layer's resolution, before it resizes.
 
     Runs its own hooks and backward, then its ``get_cam_image``; releases the hooks.
+    ReLU'd unless ``relu=False`` (to see an eigen projection's sign).
     """
     import numpy as np
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -149,6 +151,6 @@ def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int]) 
     acts = extractor.activations_and_grads.activations[0].cpu().numpy()
     grads = (extractor.activations_and_grads.gradients[0].cpu().numpy()
              if extractor.uses_gradients else None)
-    raw = extractor.get_cam_image(x, layer, targets, acts, grads, False)
+    raw = extractor.get_cam_image(x, layer, targets, acts, grads, eigen_smooth)
     extractor.activations_and_grads.release()
-    return torch.from_numpy(np.maximum(raw, 0)).float()
+    return torch.from_numpy(np.maximum(raw, 0) if relu else raw).float()

@@ -13,6 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pytorch_grad_cam import FEM as PgcFEM
 from pytorch_grad_cam import GradCAM as PgcGradCAM
+from pytorch_grad_cam import GradCAMElementWise as PgcGradCAMElementWise
+from pytorch_grad_cam import HiResCAM as PgcHiResCAM
+from pytorch_grad_cam import LayerCAM as PgcLayerCAM
+from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam import KPCA_CAM as PgcKPCA
 from pytorch_grad_cam import RefineCAM as PgcRefineCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -123,3 +127,35 @@ def test_aug_smooth_keeps_topk_of_the_clean_input_and_its_scores():
     torch.testing.assert_close(cams, camfunc.aug_smooth(camfunc.gradcam)(s, x, classes))
     with pytest.raises(ValueError, match="generator="):
         camfunc.aug_smooth(camfunc.smooth_gradcampp)(s, x, 1, noise=torch.zeros(4, *x.shape))
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("gradcam", PgcGradCAM), ("xgradcam", PgcXGradCAM), ("layercam", PgcLayerCAM),
+    ("hirescam", PgcHiResCAM), ("gradcam_elementwise", PgcGradCAMElementWise)])
+def test_eigen_smooth_matches_pytorch_grad_cam_up_to_its_sign(name, reference):
+    model = resnet18()
+    x = image()
+    ref_model = copy.deepcopy(model)
+    extractor = reference(model=ref_model, target_layers=[ref_model.layer3])
+    projection = pytorch_grad_cam_raw(extractor, ref_model.layer3, x, [1, 2], eigen_smooth=True,
+                                      relu=False)
+    got = camfunc.METHODS[name](camfunc.split(model, "layer3"), x, [1, 2], eigen_smooth=True)
+    for i in range(2):
+        candidates = [camfunc.normalize((sign * projection[i:i + 1]).clamp_min(0)) for sign in (1, -1)]
+        assert min(float((got[i:i + 1] - c).abs().max()) for c in candidates) < 1e-4
+
+
+def test_eigen_smooth_is_the_projection_of_the_weighted_activations():
+    model = small_cnn()
+    s = camfunc.split(model, "4")
+    x = image(size=8)
+    with torch.no_grad():
+        a = model[:5](x)
+    weights = torch.rand((2, 6), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    got = camfunc.randomcam(s, x, weights=weights, eigen_smooth=True, normalize=False)
+    terms = (weights[:, :, None, None] * a).flatten(2).transpose(1, 2)
+    terms = terms - terms.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(terms, full_matrices=False)
+    p = (terms @ vh[:, 0, :, None]).squeeze(-1)
+    p = torch.where((p.amax(1) + p.amin(1) < 0)[:, None], -p, p)
+    torch.testing.assert_close(got, p.reshape(2, 8, 8).clamp_min(0), atol=1e-5, rtol=1e-4)

@@ -15,7 +15,7 @@ from ._score import _check_batch_size, _picker
 
 def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
                 ablation_value: float = 0.0, normalize: bool = True,
-                return_scores: bool = False) -> Any:
+                return_scores: bool = False, eigen_smooth: bool = False) -> Any:
     r"""Ablation-CAM: channels weighted by the relative score drop when each is ablated.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}, \quad L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
@@ -59,7 +59,8 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         drop = base.unsqueeze(0) - dropped  # (C, B, K)
         weights = (drop * safe_reciprocal(base, base != 0).unsqueeze(0)).permute(1, 0, 2)  # (B, C, K)
         a = a.float()
-        per_class = [finish(weighted_sum(a, weights[..., k]), relu=True, normalize=normalize)
+        per_class = [finish(weighted_sum(a, weights[..., k], eigen_smooth), relu=True,
+                            normalize=normalize)
                      for k in range(weights.shape[-1])]
         maps.append(torch.stack(per_class, 1) if keep_k else per_class[0])
     cams = arrange(split, tuple(maps))

@@ -19,7 +19,7 @@ def fem_weights(a: Tensor, k: float) -> Tensor:
 
 
 def fem(split: Split, x: Tensor, cls: _targets.Target = 0, *, k: float = 2.0,
-        normalize: bool = True, return_scores: bool = False) -> Any:
+        normalize: bool = True, return_scores: bool = False, eigen_smooth: bool = False) -> Any:
     r"""FEM: channels weighted by how often they fire far above their own mean.
 
     .. math:: w_c = \frac{1}{Z}\sum_{i,j} \big[A_c(i,j) > \mu_c + k\,\sigma_c\big],
@@ -37,5 +37,5 @@ def fem(split: Split, x: Tensor, cls: _targets.Target = 0, *, k: float = 2.0,
         >>> camfunc.fem(s, x).shape          # [B, 7, 7]
         >>> camfunc.fem(s, x, k=1.0)
     """
-    return activation_cam(split, x, cls, lambda a: weighted_sum(a, fem_weights(a, k)),
+    return activation_cam(split, x, cls, lambda a: weighted_sum(a, fem_weights(a, k), eigen_smooth),
                           normalize=normalize, return_scores=return_scores)

@@ -60,7 +60,8 @@ def _check_pooled_linear_tail(split: Split, x: Tensor) -> None:
 
 
 def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-        return_scores: bool = False, chunk_size: int | None = None) -> Any:
+        return_scores: bool = False, chunk_size: int | None = None,
+        eigen_smooth: bool = False) -> Any:
     r"""CAM: the feature maps weighted by the classifier's weights for the class.
 
     .. math:: L_c = \sum_k W_{ck} A_k
@@ -85,12 +86,13 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
         with torch.no_grad():
             _check_pooled_linear_tail(split, x)
     return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size, relu=False)
+                        return_scores=return_scores, chunk_size=chunk_size, relu=False,
+                        eigen_smooth=eigen_smooth)
 
 
 def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Tensor | None = None,
               generator: torch.Generator | None = None, normalize: bool = True,
-              return_scores: bool = False) -> Any:
+              return_scores: bool = False, eigen_smooth: bool = False) -> Any:
     r"""Random-CAM: channels weighted by uniform random numbers, the baseline of evaluations.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big), \quad w_k \sim U(-1, 1)
@@ -115,6 +117,6 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
             w = torch.rand(a.shape[:2], generator=generator, device=device) * 2 - 1
         if tuple(w.shape) != tuple(a.shape[:2]):
             raise ValueError(f"weights must be (B, C) = {tuple(a.shape[:2])}, got {tuple(w.shape)}")
-        return weighted_sum(a, w.to(a))
+        return weighted_sum(a, w.to(a), eigen_smooth)
 
     return activation_cam(split, x, cls, raw_map, normalize=normalize, return_scores=return_scores)

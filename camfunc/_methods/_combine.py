@@ -1,8 +1,9 @@
 """The step every method shares: weights -> weighted sum -> ReLU -> normalise.
 
 A method only supplies ``weights(A, G)``: channel weights ``(B, C)`` or pixel
-weights ``(B, C, *spatial)``, and, rarely, a combine other than the weighted
-sum. The rest lives here, once.
+weights ``(B, C, *spatial)``, and, rarely, other per-channel terms than
+``w_c A_c``. The terms are summed over channels, or, with ``eigen_smooth``,
+collapsed to their first principal component. The rest lives here, once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from torch import Tensor
 
 from .. import _engine, _ops, _targets, _validate
 from .._split import Split
+from ._projection import first_component
 
 Weights = Callable[[Tensor, Tensor], Tensor]
-Combine = Callable[[Tensor, Tensor], Tensor]
+Combine = Callable[[Tensor, Tensor], Tensor]  # (A, weights) -> per-channel terms
 
 
 def spatial_axes(a: Tensor) -> tuple[int, ...]:
@@ -29,14 +31,25 @@ def _broadcast(weights: Tensor, a: Tensor) -> Tensor:
     return weights.reshape(*weights.shape, *(1,) * (a.ndim - weights.ndim))
 
 
-def weighted_sum(a: Tensor, weights: Tensor) -> Tensor:
-    """:math:`\\sum_c w_c A_c`, with channel or pixel weights."""
-    return (_broadcast(weights, a) * a).sum(1)
+def channel_terms(a: Tensor, weights: Tensor) -> Tensor:
+    """Each channel's contribution :math:`w_c A_c`, ``(B, C, *spatial)``."""
+    return _broadcast(weights, a) * a
 
 
-def rectified_sum(a: Tensor, weights: Tensor) -> Tensor:
-    r""":math:`\sum_c \mathrm{ReLU}(w_c A_c)`: each channel's contribution clipped first."""
-    return (_broadcast(weights, a) * a).clamp_min(0).sum(1)
+def rectified_terms(a: Tensor, weights: Tensor) -> Tensor:
+    r""":math:`\mathrm{ReLU}(w_c A_c)`: each channel's contribution clipped first."""
+    return (_broadcast(weights, a) * a).clamp_min(0)
+
+
+def collapse(terms: Tensor, eigen_smooth: bool) -> Tensor:
+    """Channel contributions to one map: their sum, or with ``eigen_smooth`` their
+    first principal component (pytorch-grad-cam's ``eigen_smooth``)."""
+    return first_component(terms) if eigen_smooth else terms.sum(1)
+
+
+def weighted_sum(a: Tensor, weights: Tensor, eigen_smooth: bool = False) -> Tensor:
+    r""":math:`\sum_c w_c A_c`, with channel or pixel weights (or its eigen-smoothed form)."""
+    return collapse(channel_terms(a, weights), eigen_smooth)
 
 
 def finish(cam: Tensor, *, relu: bool, normalize: bool) -> Tensor:
@@ -64,7 +77,8 @@ def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
 
 def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,
                  normalize: bool, return_scores: bool, chunk_size: int | None,
-                 relu: bool = True, combine: Combine = weighted_sum) -> Any:
+                 relu: bool = True, combine: Combine = channel_terms,
+                 eigen_smooth: bool = False) -> Any:
     """Runs a gradient method given its ``weights(A, G)`` function."""
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
@@ -74,7 +88,8 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
         for a, g in zip(acts, grads):
             check_activations(a)
             a, g = a.float(), g.float()  # g**3 underflows in half precision
-            maps.append(finish(combine(a, weights(a, g)), relu=relu, normalize=normalize))
+            maps.append(finish(collapse(combine(a, weights(a, g)), eigen_smooth), relu=relu,
+                               normalize=normalize))
         return tuple(maps)
 
     maps, scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)

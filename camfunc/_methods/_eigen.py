@@ -13,29 +13,9 @@ from torch import Tensor
 
 from .. import _targets
 from .._split import Split
-from ._combine import activation_cam, gradient_cam
+from ._combine import activation_cam, channel_terms, gradient_cam
 from ._gradient import gradient_weights
-
-
-def first_component(features: Tensor) -> Tensor:
-    r"""Projection on the first principal direction, with a fixed sign: ``(B, C, *sp) -> (B, *sp)``.
-
-    With :math:`X` the ``(N, C)`` matrix of positions by channels, centred over
-    positions, and :math:`X = U \Sigma V^T`, the map is :math:`X v_1`.
-
-    An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
-    largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
-    2025, Eq. 13); on a tie, :math:`v_1`'s loadings sum to a positive number.
-    """
-    centred = features.flatten(2).transpose(1, 2)  # (B, N, C)
-    centred = centred - centred.mean(1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    direction = vh[:, 0, :]  # (B, C)
-    projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
-    key = torch.where(lean != 0, lean, direction.sum(1))
-    sign = torch.where(key < 0, -1.0, 1.0).to(projection.dtype)
-    return (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
+from ._projection import first_component
 
 
 def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float) -> Tensor:
@@ -132,10 +112,6 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
                           return_scores=return_scores)
 
 
-def _projected_product(a: Tensor, g: Tensor) -> Tensor:
-    return first_component(a * g)
-
-
 def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
                  return_scores: bool = False, chunk_size: int | None = None) -> Any:
     r"""Eigen-Grad-CAM: the first principal component of activations times gradients.
@@ -150,6 +126,7 @@ def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bo
         >>> camfunc.eigengradcam(s, x, 281).shape                # [B, 7, 7]
         >>> camfunc.eigengradcam(s, x, camfunc.topk(3)).shape    # [B, 3, 7, 7]
     """
+    # HiResCAM's terms g * A, collapsed by their first principal component.
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
-                        combine=_projected_product)
+                        combine=channel_terms, eigen_smooth=True)

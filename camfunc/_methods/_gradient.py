@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import (arrange, check_activations, finish, gradient_cam, rectified_sum,
+from ._combine import (arrange, check_activations, finish, gradient_cam, rectified_terms,
                        safe_reciprocal, spatial_axes, weighted_sum)
 
 # ----------------------------------------------------------------------------
@@ -91,7 +91,8 @@ def smooth_gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
 
 
 def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-            return_scores: bool = False, chunk_size: int | None = None) -> Any:
+            return_scores: bool = False, chunk_size: int | None = None,
+            eigen_smooth: bool = False) -> Any:
     """Grad-CAM: channels weighted by their average gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k w_k A_k\\Big), \\quad
@@ -108,6 +109,8 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
         normalize: min-max scale each map to [0, 1] (:func:`camfunc.normalize`).
         return_scores: also return the model's output from the same forward pass.
         chunk_size: classes per vmap chunk when K is large (bounds memory).
+        eigen_smooth: collapse the channels' terms :math:`w_k A_k` by their first
+            principal component instead of their sum (pytorch-grad-cam's option).
 
     Returns:
         ``(B, *spatial)`` maps at the layer's resolution, ``(B, K, *spatial)`` for
@@ -119,11 +122,13 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
         >>> camfunc.gradcam(s, x, torch.tensor([[1, 2]] * B)).shape  # [B, 2, 7, 7]
     """
     return gradient_cam(split, x, cls, gradcam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size)
+                        return_scores=return_scores, chunk_size=chunk_size,
+                        eigen_smooth=eigen_smooth)
 
 
 def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-              return_scores: bool = False, chunk_size: int | None = None) -> Any:
+              return_scores: bool = False, chunk_size: int | None = None,
+              eigen_smooth: bool = False) -> Any:
     """Grad-CAM++: positive gradients weighted by higher-order terms (Eq. 19).
 
     .. math:: w_k = \\sum_{i,j} \\alpha_k(i,j)\\,\\mathrm{ReLU}(g_k(i,j)), \\quad
@@ -148,11 +153,13 @@ def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool 
         >>> cams.amax(dim=(1, 2))                # ones (zeros for a flat map)
     """
     return gradient_cam(split, x, cls, gradcampp_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size)
+                        return_scores=return_scores, chunk_size=chunk_size,
+                        eigen_smooth=eigen_smooth)
 
 
 def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+             return_scores: bool = False, chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Any:
     """XGrad-CAM: gradients weighted by normalised activations.
 
     .. math:: w_k = \\sum_{i,j} \\frac{A_k(i,j)}{\\sum_{a,b} A_k(a,b)}
@@ -171,11 +178,13 @@ def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         >>> cams.shape                             # [2, 7, 7]
     """
     return gradient_cam(split, x, cls, xgradcam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size)
+                        return_scores=return_scores, chunk_size=chunk_size,
+                        eigen_smooth=eigen_smooth)
 
 
 def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+             return_scores: bool = False, chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Any:
     """Layer-CAM: each position weighted by its own positive gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k \\mathrm{ReLU}(g_k(i,j))\\, A_k(i,j)\\Big)
@@ -194,11 +203,13 @@ def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         >>> fused = camfunc.normalize(camfunc.fuse(maps, tanh_gamma=2.0))
     """
     return gradient_cam(split, x, cls, layercam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size)
+                        return_scores=return_scores, chunk_size=chunk_size,
+                        eigen_smooth=eigen_smooth)
 
 
 def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+             return_scores: bool = False, chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Any:
     r"""HiResCAM: activations times their own gradient, summed over channels.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k g_k(i,j)\, A_k(i,j)\Big)
@@ -218,11 +229,13 @@ def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         >>> camfunc.hirescam(s, x, camfunc.topk(2)).shape  # [B, 2, 7, 7]
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size)
+                        return_scores=return_scores, chunk_size=chunk_size,
+                        eigen_smooth=eigen_smooth)
 
 
 def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-                        return_scores: bool = False, chunk_size: int | None = None) -> Any:
+                        return_scores: bool = False, chunk_size: int | None = None,
+                        eigen_smooth: bool = False) -> Any:
     r"""Element-wise Grad-CAM: HiResCAM with each channel's contribution rectified first.
 
     .. math:: L = \sum_k \mathrm{ReLU}\big(g_k(i,j)\, A_k(i,j)\big)
@@ -239,7 +252,8 @@ def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normal
         >>> bool((cams >= 0).all())                         # True
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size, combine=rectified_sum)
+                        return_scores=return_scores, chunk_size=chunk_size, combine=rectified_terms,
+                        eigen_smooth=eigen_smooth)
 
 
 def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
@@ -267,7 +281,8 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
 def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 4,
                      std: float = 0.3, noise: Tensor | None = None,
                      generator: torch.Generator | None = None, normalize: bool = True,
-                     return_scores: bool = False, chunk_size: int | None = None) -> Any:
+                     return_scores: bool = False, chunk_size: int | None = None,
+                     eigen_smooth: bool = False) -> Any:
     """Smooth Grad-CAM++: Grad-CAM++ with derivatives averaged over noisy inputs.
 
     For samples :math:`x_s = x + \\sigma\\,\\epsilon_s`, with
@@ -318,7 +333,7 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
             check_activations(a)
             a = a.float()
             g = g.float().reshape(samples, *a.shape)
-            maps.append(finish(weighted_sum(a, smooth_gradcampp_weights(a, g)),
+            maps.append(finish(weighted_sum(a, smooth_gradcampp_weights(a, g), eigen_smooth),
                                relu=True, normalize=normalize))
         return tuple(maps)
 

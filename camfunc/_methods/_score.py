@@ -93,7 +93,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, T
 
 
 def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores, *,
-                   normalize: bool, return_scores: bool) -> Any:
+                   normalize: bool, return_scores: bool, eigen_smooth: bool = False) -> Any:
     """Shared driver: ``channel_scores(layer, a, pick) -> (B, C, K)`` becomes softmax weights."""
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
@@ -104,7 +104,8 @@ def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores
         check_activations(a)
         weights = torch.softmax(channel_scores(layer, a, pick), dim=1)  # (B, C, K)
         a = a.float()
-        per_class = [finish(weighted_sum(a, weights[..., k]), relu=True, normalize=normalize)
+        per_class = [finish(weighted_sum(a, weights[..., k], eigen_smooth), relu=True,
+                            normalize=normalize)
                      for k in range(weights.shape[-1])]
         maps.append(torch.stack(per_class, 1) if keep_k else per_class[0])
     cams = arrange(split, tuple(maps))
@@ -117,7 +118,8 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
-             normalize: bool = True, return_scores: bool = False) -> Any:
+             normalize: bool = True, return_scores: bool = False,
+             eigen_smooth: bool = False) -> Any:
     r"""Score-CAM: each channel weighted by the score of the input it masks.
 
     .. math:: w_k = \mathrm{softmax}_k\big(Y^c(X \odot M_k) - Y^c(X)\big), \quad
@@ -142,11 +144,12 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
         return masked_scores(split, x, channel_masks(a), pick, batch_size)
 
     return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores)
+                          return_scores=return_scores, eigen_smooth=eigen_smooth)
 
 
 def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 10,
-          batch_size: int = 32, normalize: bool = True, return_scores: bool = False) -> Any:
+          batch_size: int = 32, normalize: bool = True, return_scores: bool = False,
+          eigen_smooth: bool = False) -> Any:
     r"""IS-CAM: Score-CAM with scores averaged along a path of growing masks.
 
     .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
@@ -176,12 +179,13 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
         return total / num_samples
 
     return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores)
+                          return_scores=return_scores, eigen_smooth=eigen_smooth)
 
 
 def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 35,
           std: float = 2.0, noise: Tensor | None = None, generator: torch.Generator | None = None,
-          batch_size: int = 32, normalize: bool = True, return_scores: bool = False) -> Any:
+          batch_size: int = 32, normalize: bool = True, return_scores: bool = False,
+          eigen_smooth: bool = False) -> Any:
     r"""SS-CAM: Score-CAM with scores averaged over noisy masks.
 
     .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
@@ -227,4 +231,4 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
         return total / num_samples
 
     return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores)
+                          return_scores=return_scores, eigen_smooth=eigen_smooth)

@@ -19,7 +19,8 @@ def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
 
 def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
                target: Literal["rest", "logit"] = "rest", normalize: bool = True,
-               return_scores: bool = False, chunk_size: int | None = None) -> Any:
+               return_scores: bool = False, chunk_size: int | None = None,
+               eigen_smooth: bool = False) -> Any:
     r"""Shapley-CAM: channel weights from the gradient and the Hessian-vector product.
 
     .. math:: w_k = \frac{1}{Z}\sum_{i,j}\Big(\frac{\partial S}{\partial A}
@@ -57,7 +58,8 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     def per_class(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
         check_activations(a)
         a, g, hvp = a.float(), g.float(), hvp.float()
-        return finish(weighted_sum(a, shapley_weights(a, g, hvp)), relu=True, normalize=normalize)
+        return finish(weighted_sum(a, shapley_weights(a, g, hvp), eigen_smooth), relu=True,
+                      normalize=normalize)
 
     maps, scores = _engine.curvature_maps(split, x, objective, per_class, chunk_size=chunk_size)
     cams = arrange(split, maps)

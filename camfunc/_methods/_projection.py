@@ -1,0 +1,27 @@
+"""The first principal component of per-position feature vectors, with a fixed sign."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def first_component(features: Tensor) -> Tensor:
+    r"""Projection on the first principal direction, with a fixed sign: ``(B, C, *sp) -> (B, *sp)``.
+
+    With :math:`X` the ``(N, C)`` matrix of positions by channels, centred over
+    positions, and :math:`X = U \Sigma V^T`, the map is :math:`X v_1`.
+
+    An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
+    largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
+    2025, Eq. 13); on a tie, :math:`v_1`'s loadings sum to a positive number.
+    """
+    centred = features.flatten(2).transpose(1, 2)  # (B, N, C)
+    centred = centred - centred.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    direction = vh[:, 0, :]  # (B, C)
+    projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # (B, N)
+    lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
+    key = torch.where(lean != 0, lean, direction.sum(1))
+    sign = torch.where(key < 0, -1.0, 1.0).to(projection.dtype)
+    return (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
