@@ -6,6 +6,8 @@ tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
 one pass with ``torch.func.vmap``. Nothing is registered on the model.
 """
 
+from ._factorization import Factorization as Factorization
+from ._factorization import dff as dff
 from ._fullgrad import fullgrad as fullgrad
 from ._guided import guided_backprop as guided_backprop
 from ._guided import guided_gradcam as guided_gradcam
@@ -54,6 +56,8 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "cam",
+    "dff",
+    "Factorization",
     "fullgrad",
     "guided_backprop",
     "guided_gradcam",

@@ -1,0 +1,89 @@
+"""Deep feature factorisation: non-negative matrix factorisation of a layer's activations, in torch."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _ops, _validate
+from ._split import Split, as_tuple
+
+
+class Factorization(NamedTuple):
+    """``concepts`` (k, C), ``maps`` (B, k, *spatial), ``concept_scores`` (k, ...) or None."""
+
+    concepts: Tensor
+    maps: Tensor
+    concept_scores: Tensor | None
+
+
+def nmf(v: Tensor, w: Tensor, h: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    r"""Lee & Seung's multiplicative updates for :math:`\min \|V - WH\|_F`, :math:`W, H \ge 0`.
+
+    :math:`H \leftarrow H \odot \frac{W^T V}{W^T W H}`,
+    :math:`W \leftarrow W \odot \frac{V H^T}{W H H^T}`; the error never increases.
+    """
+    tiny = torch.finfo(v.dtype).tiny
+    for _ in range(iterations):
+        h = h * (w.T @ v) / (w.T @ w @ h).clamp_min(tiny)
+        w = w * (v @ h.T) / (w @ (h @ h.T)).clamp_min(tiny)
+    return w, h
+
+
+def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200,
+        init: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None,
+        normalize: bool = True) -> Factorization:
+    r"""Deep Feature Factorization: the batch's activations as k non-negative concepts.
+
+    .. math:: A' = A - \min_{\text{positions}} A \approx W H, \quad W \in \mathbb{R}_+^{C\times k},
+              \ H \in \mathbb{R}_+^{k \times (B\,N)}
+
+    over all positions of the whole batch, as pytorch-grad-cam's ``dff``:
+    ``concepts`` are :math:`W` plus the per-channel offset, ``maps`` are the
+    rows of :math:`H` per image (min-max normalised when asked), and
+    ``concept_scores`` the model's output for a map that is each concept
+    everywhere (for a pool + linear tail, the classifier applied to the
+    concept; None when the tail needs context from the head). Randomly
+    initialised, like scikit-learn's ``init="random"``, from ``generator`` or an
+    explicit ``init=(W0, H0)``; plain multiplicative updates, ``iterations`` of them.
+
+    Collins et al., "Deep Feature Factorization For Concept Discovery", ECCV 2018.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> concepts, maps, scores = camfunc.dff(s, x, 4, generator=torch.Generator().manual_seed(0))
+        >>> maps.shape, scores.shape        # [B, 4, 7, 7], [4, 1000]
+    """
+    split = _validate.check_call(split, x)
+    if not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+    with torch.no_grad():
+        carry = as_tuple(split.head(x))
+        a = carry[0].float()
+        if a.ndim < 3:
+            raise ValueError(f"dff needs (B, C, *spatial) activations, got {tuple(a.shape)}")
+        channels = a.shape[1]
+        v = a.transpose(0, 1).reshape(channels, -1)  # (C, B*N)
+        offset = v.amin(1, keepdim=True)
+        v = v - offset
+        if init is None:
+            if torch.compiler.is_compiling():
+                raise ValueError("dff cannot draw its initialisation inside torch.compile; pass init=")
+            scale = (v.mean() / n_components).sqrt()
+            device = generator.device if generator is not None else v.device
+            w0 = torch.randn((channels, n_components), generator=generator, device=device).abs()
+            h0 = torch.randn((n_components, v.shape[1]), generator=generator, device=device).abs()
+            init = (scale * w0.to(v.device), scale * h0.to(v.device))
+        w, h = nmf(v, init[0].float(), init[1].float(), iterations)
+        concepts = (w + offset).T  # (k, C)
+        maps = h.reshape(n_components, a.shape[0], *a.shape[2:]).transpose(0, 1)
+        if normalize:
+            maps = _ops.normalize(maps, spatial_dims=a.ndim - 2)
+        scores = None
+        if len(carry) == 1 and not split.middle:
+            constant = concepts.reshape(n_components, channels, *(1,) * (a.ndim - 2))
+            constant = constant.expand(n_components, channels, *a.shape[2:]).to(carry[0].dtype)
+            scores = split.tail(constant.contiguous())
+    return Factorization(concepts, maps, scores)
