@@ -78,16 +78,8 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
 
 def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
     """Activations at every cut and the model's output, with no graph."""
-    with torch.no_grad():
-        carry = as_tuple(split.head(x))
-        acts = [carry[0]]
-        for stage in (*split.middle, split.tail):
-            # The clone keeps an in-place op after the cut off the kept activations.
-            carry = stage(carry[0].clone(), *carry[1:])
-            if stage is not split.tail:
-                carry = as_tuple(carry)
-                acts.append(carry[0])
-        return tuple(acts), carry
+    found, out = carries(split, x)
+    return tuple(carry[0] for carry in found), out
 
 
 def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,
@@ -162,18 +154,21 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
     return split.tail(carry[0].clone(), *carry[1:])
 
 
-def curvature_maps(split: Split, x: Tensor, objective: Callable[[Any], Tensor],
+def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Callable[[Any], Tensor]],
                    per_class: Callable[[Tensor, Tensor, Tensor], Tensor], *,
                    chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:
     """Maps from ``(A, G, H A)``, with ``H`` the Hessian of the objective at ``A``.
 
     ``G`` comes from ``vjp`` and ``H A`` from ``jvp`` of that vjp along ``A``
     (forward-over-reverse), per class under ``vmap``; never a double backward.
+    ``objective_for(scores)`` builds the objective from the clean forward's
+    scores (so classes such as topk are fixed once, without a second forward);
     ``objective(output)`` returns ``(B,)`` or ``(B, K)``. Each layer is
     differentiated from its own cut to the output. Forward AD is not thread-safe
     in PyTorch, so concurrent eager calls take turns inside this function.
     """
     found, scores = carries(split, x)
+    objective = objective_for(scores)
     maps = []
     with torch.no_grad(), _forward_ad_turn():
         for layer, carry in enumerate(found):

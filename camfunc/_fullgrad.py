@@ -70,7 +70,8 @@ def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, norma
     input's size, and :math:`b^{(l)}` the (effective) bias of each
     convolution and batch norm with one, :math:`z^{(l)}` its output; as
     pytorch-grad-cam's ``FullGrad``. Takes the model, or a split whose model
-    is used whole (the cut is ignored). Eager only: it traces the model on each call.
+    is used whole (the cut is ignored). Eager only: each call traces the model
+    and runs one extra forward pass to learn the probes' shapes.
 
     Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS 2019.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from ._split import Split
 
 def _tiled_classes(split: Split, x: Tensor, cls: _targets.Target, copies: int) -> _targets.Target:
     """``cls`` for a batch of ``copies`` stacked copies of ``x``, with topk fixed on clean ``x``."""
-    if _targets.is_objective(cls) or isinstance(cls, int):
+    if _targets.is_objective(cls) or isinstance(cls, numbers.Integral):
         return cls  # callables act row-wise
     if isinstance(cls, _targets.TopK):
         cls = _targets.class_indices(cls, _engine.forward(split, x)[1])[0]

@@ -159,3 +159,25 @@ def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
         return rows.shape[0], keep_k
     index, keep_k = class_indices(cls, scores)
     return index.shape[1], keep_k
+
+
+def picker(cls: Target, scores: Tensor) -> tuple[Callable[[Any, Tensor], Tensor], bool]:
+    """Selects, from a batch of outputs, the target value of each row's own sample.
+
+    For methods that run the model on many inputs per sample: ``pick(out, rows)``
+    reads row r's target for sample ``rows[r]`` (classes fixed on ``scores``).
+    Targets with per-sample classes are re-indexed; plain callables act row-wise.
+    """
+    if is_objective(cls):
+        keep_k = objective_rows(cls(scores))[1]
+
+        def pick(out: Any, rows: Tensor) -> Tensor:
+            target = cls.for_rows(scores, rows) if hasattr(cls, "for_rows") else cls
+            values = target(out)
+            return values.unsqueeze(1) if values.ndim == 1 else values
+        return pick, keep_k
+    index, keep_k = class_indices(cls, scores)
+
+    def pick_index(out: Tensor, rows: Tensor) -> Tensor:
+        return out.gather(1, index[rows])
+    return pick_index, keep_k

@@ -81,3 +81,8 @@ def check_call(split: Any, x: Any) -> Split:
     check_input(split, x)
     check_eval_mode(split)
     return split
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

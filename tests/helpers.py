@@ -154,3 +154,15 @@ def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int],
     raw = extractor.get_cam_image(x, layer, targets, acts, grads, eigen_smooth)
     extractor.activations_and_grads.release()
     return torch.from_numpy(np.maximum(raw, 0) if relu else raw).float()
+
+
+class LinearTail(nn.Module):
+    """The original CAM's setting: global average pool -> linear."""
+
+    def __init__(self, channels: int, classes: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, a):
+        return self.fc(a.mean((2, 3)))

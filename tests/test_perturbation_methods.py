@@ -16,7 +16,7 @@ from torchcam.methods import ISCAM as TcISCAM
 from torchcam.methods import ScoreCAM as TcScoreCAM
 
 import camfunc
-from helpers import ResNetish, pytorch_grad_cam_raw, small_cnn
+from helpers import LinearTail, ResNetish, pytorch_grad_cam_raw, small_cnn
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,22 +156,12 @@ def test_ablationcam_reruns_the_tail_with_context():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-class PoolLinear(nn.Module):
-    def __init__(self, channels: int, classes: int, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc = nn.Linear(channels, classes)
-
-    def forward(self, a):
-        return self.fc(a.mean((2, 3)))
-
-
 @given(seed=st.integers(0, 10_000), channels=st.integers(1, 5), side=st.integers(2, 4))
 def test_ablationcam_on_a_linear_tail_equals_its_closed_form(seed, channels, side):
     # y - y_k = W_ck mean(A_k), so w_k = W_ck mean(A_k) / y.
     g = torch.Generator().manual_seed(seed)
     a = torch.rand((2, channels, side, side), generator=g)
-    tail = PoolLinear(channels, 3, seed).eval()
+    tail = LinearTail(channels, 3, seed).eval()
     cls = torch.randint(0, 3, (2,), generator=g)
     with torch.no_grad():
         y = tail(a).gather(1, cls[:, None])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import camfunc
-from helpers import permute_channels, random_inputs, sample_slice
+from helpers import LinearTail, permute_channels, random_inputs, sample_slice
 
 # CAM needs a pooled-linear tail and has no ReLU; it has its own closed-form test.
 NAMES = sorted(set(camfunc.METHODS) - {"cam"})
@@ -34,18 +34,6 @@ class Tail(nn.Module):
 
     def forward(self, a):
         return self.fc(torch.relu(self.mix(a)).mean((2, 3)))
-
-
-class LinearTail(nn.Module):
-    """The original CAM's setting: global average pool -> linear."""
-
-    def __init__(self, channels: int, classes: int, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc = nn.Linear(channels, classes)
-
-    def forward(self, a):
-        return self.fc(a.mean((2, 3)))
 
 
 @st.composite

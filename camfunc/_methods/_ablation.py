@@ -9,8 +9,7 @@ from torch import Tensor
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import arrange, check_activations, finish, safe_reciprocal, weighted_sum
-from ._score import _check_batch_size, _picker
+from ._combine import arrange, check_activations, maps_from_class_weights, safe_reciprocal
 
 
 def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
@@ -36,9 +35,9 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
     """
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
-    _check_batch_size(batch_size)
+    _validate.check_batch_size(batch_size)
     found, scores = _engine.carries(split, x)
-    pick, keep_k = _picker(cls, scores)
+    pick, keep_k = _targets.picker(cls, scores)
     rows = torch.arange(x.shape[0], device=x.device)
     base = pick(scores, rows).float()  # (B, K)
     maps = []
@@ -58,10 +57,7 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
             dropped = torch.func.vmap(ablated, chunk_size=max(1, batch_size // x.shape[0]))(keep)
         drop = base.unsqueeze(0) - dropped  # (C, B, K)
         weights = (drop * safe_reciprocal(base, base != 0).unsqueeze(0)).permute(1, 0, 2)  # (B, C, K)
-        a = a.float()
-        per_class = [finish(weighted_sum(a, weights[..., k], eigen_smooth), relu=True,
-                            normalize=normalize)
-                     for k in range(weights.shape[-1])]
-        maps.append(torch.stack(per_class, 1) if keep_k else per_class[0])
+        maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
+                                            eigen_smooth=eigen_smooth))
     cams = arrange(split, tuple(maps))
     return (cams, scores) if return_scores else cams

@@ -71,7 +71,8 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
     ReLU, as torchcam does. :math:`W_{ck}` is read as
     :math:`\sum_{ij} \partial S_c / \partial A_k(i,j)`, which is exact for such
     a tail and works for any ``cls`` form. A tail of another form raises a
-    ``ValueError`` (checked eagerly; skipped under ``torch.compile``).
+    ``ValueError`` (checked eagerly, at the cost of one more head pass and
+    five tail passes; skipped under ``torch.compile``).
 
     Zhou et al., "Learning Deep Features for Discriminative Localization",
     CVPR 2016.

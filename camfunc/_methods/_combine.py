@@ -97,6 +97,17 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
     return (cams, scores) if return_scores else cams
 
 
+def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normalize: bool,
+                            eigen_smooth: bool) -> Tensor:
+    """``(B, C, K)`` channel weights, one column per class, to ReLU'd maps ``(B, K, *sp)``
+    (``(B, *sp)`` when the caller asked for one class per sample)."""
+    a = a.float()
+    per_class = [finish(weighted_sum(a, weights[..., k], eigen_smooth), relu=True,
+                        normalize=normalize)
+                 for k in range(weights.shape[-1])]
+    return torch.stack(per_class, 1) if keep_k else per_class[0]
+
+
 def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
                    raw_map: Callable[[Tensor], Tensor], *, normalize: bool,
                    return_scores: bool, relu: bool = True) -> Any:

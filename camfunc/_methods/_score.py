@@ -23,29 +23,11 @@ from torch import Tensor
 
 from .. import _engine, _ops, _targets, _validate
 from .._split import Split
-from ._combine import arrange, check_activations, finish, weighted_sum
+from ._combine import arrange, check_activations, maps_from_class_weights
 
 # A mask transform gets the upsampled masks of one chunk and the chunk's flat
 # (sample * channel) indices, and returns the masks to multiply the input by.
 MaskTransform = Callable[[Tensor, Tensor], Tensor]
-
-
-def _picker(cls: _targets.Target, scores: Tensor) -> tuple[Callable[[Any, Tensor], Tensor], bool]:
-    """Selects, from a chunk's outputs, the target value of each row's own sample."""
-    if _targets.is_objective(cls):
-        keep_k = _targets.objective_rows(cls(scores))[1]
-
-        def pick(out: Any, rows: Tensor) -> Tensor:
-            # Targets with per-sample classes are re-indexed; plain callables act row-wise.
-            target = cls.for_rows(scores, rows) if hasattr(cls, "for_rows") else cls
-            values = target(out)
-            return values.unsqueeze(1) if values.ndim == 1 else values
-        return pick, keep_k
-    index, keep_k = _targets.class_indices(cls, scores)
-
-    def pick_index(out: Tensor, rows: Tensor) -> Tensor:
-        return out.gather(1, index[rows])
-    return pick_index, keep_k
 
 
 def channel_masks(a: Tensor) -> Tensor:
@@ -98,23 +80,15 @@ def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
     acts, scores = _engine.forward(split, x)
-    pick, keep_k = _picker(cls, scores)
+    pick, keep_k = _targets.picker(cls, scores)
     maps = []
     for layer, a in enumerate(acts):
         check_activations(a)
         weights = torch.softmax(channel_scores(layer, a, pick), dim=1)  # (B, C, K)
-        a = a.float()
-        per_class = [finish(weighted_sum(a, weights[..., k], eigen_smooth), relu=True,
-                            normalize=normalize)
-                     for k in range(weights.shape[-1])]
-        maps.append(torch.stack(per_class, 1) if keep_k else per_class[0])
+        maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
+                                            eigen_smooth=eigen_smooth))
     cams = arrange(split, tuple(maps))
     return (cams, scores) if return_scores else cams
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
@@ -138,7 +112,7 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
         >>> camfunc.scorecam(s, x, 281, batch_size=64).shape   # [B, 7, 7]
         >>> camfunc.scorecam(s, x, camfunc.topk(2)).shape       # [B, 2, 7, 7]
     """
-    _check_batch_size(batch_size)
+    _validate.check_batch_size(batch_size)
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         return masked_scores(split, x, channel_masks(a), pick, batch_size)
@@ -165,7 +139,7 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
         >>> camfunc.iscam(s, x, 281, num_samples=4).shape   # [B, 7, 7]
         >>> camfunc.iscam(s, x, [1, 2]).shape               # B = 2
     """
-    _check_batch_size(batch_size)
+    _validate.check_batch_size(batch_size)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
@@ -206,7 +180,7 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
         >>> camfunc.sscam(s, x, 281, num_samples=8, generator=g).shape   # [B, 7, 7]
         >>> camfunc.sscam(s, x, 281, std=0.0)                            # == scorecam
     """
-    _check_batch_size(batch_size)
+    _validate.check_batch_size(batch_size)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if noise is None and torch.compiler.is_compiling():

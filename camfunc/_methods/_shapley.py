@@ -46,14 +46,18 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     _targets.check_form(cls, x.shape[0])
     if target not in ("rest", "logit"):
         raise ValueError(f"target must be 'rest' or 'logit', got {target!r}")
-    if _targets.is_objective(cls):
-        objective = cls
-    else:
-        scores = _engine.forward(split, x)[1]
+
+    def objective_for(scores: Tensor):
+        if _targets.is_objective(cls):
+            return cls
         index, keep_k = _targets.class_indices(cls, scores)  # fixed on the clean scores
-        classes = index if keep_k else index[:, 0]
-        objective = rest(classes) if target == "rest" else (
-            lambda out: out.gather(1, index) if keep_k else out.gather(1, index)[:, 0])
+        if target == "rest":
+            return rest(index if keep_k else index[:, 0])
+
+        def logit(out: Tensor) -> Tensor:
+            picked = out.gather(1, index)
+            return picked if keep_k else picked[:, 0]
+        return logit
 
     def per_class(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
         check_activations(a)
@@ -61,6 +65,6 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
         return finish(weighted_sum(a, shapley_weights(a, g, hvp), eigen_smooth), relu=True,
                       normalize=normalize)
 
-    maps, scores = _engine.curvature_maps(split, x, objective, per_class, chunk_size=chunk_size)
+    maps, scores = _engine.curvature_maps(split, x, objective_for, per_class, chunk_size=chunk_size)
     cams = arrange(split, maps)
     return (cams, scores) if return_scores else cams
