@@ -13,6 +13,7 @@ from ._guided import guided_backprop as guided_backprop
 from ._guided import guided_gradcam as guided_gradcam
 from ._guided import guided_model as guided_model
 from ._layout import Layout as Layout
+from ._legrad import legrad as legrad
 from ._layout import with_layout as with_layout
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
@@ -36,6 +37,10 @@ from ._methods import layercam as layercam
 from ._methods import smooth_gradcampp as smooth_gradcampp
 from ._methods import xgradcam as xgradcam
 from ._ops import fuse as fuse
+from .viz._overlay import overlay as overlay
+from . import metrics as metrics
+from . import viz as viz
+from . import zoo as zoo
 from ._smoothing import aug_smooth as aug_smooth
 from ._ops import normalize as normalize
 from ._ops import upsample as upsample
@@ -70,6 +75,7 @@ __all__ = [
     "shapleycam",
     "Finer",
     "Layout",
+    "legrad",
     "with_layout",
     "finer",
     "ReST",
@@ -89,6 +95,10 @@ __all__ = [
     "layercam",
     "LayerChoiceWarning",
     "normalize",
+    "overlay",
+    "metrics",
+    "viz",
+    "zoo",
     "randomcam",
     "RepeatedLayerWarning",
     "smooth_gradcampp",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _engine, _ops, _targets, _validate
-from ._split import Split, _CutTracer, _trace, unwrap
+from ._split import Split, _CutTracer, _trace
 
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -80,13 +80,7 @@ def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, norma
         >>> camfunc.fullgrad(model, x, 281).shape                 # [B, 224, 224]
         >>> camfunc.fullgrad(model, x, camfunc.topk(2)).shape     # [B, 2, 224, 224]
     """
-    if isinstance(model, Split):
-        if model.model is None:
-            raise ValueError("fullgrad needs the whole model: pass it, or a split with split.model")
-        model = model.model
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fullgrad takes the model (or a Split), got {type(model).__name__}")
-    model = unwrap(model)
+    model = _validate.whole_model(model, "fullgrad")
     _validate.check_call(Split(lambda v: v, model, model=model), x)
     _targets.check_form(cls, x.shape[0])
     gm, layers, outputs = _probed(model)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._split import _TRAINING_MESSAGE, Split
+from ._split import _TRAINING_MESSAGE, Split, unwrap
 
 
 def check_split(split: Any) -> Split:
@@ -86,3 +86,14 @@ def check_call(split: Any, x: Any) -> Split:
 def check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def whole_model(model: Any, method: str) -> nn.Module:
+    """The model a whole-model method works on: ``model`` itself or a split's, unwrapped."""
+    if isinstance(model, Split):
+        if model.model is None:
+            raise ValueError(f"{method} needs the whole model: pass it, or a split with split.model")
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{method} takes the model (or a Split), got {type(model).__name__}")
+    return unwrap(model)

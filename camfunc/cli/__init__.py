@@ -1,0 +1,50 @@
+"""The ``camfunc`` command: ``demo``, ``explain``, ``evaluate`` and ``run``.
+
+Exit status: 0 when everything was done, 1 when some items failed (each is
+reported on stderr and in the JSON written), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import error_line
+from ._models import CliError
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="camfunc", description="Hook-free class activation maps.")
+    top.add_argument("--version", action="version", version=_version())
+    subparsers = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _subcommands():
+        module.register(subparsers)
+    return top
+
+
+def _subcommands():
+    from . import _demo, _evaluate, _explain
+
+    return [_demo, _explain, _evaluate]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"camfunc {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CliError as error:
+        error_line(str(error))
+        return 2
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

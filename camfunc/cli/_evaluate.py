@@ -1,0 +1,147 @@
+"""``camfunc evaluate``: faithfulness and localisation metrics per image and method; table, JSON, CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._atomic import write_text_atomic
+from ._common import error_line, make_split, progress, resolve_methods, table, write_json
+from ._explain import add_model_arguments
+from ._images import expand_images, read_image
+from ._models import CliError, LoadedModel, load_model
+
+METRICS = ("confidence", "deletion", "insertion", "pointing", "road")
+DEFAULT_METRICS = ("confidence", "deletion", "insertion")
+
+
+def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks: Tensor | None,
+                   args: argparse.Namespace) -> dict[str, Tensor]:
+    """One metric's per-image columns for a batch."""
+    from .. import metrics
+
+    if name == "confidence":
+        change = metrics.confidence_change(model, x, maps, cls)
+        return {"drop": change.drop, "increase": change.increase.float()}
+    if name in ("deletion", "insertion"):
+        curve = getattr(metrics, name)(model, x, maps, cls, step=args.step, batch_size=args.batch_size)
+        return {f"{name}_auc": curve.auc}
+    if name == "pointing":
+        return {"pointing_game": metrics.pointing_game(maps, masks).hits.float(),
+                "energy_pointing_game": metrics.energy_pointing_game(maps, masks).proportions}
+    generator = torch.Generator().manual_seed(args.seed)
+    return {"road": metrics.road(model, x, maps, cls, generator=generator, batch_size=args.batch_size)}
+
+
+def generated_batches(args: argparse.Namespace):
+    """(names, images, classes, masks) batches of the embedded model's held-out scenes."""
+    from .. import zoo
+
+    data = zoo.scenes(args.generated, seed=args.seed)
+    for start in range(0, args.generated, args.batch_size):
+        stop = min(start + args.batch_size, args.generated)
+        names = [f"scene-{i:05d}" for i in range(start, stop)]
+        yield names, data.images[start:stop], data.labels[start:stop], data.masks[start:stop]
+
+
+def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dict[str, str]]):
+    """(names, images, classes or None, None) batches of readable image files; failures recorded."""
+    readable: list[tuple[str, Tensor]] = []
+    for path in expand_images(args.images):
+        try:
+            readable.append((str(path), read_image(path, loaded.size)[1]))
+        except (OSError, ValueError) as error:
+            error_line(str(error))
+            failed.append({"path": str(path), "reason": str(error)})
+    for start in range(0, len(readable), args.batch_size):
+        chunk = readable[start:start + args.batch_size]
+        yield [n for n, _ in chunk], torch.stack([i for _, i in chunk]), None, None
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    if bool(args.images) == bool(args.generated):
+        raise CliError("give image files or folders, or --generated N (the embedded model's scenes), not both")
+    if args.generated and args.model != "builtin":
+        raise CliError("--generated scenes are for the builtin model; drop --model or give images")
+    chosen = args.metric or list(DEFAULT_METRICS) + (["pointing"] if args.generated else [])
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise CliError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
+    if "pointing" in chosen and not args.generated:
+        raise CliError("the pointing game needs object masks: use it with --generated N")
+    loaded = load_model(args.model, args.weights, args.size)
+    methods = resolve_methods(args.method or ["gradcam"])
+    split = make_split(loaded, args.layer)
+    failed: list[dict[str, str]] = []
+    batches = generated_batches(args) if args.generated else file_batches(args, loaded, failed)
+    rows: list[dict[str, Any]] = []
+    for names, images, classes, masks in progress(batches, None, "evaluate", unit="batch"):
+        x = loaded.normalise(images)
+        if classes is None:
+            with torch.no_grad():
+                classes = split(x).argmax(1) if args.cls is None else torch.full(
+                    (len(names),), args.cls, dtype=torch.long)
+        for method_name, method in methods.items():
+            maps = method(split, x, classes)
+            columns: dict[str, Tensor] = {}
+            for metric in chosen:
+                columns.update(metric_columns(metric, split, x, maps, classes, masks, args))
+            for row, name in enumerate(names):
+                rows.append({"image": name, "method": method_name, "class": int(classes[row]),
+                             **{key: float(value[row]) for key, value in columns.items()}})
+    if not rows:
+        raise CliError("no image could be read")
+    summary = summarise(rows)
+    out = Path(args.out)
+    write_json(out / "metrics.json", {"model": args.model, "methods": list(methods), "metrics": chosen,
+                                      "summary": summary, "images": rows, "failed": failed})
+    write_text_atomic(out / "metrics.csv", to_csv(rows))
+    print(table(summary, list(summary[0])))
+    print(f"wrote {out / 'metrics.csv'} and {out / 'metrics.json'}")
+    return 1 if failed else 0
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method, the mean of every metric column."""
+    keys = [k for k in rows[0] if k not in ("image", "method", "class")]
+    summary = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        summary.append({"method": method, "images": len(mine),
+                        **{k: sum(r[k] for r in mine) / len(mine) for k in keys}})
+    return summary
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="score CAM methods with faithfulness metrics",
+                                   description="Run metrics over images or the generated set; "
+                                               "print a table, save JSON and CSV.")
+    parser.add_argument("images", nargs="*", help="image files or folders")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="use N generated scenes (builtin model; true classes and object masks)")
+    parser.add_argument("--seed", type=int, default=20_261_126,
+                        help="scene seed for --generated, and ROAD's noise (default: the held-out seed)")
+    add_model_arguments(parser)
+    parser.add_argument("--method", action="append", help="a camfunc method (repeatable; default gradcam)")
+    parser.add_argument("--metric", action="append",
+                        help=f"one of {', '.join(METRICS)} (repeatable; default "
+                             f"{', '.join(DEFAULT_METRICS)}, plus pointing with --generated)")
+    parser.add_argument("--class", dest="cls", type=int,
+                        help="class index to explain in image files (default: the predicted class)")
+    parser.add_argument("--step", type=int, help="pixels per deletion/insertion step (default: image width)")
+    parser.add_argument("--out", default="camfunc-eval", help="output folder (default camfunc-eval)")
+    parser.set_defaults(handler=evaluate)

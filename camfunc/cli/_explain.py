@@ -1,0 +1,155 @@
+"""``camfunc explain``: overlays for images, per method and class, and a JSON summary.
+
+Overlays are drawn on each image as stored, at its own size; the model sees
+it resized to its input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _targets
+from ..viz import overlay
+from .._atomic import write_atomic
+from ._common import error_line, make_split, progress, resolve_methods, safe_name, write_json
+from ._images import expand_images, read_image
+from ._models import CliError, LoadedModel, load_model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="builtin",
+                        help="builtin, torchvision:NAME or package.module:factory (default: builtin)")
+    parser.add_argument("--weights", help="state dict to load (torch.load with weights_only=True)")
+    parser.add_argument("--layer", help="layer to explain (default: the model's, or chosen automatically)")
+    parser.add_argument("--size", type=int, default=224,
+                        help="square size images are resized to, for non-builtin models (default 224)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--class", dest="cls", help="class index (or builtin class name) to explain")
+    target.add_argument("--topk", type=int, help="explain each image's K top classes (default 1)")
+
+
+def target_from(args: argparse.Namespace, loaded: LoadedModel) -> Any:
+    """The ``cls`` argument for the methods: an int or camfunc.topk(k)."""
+    if args.cls is None:
+        k = args.topk if args.topk is not None else 1
+        if k < 1:
+            raise CliError(f"--topk must be at least 1, got {k}")
+        return _targets.topk(k)
+    if args.cls.lstrip("-").isdigit():
+        return int(args.cls)
+    names = loaded.class_names or ()
+    if args.cls not in names:
+        raise CliError(f"unknown class {args.cls!r}; give an index or one of: {', '.join(names) or 'none'}")
+    return names.index(args.cls)
+
+
+def explained_classes(cls: Any, scores: Tensor) -> Tensor:
+    """(B, K) class indices the maps were made for."""
+    if isinstance(cls, _targets.TopK):
+        return scores.topk(cls.k, dim=1).indices
+    return torch.full((scores.shape[0], 1), int(cls), dtype=torch.long)
+
+
+def maps_per_class(maps: Tensor) -> Tensor:
+    """Methods give (B, h, w) for one class and (B, K, h, w) for several: always the latter."""
+    return maps if maps.ndim == 4 else maps.unsqueeze(1)
+
+
+def save_overlay(path: Path, image: Tensor, cam: Tensor) -> Path:
+    picture = overlay(image, cam)
+    return write_atomic(path, lambda file: picture.save(file, format="PNG"))
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """A distinct folder name per image (a numeric suffix where stems repeat)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = safe_name(path.stem)
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def explain(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model, args.weights, args.size)
+    methods = resolve_methods(args.method or ["gradcam"])
+    cls = target_from(args, loaded)
+    split = make_split(loaded, args.layer)
+    paths = expand_images(args.images)
+    if not paths:
+        raise CliError("no images given (or none found in the folders given)")
+    out = Path(args.out)
+    stems = unique_stems(paths)
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+
+    readable: list[tuple[int, Tensor, Tensor]] = []  # (index, as stored, resized)
+    for index, path in enumerate(paths):
+        try:
+            readable.append((index, *read_image(path, loaded.size)))
+        except (OSError, ValueError) as error:
+            error_line(str(error))
+            failed.append({"path": str(path), "reason": str(error)})
+
+    batches = [readable[i:i + args.batch_size] for i in range(0, len(readable), args.batch_size)]
+    for batch in progress(batches, len(batches), "explain", unit="batch"):
+        indices = [i for i, _, _ in batch]
+        originals = [original for _, original, _ in batch]
+        images = torch.stack([image for _, _, image in batch])
+        x = loaded.normalise(images)
+        per_method = {}
+        for name, method in methods.items():
+            try:
+                maps, scores = method(split, x, cls, return_scores=True)
+            except (ValueError, TypeError, IndexError) as error:
+                raise CliError(f"{name}: {str(error).splitlines()[0]}") from None
+            per_method[name] = maps_per_class(maps)
+        classes = explained_classes(cls, scores)
+        probabilities = torch.softmax(scores.float(), dim=1)
+        for row, index in enumerate(indices):
+            folder = out / stems[index]
+            entries = []
+            for k, c in enumerate(classes[row].tolist()):
+                files = {}
+                for name, maps in per_method.items():
+                    target = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}.png"
+                    save_overlay(target, originals[row], maps[row, k])
+                    files[name] = str(target)
+                entries.append({"class": c, "name": loaded.class_name(c),
+                                "score": float(scores[row, c]),
+                                "probability": float(probabilities[row, c]), "files": files})
+            records.append({"path": str(paths[index]), "classes": entries})
+    summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
+               "methods": list(methods), "images": records, "failed": failed}
+    write_json(out / "summary.json", summary)
+    print(f"explained {len(records)} image(s) with {len(methods)} method(s); "
+          f"{len(failed)} failed; wrote {out / 'summary.json'}")
+    return 1 if failed else 0
+
+
+def split_layer_names(split, layer: str | None, loaded: LoadedModel) -> list[str]:
+    names = getattr(split, "layers", None)
+    return list(names) if names else [layer or loaded.layer or "?"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("explain", help="write CAM overlays for images",
+                                   description="Write one overlay per image, method and class, "
+                                               "and a JSON summary.")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    add_model_arguments(parser)
+    parser.add_argument("--method", action="append",
+                        help="a camfunc method (repeatable; default gradcam)")
+    add_target_arguments(parser)
+    parser.add_argument("--out", default="camfunc-out", help="output folder (default camfunc-out)")
+    parser.set_defaults(handler=explain)

@@ -1,0 +1,76 @@
+"""Side-by-side figures: the input, then each method's overlay, one row per class."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._atomic import write_atomic
+from ._overlay import image_array, overlay
+
+
+def _rows(cam: Any) -> list[Any]:
+    """A method's maps as a list of 2-D maps, one per class: (h, w) or (K, h, w)."""
+    tensor = torch.as_tensor(cam) if not isinstance(cam, torch.Tensor) else cam
+    if tensor.ndim == 2:
+        return [tensor]
+    if tensor.ndim == 3:
+        return list(tensor)
+    raise ValueError(f"each method's maps must be (h, w) or (K, h, w) for one image, "
+                     f"got shape {tuple(tensor.shape)}")
+
+
+def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None = None,
+           colormap: str = "jet", alpha: float = 0.5, path: str | Path | None = None,
+           panel_inches: float = 2.2, dpi: int = 100):
+    """The input and each method's overlay side by side; one row per class. A matplotlib Figure.
+
+    ``maps`` maps a method's name to its maps for this image, (h, w) or
+    (K, h, w) for K classes (every method the same K); ``classes`` names the
+    rows. With ``path`` the figure is also written there as a PNG, atomically.
+    Built on ``matplotlib.figure.Figure`` (no pyplot state), so it is safe in threads.
+
+    Example:
+        >>> maps = {"gradcam": camfunc.gradcam(s, x, camfunc.topk(2))[0],
+        ...         "scorecam": camfunc.scorecam(s, x, camfunc.topk(2))[0]}
+        >>> camfunc.viz.figure(x[0], maps, classes=["cat", "dog"], path="cams.png")
+    """
+    from matplotlib.figure import Figure
+
+    if not maps:
+        raise ValueError("maps is empty: give at least one method's maps, e.g. {'gradcam': cam}")
+    rows = {name: _rows(cam) for name, cam in maps.items()}
+    counts = {len(r) for r in rows.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every method must give the same number of classes, got "
+                         f"{ {name: len(r) for name, r in rows.items()} }")
+    num_rows = counts.pop()
+    if classes is not None and len(classes) != num_rows:
+        raise ValueError(f"classes names {len(classes)} rows but the maps have {num_rows}")
+    base = image_array(image)
+    fig = Figure(figsize=(panel_inches * (len(rows) + 1), panel_inches * num_rows), dpi=dpi)
+    axes = fig.subplots(num_rows, len(rows) + 1, squeeze=False)
+    for r in range(num_rows):
+        label = classes[r] if classes is not None else None
+        axes[r, 0].imshow(base)
+        axes[r, 0].set_title("input" if label is None else f"input: {label}", fontsize=9)
+        for c, (name, cams) in enumerate(rows.items(), start=1):
+            axes[r, c].imshow(overlay(base, cams[r], colormap=colormap, alpha=alpha))
+            axes[r, c].set_title(name, fontsize=9)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_atomic(path, lambda file: file.write(buffer.getvalue()))

@@ -1,0 +1,133 @@
+"""The command line, run for real in a subprocess on small inputs; its files checked."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from camfunc import zoo
+
+
+def camfunc_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "camfunc", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two generated scenes saved at odd sizes, a corrupt file and a truncated PNG."""
+    folder = tmp_path_factory.mktemp("images")
+    data = zoo.scenes(2, seed=11)
+    paths = []
+    for i, (image, size) in enumerate(zip(data.images, [(80, 96), (64, 64)])):
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        path = folder / f"scene{i}.png"
+        Image.fromarray(pixels).resize((size[1], size[0])).save(path)
+        paths.append(path)
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(b"this is not an image")
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(paths[0].read_bytes()[:200])
+    return {"good": paths, "corrupt": corrupt, "truncated": truncated, "labels": data.labels}
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.format, image.size
+
+
+def test_explain_writes_an_overlay_per_image_method_and_class(images, tmp_path):
+    out = tmp_path / "out"
+    result = camfunc_cli("explain", *images["good"], "--method", "gradcam", "--method", "scorecam",
+                         "--topk", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"] == ["gradcam", "scorecam"] and summary["failed"] == []
+    assert summary["layer"] == [zoo.LAYER]
+    assert [record["path"] for record in summary["images"]] == [str(p) for p in images["good"]]
+    for record, (height, width) in zip(summary["images"], [(80, 96), (64, 64)]):
+        assert len(record["classes"]) == 2
+        probabilities = [c["probability"] for c in record["classes"]]
+        assert probabilities[0] >= probabilities[1] and 0 < sum(probabilities) <= 1 + 1e-6
+        for entry in record["classes"]:
+            assert entry["name"] in zoo.CLASSES
+            assert set(entry["files"]) == {"gradcam", "scorecam"}
+            for file in entry["files"].values():
+                assert png_size(file) == ("PNG", (width, height))  # drawn on the image as stored
+
+
+def test_explain_goes_on_past_bad_images_and_says_so(images, tmp_path):
+    out = tmp_path / "out"
+    result = camfunc_cli("explain", images["corrupt"], images["good"][0], images["truncated"],
+                         tmp_path / "missing.png", "--class", "circle", "--out", out)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("camfunc: error:")]
+    assert len(errors) == 3
+    assert "corrupt.png" in errors[0] and "truncated.png" in errors[1] and "missing.png" in errors[2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [f["path"] for f in summary["failed"]] == [str(images["corrupt"]), str(images["truncated"]),
+                                                      str(tmp_path / "missing.png")]
+    (record,) = summary["images"]
+    assert record["classes"][0]["name"] == "circle"
+    assert png_size(record["classes"][0]["files"]["gradcam"])[0] == "PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nosuchcam"], "unknown method 'nosuchcam'"),
+    (["--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["--model", "torchvision:resnet999"], "unknown torchvision model 'resnet999'"),
+    (["--weights", "missing-weights.pt"], "weights file not found: missing-weights.pt"),
+    (["--layer", "block9"], "block9"),
+    (["--class", "hexagon"], "unknown class 'hexagon'"),
+])
+def test_bad_arguments_get_one_clear_line_and_write_nothing(images, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = camfunc_cli("explain", images["good"][0], *args, "--out", out, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("camfunc: error:") and message in lines[0]
+    assert not out.exists()
+
+
+def test_a_corrupt_weights_file_is_named(images, tmp_path):
+    weights = tmp_path / "bad.pt"
+    weights.write_bytes(b"garbage")
+    result = camfunc_cli("explain", images["good"][0], "--weights", weights, "--out", tmp_path / "o")
+    assert result.returncode == 2 and "bad.pt" in result.stderr
+
+
+def test_weights_that_do_not_fit_are_refused(images, tmp_path):
+    weights = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, weights)
+    result = camfunc_cli("explain", images["good"][0], "--weights", weights, "--out", tmp_path / "o")
+    assert result.returncode == 2 and "do not fit the model" in result.stderr
+
+
+def test_a_factory_model_with_the_layer_chosen_automatically(images, tmp_path):
+    out = tmp_path / "out"
+    env_path = str(__import__("pathlib").Path(__file__).parent)
+    result = subprocess.run([sys.executable, "-m", "camfunc", "explain", str(images["good"][1]),
+                             "--model", "helpers:small_cnn", "--size", "32", "--topk", "3",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": env_path})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layer"] == ["4"]  # the last spatial layer: the second ReLU
+    classes = summary["images"][0]["classes"]
+    assert [c["name"] for c in classes] == [str(c["class"]) for c in classes]
+    assert len({c["class"] for c in classes}) == 3
+
+
+def test_a_torchvision_model_by_name(images, tmp_path):
+    out = tmp_path / "out"
+    result = camfunc_cli("explain", images["good"][1], "--model", "torchvision:resnet18", "--size", "64",
+                         "--layer", "layer4", "--class", "7", "--out", out)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads((out / "summary.json").read_text())["images"][0]["classes"]
+    assert entry["class"] == 7 and png_size(entry["files"]["gradcam"]) == ("PNG", (64, 64))
