@@ -8,7 +8,9 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 
 from ._factorization import Factorization as Factorization
 from ._factorization import dff as dff
+from ._fullgrad import FullGradModel as FullGradModel
 from ._fullgrad import fullgrad as fullgrad
+from ._fullgrad import fullgrad_model as fullgrad_model
 from ._guided import guided_backprop as guided_backprop
 from ._guided import guided_gradcam as guided_gradcam
 from ._guided import guided_model as guided_model
@@ -64,6 +66,8 @@ __all__ = [
     "dff",
     "Factorization",
     "fullgrad",
+    "fullgrad_model",
+    "FullGradModel",
     "guided_backprop",
     "guided_gradcam",
     "guided_model",

@@ -9,12 +9,12 @@ for every class at once under ``vmap``, and never with respect to a parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _engine, _ops, _targets, _validate
 from ._split import Split, _CutTracer, _trace
@@ -31,16 +31,32 @@ def effective_bias(layer: nn.Module) -> Tensor:
     return layer.bias
 
 
-def _probed(model: nn.Module) -> tuple[torch.fx.GraphModule, list[nn.Module], list[torch.fx.Node]]:
+@dataclasses.dataclass(frozen=True)
+class FullGradModel:
+    """A model prepared for FullGrad: traced copies sharing its modules, built once.
+
+    ``probed(x, *probes)`` adds probe i to biased layer i's output;
+    ``layer_outputs(x)`` returns those outputs (only their shapes are used).
+    """
+
+    model: nn.Module
+    probed: torch.fx.GraphModule
+    layer_outputs: torch.fx.GraphModule
+    layers: tuple[nn.Module, ...]
+
+
+def _biased_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), _BIASED)
+            and gm.get_submodule(n.target).bias is not None]
+
+
+def _probed(model: nn.Module) -> torch.fx.GraphModule:
     """A traced copy taking ``(x, *probes)``; probe i is added to biased layer i's output."""
     gm = _trace(model, _CutTracer([]))
     graph = gm.graph
-    first = next(n for n in graph.nodes if n.op == "placeholder")
-    targets = [n for n in graph.nodes if n.op == "call_module"
-               and isinstance(gm.get_submodule(n.target), _BIASED)
-               and gm.get_submodule(n.target).bias is not None]
-    layers = [gm.get_submodule(n.target) for n in targets]
-    anchor = first
+    targets = _biased_nodes(gm)
+    anchor = next(n for n in graph.nodes if n.op == "placeholder")
     probes = []
     for i in range(len(targets)):
         with graph.inserting_after(anchor):
@@ -51,7 +67,37 @@ def _probed(model: nn.Module) -> tuple[torch.fx.GraphModule, list[nn.Module], li
             shifted = graph.call_function(operator.add, (node, probe))
         node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
     gm.recompile()
-    return gm, layers, targets
+    return gm
+
+
+def _layer_outputs(model: nn.Module) -> torch.fx.GraphModule:
+    """A traced copy ``x -> (output of each biased layer, ...)``."""
+    gm = _trace(model, _CutTracer([]))
+    graph = gm.graph
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    output.args = (tuple(_biased_nodes(gm)),)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
+    """Prepare ``model`` for :func:`fullgrad` once; needed to compile FullGrad.
+
+    Tracing cannot happen inside ``torch.compile``, so compile a function of the
+    prepared model. The user's model is not changed; the copies share its modules.
+
+    Example:
+        >>> prepared = camfunc.fullgrad_model(model)
+        >>> run = torch.compile(lambda x: camfunc.fullgrad(prepared, x, 281), fullgraph=True)
+        >>> run(x).shape                                         # [B, 224, 224]
+    """
+    if isinstance(model, FullGradModel):
+        return model
+    model = _validate.whole_model(model, "fullgrad")
+    probed = _probed(model)
+    layers = tuple(probed.get_submodule(n.target) for n in _biased_nodes(probed))
+    return FullGradModel(model, probed, _layer_outputs(model), layers)
 
 
 def _channel_normalised_sum(m: Tensor) -> Tensor:
@@ -59,7 +105,7 @@ def _channel_normalised_sum(m: Tensor) -> Tensor:
     return _ops.normalize(m, spatial_dims=m.ndim - 2).sum(1)
 
 
-def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
+def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
              return_scores: bool = False, chunk_size: int | None = None) -> Any:
     r"""FullGrad: the input-gradient map plus every biased layer's bias-gradient map.
 
@@ -71,7 +117,10 @@ def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, norma
     convolution and batch norm with one, :math:`z^{(l)}` its output; as
     pytorch-grad-cam's ``FullGrad``. Takes the model, or a split whose model
     is used whole (the cut is ignored). Eager only: each call traces the model
-    and runs one extra forward pass to learn the probes' shapes.
+    and runs one extra forward pass to learn the probes' shapes. To compile,
+    prepare the model once with :func:`fullgrad_model` and pass that: tracing
+    cannot run inside ``torch.compile``, and the shape pass then costs nothing
+    there, since only the shapes of its outputs are used.
 
     Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS 2019.
@@ -80,17 +129,14 @@ def fullgrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, norma
         >>> camfunc.fullgrad(model, x, 281).shape                 # [B, 224, 224]
         >>> camfunc.fullgrad(model, x, camfunc.topk(2)).shape     # [B, 2, 224, 224]
     """
-    model = _validate.whole_model(model, "fullgrad")
+    prepared = fullgrad_model(model)
+    model, gm = prepared.model, prepared.probed
     _validate.check_call(Split(lambda v: v, model, model=model), x)
     _targets.check_form(cls, x.shape[0])
-    gm, layers, outputs = _probed(model)
     size = tuple(x.shape[2:])
     with torch.no_grad():
-        zeros = [torch.zeros(())] * len(layers)
-        ShapeProp(gm).propagate(x, *zeros)  # the probes' shapes are the layers' output shapes
-        probes = [torch.zeros(n.meta["tensor_meta"].shape, dtype=x.dtype, device=x.device)
-                  for n in outputs]
-        biases = [effective_bias(layer).float() for layer in layers]
+        probes = [torch.zeros_like(z) for z in prepared.layer_outputs(x)]
+        biases = [effective_bias(layer).float() for layer in prepared.layers]
 
     def head(v: Tensor) -> tuple[Tensor, ...]:
         return (v, *probes)

@@ -46,13 +46,28 @@ def guided_relu(x: Tensor, inplace: bool = False) -> Tensor:
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
 
 
+_GUIDED_MARK = "camfunc_guided"
+
+
+def _guided_source(model: nn.Module) -> nn.Module | None:
+    """The model a guided copy was traced from (its modes are checked); None for other models."""
+    meta = getattr(model, "meta", None)
+    return meta.get(_GUIDED_MARK) if isinstance(model, torch.fx.GraphModule) and isinstance(meta, dict) else None
+
+
 def guided_model(model: nn.Module) -> torch.fx.GraphModule:
     """A traced copy of ``model`` whose ReLUs backpropagate as guided ReLUs.
+
+    Pass it to :func:`guided_backprop` (or ``guided=`` of :func:`guided_gradcam`)
+    to trace once, and to compile them: tracing cannot run inside ``torch.compile``.
 
     Example:
         >>> guided = camfunc.guided_model(model)     # model itself is untouched
         >>> torch.equal(guided(x), model(x))         # same forward
+        >>> torch.compile(lambda x: camfunc.guided_backprop(guided, x, 281), fullgraph=True)(x)
     """
+    if _guided_source(model) is not None:
+        return model
     model = unwrap(model)
     gm = _trace(model, _CutTracer([]))
     for node in gm.graph.nodes:
@@ -63,6 +78,8 @@ def guided_model(model: nn.Module) -> torch.fx.GraphModule:
             node.op, node.target = "call_function", guided_relu
             node.args, node.kwargs = node.args[:1], {}
     gm.recompile()
+    # Our own copy: noting its source in its meta changes nothing of the user's.
+    gm.meta[_GUIDED_MARK] = model
     return gm
 
 
@@ -87,7 +104,8 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
-    split = Split(lambda v: v, guided_model(model), model=unwrap(model))
+    guided = guided_model(model)
+    split = Split(lambda v: v, guided, model=_guided_source(guided))
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
 
@@ -99,7 +117,8 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
 
 
 def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
-                   chunk_size: int | None = None, return_scores: bool = False) -> Any:
+                   guided: torch.fx.GraphModule | None = None, chunk_size: int | None = None,
+                   return_scores: bool = False) -> Any:
     r"""Guided Grad-CAM: guided backpropagation weighted by the upsampled Grad-CAM.
 
     .. math:: G = \frac{\partial^{\text{guided}} S}{\partial x} \odot \mathrm{up}(L_{\text{Grad-CAM}})
@@ -115,10 +134,11 @@ def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> s = camfunc.split(model, "layer4")
         >>> camfunc.guided_gradcam(s, x, 281).shape    # [B, 3, 224, 224]
     """
-    if not isinstance(split, Split) or split.model is None:
+    if not isinstance(split, Split) or (split.model is None and guided is None):
         raise ValueError("guided_gradcam needs split.model: build the split with camfunc.split, "
                          "or pass model= to camfunc.Split")
-    guided, scores = guided_backprop(split.model, x, cls, chunk_size=chunk_size, return_scores=True)
+    guided = guided if guided is not None else split.model
+    guided, scores = guided_backprop(guided, x, cls, chunk_size=chunk_size, return_scores=True)
     cams = gradcam(split, x, cls, chunk_size=chunk_size)
     cams = cams if isinstance(cams, list) else [cams]
     size = tuple(x.shape[2:])
