@@ -30,6 +30,7 @@ _PUBLIC: dict[str, str] = {
     "EnergyPointingGame": "._pointing",
     "pointing_game": "._pointing",
     "energy_pointing_game": "._pointing",
+    "pointing_game_chance": "._pointing",
     "Randomisation": "._sanity",
     "model_randomisation": "._sanity",
     "spearman": "._sanity",
