@@ -20,6 +20,7 @@ from ._layout import with_layout as with_layout
 from ._methods import METHODS as METHODS
 from ._methods import cam as cam
 from ._methods import refinecam as refinecam
+from ._methods import sess as sess
 from ._methods import fem as fem
 from ._methods import kpcacam as kpcacam
 from ._methods import finercam as finercam
@@ -39,6 +40,10 @@ from ._methods import layercam as layercam
 from ._methods import smooth_gradcampp as smooth_gradcampp
 from ._methods import xgradcam as xgradcam
 from ._ops import fuse as fuse
+from ._run import RunResult as RunResult
+from ._run import read_maps as read_maps
+from ._run import read_shard as read_shard
+from ._run import run as run
 from .viz._overlay import overlay as overlay
 from . import metrics as metrics
 from . import viz as viz
@@ -72,6 +77,7 @@ __all__ = [
     "guided_gradcam",
     "guided_model",
     "refinecam",
+    "sess",
     "aug_smooth",
     "fem",
     "kpcacam",
@@ -104,6 +110,10 @@ __all__ = [
     "viz",
     "zoo",
     "randomcam",
+    "read_maps",
+    "read_shard",
+    "run",
+    "RunResult",
     "RepeatedLayerWarning",
     "smooth_gradcampp",
     "Split",

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+_FILE_MODE = 0o644
+
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
@@ -18,6 +20,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp's 0600 would hide results from others on a shared folder
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()

@@ -52,9 +52,10 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
     Collins et al., "Deep Feature Factorization For Concept Discovery", ECCV 2018.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
-        >>> concepts, maps, scores = camfunc.dff(s, x, 4, generator=torch.Generator().manual_seed(0))
-        >>> maps.shape, scores.shape        # [B, 4, 7, 7], [4, 1000]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> concepts, maps, scores = camfunc.dff(s, x, 4, generator=g)
+        >>> concepts.shape, maps.shape, scores.shape      # (k, C), (B, k, 4, 4), (k, classes)
+        (torch.Size([4, 16]), torch.Size([2, 4, 4, 4]), torch.Size([4, 10]))
     """
     split = _validate.check_call(split, x)
     if not isinstance(n_components, int) or n_components < 1:

@@ -88,9 +88,11 @@ def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
     prepared model. The user's model is not changed; the copies share its modules.
 
     Example:
-        >>> prepared = camfunc.fullgrad_model(model)
-        >>> run = torch.compile(lambda x: camfunc.fullgrad(prepared, x, 281), fullgraph=True)
-        >>> run(x).shape                                         # [B, 224, 224]
+        >>> prepared = camfunc.fullgrad_model(model)      # traced once, outside the compiled code
+        >>> run = torch.compile(lambda x: camfunc.fullgrad(prepared, x, 3), fullgraph=True,
+        ...                     backend="eager")          # any backend; eager compiles fast
+        >>> run(x).shape
+        torch.Size([2, 64, 64])
     """
     if isinstance(model, FullGradModel):
         return model
@@ -126,8 +128,10 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     Visualization", NeurIPS 2019.
 
     Example:
-        >>> camfunc.fullgrad(model, x, 281).shape                 # [B, 224, 224]
-        >>> camfunc.fullgrad(model, x, camfunc.topk(2)).shape     # [B, 2, 224, 224]
+        >>> camfunc.fullgrad(model, x, 3).shape
+        torch.Size([2, 64, 64])
+        >>> camfunc.fullgrad(model, x, camfunc.topk(2)).shape
+        torch.Size([2, 2, 64, 64])
     """
     prepared = fullgrad_model(model)
     model, gm = prepared.model, prepared.probed

@@ -62,9 +62,12 @@ def guided_model(model: nn.Module) -> torch.fx.GraphModule:
     to trace once, and to compile them: tracing cannot run inside ``torch.compile``.
 
     Example:
-        >>> guided = camfunc.guided_model(model)     # model itself is untouched
-        >>> torch.equal(guided(x), model(x))         # same forward
-        >>> torch.compile(lambda x: camfunc.guided_backprop(guided, x, 281), fullgraph=True)(x)
+        >>> guided = camfunc.guided_model(model)          # a traced copy; model is untouched
+        >>> torch.equal(guided(x), model(x))
+        True
+        >>> torch.compile(lambda x: camfunc.guided_backprop(guided, x, 3), fullgraph=True,
+        ...               backend="eager")(x).shape       # any backend; eager compiles fast
+        torch.Size([2, 3, 64, 64])
     """
     if _guided_source(model) is not None:
         return model
@@ -99,8 +102,10 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
     ICLR Workshop 2015.
 
     Example:
-        >>> g = camfunc.guided_backprop(model, x, 281)            # [B, 3, 224, 224]
-        >>> g = camfunc.guided_backprop(model, x, camfunc.topk(2)) # [B, 2, 3, 224, 224]
+        >>> camfunc.guided_backprop(model, x, 3).shape
+        torch.Size([2, 3, 64, 64])
+        >>> camfunc.guided_backprop(model, x, camfunc.topk(2)).shape
+        torch.Size([2, 2, 3, 64, 64])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
@@ -131,8 +136,9 @@ def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
     Gradient-based Localization", ICCV 2017.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.guided_gradcam(s, x, 281).shape    # [B, 3, 224, 224]
+        >>> s = camfunc.split(model, "layer4")            # the guided part runs s.model whole
+        >>> camfunc.guided_gradcam(s, x, 3).shape
+        torch.Size([2, 3, 64, 64])
     """
     if not isinstance(split, Split) or (split.model is None and guided is None):
         raise ValueError("guided_gradcam needs split.model: build the split with camfunc.split, "

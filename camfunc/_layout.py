@@ -35,6 +35,12 @@ class Layout:
     For tokens, ``prefix_tokens`` leading tokens are not patches (None: 0 when N
     is a square, else 1 when N - 1 is), and ``grid`` is the patch grid (None:
     square).
+
+    Example:
+        >>> layout = camfunc.Layout("tokens")                 # 17 tokens: 1 class token, 4x4 patches
+        >>> grid, aside = layout.to_grid(torch.randn(2, 17, 32))
+        >>> grid.shape, aside.shape
+        (torch.Size([2, 32, 4, 4]), torch.Size([2, 1, 32]))
     """
 
     kind: Kind = "channels_first"
@@ -119,9 +125,12 @@ def with_layout(split: Split, layout: Layout | str | Sequence[Layout | str]) -> 
     hand; :func:`camfunc.split` does it itself.
 
     Example:
-        >>> s = camfunc.Split(head, tail)                        # head(x): (B, 197, 768) tokens
-        >>> s = camfunc.with_layout(s, camfunc.Layout("tokens"))  # A: (B, 768, 14, 14)
-        >>> camfunc.gradcam(s, x, 3).shape                       # [B, 14, 14]
+        >>> tokens = camfunc.split(vit, "encoder.layers.encoder_layer_0", layout="channels_first")
+        >>> s = camfunc.with_layout(tokens, camfunc.Layout("tokens", prefix_tokens=1))
+        >>> tokens.head(x).shape, s.head(x)[0].shape
+        (torch.Size([2, 17, 32]), torch.Size([2, 32, 4, 4]))
+        >>> camfunc.gradcam(s, x, 3).shape
+        torch.Size([2, 4, 4])
     """
     layouts = ([_as_layout(layout)] * split.num_layers if isinstance(layout, (Layout, str))
                else [_as_layout(item) for item in layout])

@@ -175,9 +175,10 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
     Transformers via Feature Formation Sensitivity", arXiv:2404.03214.
 
     Example:
-        >>> model = torchvision.models.vit_b_16().eval()
-        >>> camfunc.legrad(model, x, 281).shape                         # [B, 14, 14]
-        >>> camfunc.legrad(model, x, camfunc.topk(2), layers=[-2, -1]).shape  # [B, 2, 14, 14]
+        >>> camfunc.legrad(vit, x, 3).shape                # vit: a torchvision VisionTransformer
+        torch.Size([2, 4, 4])
+        >>> camfunc.legrad(vit, x, camfunc.topk(2), layers=[-1]).shape
+        torch.Size([2, 2, 4, 4])
     """
     model = _vit(model)
     _validate.check_call(Split(lambda v: v, model, model=model), x)

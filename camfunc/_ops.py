@@ -47,8 +47,12 @@ def normalize(cams: Tensor, spatial_dims: int | None = None) -> Tensor:
         spatial_dims: how many trailing axes make one map (default: all but the first).
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 3, normalize=False)  # [B, 7, 7]
-        >>> camfunc.normalize(cams).amax(dim=(1, 2))          # [B], all 1 (or 0 if flat)
+        >>> camfunc.normalize(torch.tensor([[[1.0, 3.0], [2.0, 5.0]]]))
+        tensor([[[0.0000, 0.5000],
+                 [0.2500, 1.0000]]])
+        >>> camfunc.normalize(torch.full((1, 2, 2), 0.5))      # a flat map becomes zeros, not NaN
+        tensor([[[0., 0.],
+                 [0., 0.]]])
     """
     n = _num_spatial(cams, spatial_dims)
     flat = cams.flatten(-n)
@@ -71,8 +75,9 @@ def upsample(cams: Tensor, size: int | Sequence[int], mode: str | None = None) -
     trailing ``len(size)`` axes are spatial; leading axes are kept.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 3)          # [B, 7, 7]
-        >>> camfunc.upsample(cams, x.shape[-2:])     # [B, 224, 224]
+        >>> cams = camfunc.gradcam(s, x, 3)                   # (B, 4, 4)
+        >>> camfunc.upsample(cams, x.shape[-2:]).shape
+        torch.Size([2, 64, 64])
     """
     size = (size,) if isinstance(size, int) else tuple(int(v) for v in size)
     n = len(size)
@@ -112,7 +117,8 @@ def fuse(cams: Sequence[Tensor], how: Literal["max", "mean"] = "max", *,
 
     Example:
         >>> maps = camfunc.layercam(camfunc.split(model, ["layer3", "layer4"]), x, 3)
-        >>> camfunc.fuse(maps, "max", tanh_gamma=2.0)    # [B, 14, 14]
+        >>> camfunc.fuse(maps, "max", tanh_gamma=2.0).shape    # at the finer layer's size
+        torch.Size([2, 8, 8])
     """
     cams = list(cams)
     if not cams:

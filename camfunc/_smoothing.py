@@ -47,9 +47,11 @@ def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
     the clean batch's shape).
 
     Example:
-        >>> smooth_gradcam = camfunc.aug_smooth(camfunc.gradcam)
-        >>> smooth_gradcam(s, x, 281).shape                         # [B, 7, 7]
-        >>> camfunc.aug_smooth(camfunc.scorecam, factors=(1.0,))(s, x, 281)
+        >>> smooth_gradcam = camfunc.aug_smooth(camfunc.gradcam)    # 6 variants in one call
+        >>> smooth_gradcam(s, x, 3).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.aug_smooth(camfunc.scorecam, factors=(1.0,))(s, x, 3).shape    # flips only
+        torch.Size([2, 4, 4])
     """
     variants = list(itertools.product((False, True) if flips else (False,), tuple(factors)))
     if not variants:

@@ -52,9 +52,10 @@ class Split:
     before each call; ``layers`` names the cuts in messages.
 
     Example:
-        >>> head = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
-        >>> tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-        >>> s = Split(head, tail)  # s.tail(s.head(x)) == model(x)
+        >>> head = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+        >>> tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+        >>> camfunc.gradcam(camfunc.Split(head, tail), x, 0).shape       # model(x) = tail(head(x))
+        torch.Size([2, 62, 62])
     """
 
     head: Callable[..., Any]
@@ -358,9 +359,11 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     reaches the head, so its patch tokens get zero gradient.
 
     Example:
-        >>> model = torchvision.models.resnet18().eval()
         >>> s = camfunc.split(model, "layer4")
-        >>> s.head(x).shape  # [B, 512, 7, 7]
+        >>> s.head(x).shape                                   # the activations A
+        torch.Size([2, 16, 4, 4])
+        >>> torch.allclose(s.tail(s.head(x)), model(x))
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -39,8 +39,8 @@ def topk(k: int) -> TopK:
 
     Example:
         >>> maps, scores = camfunc.gradcam(s, x, camfunc.topk(3), return_scores=True)
-        >>> maps.shape                         # [B, 3, 7, 7]
-        >>> scores.topk(3).indices             # the classes, in the same order
+        >>> maps.shape, scores.shape          # each image's 3 best classes, best first
+        (torch.Size([2, 3, 4, 4]), torch.Size([2, 10]))
     """
     return TopK(k)
 

@@ -83,9 +83,11 @@ def finer(cls: Target, *, gamma: float = 0.6, num_references: int = 3,
     for Visual Explanation", CVPR 2025 (arXiv:2501.11309).
 
     Example:
-        >>> target = camfunc.finer(281, gamma=0.6)
-        >>> camfunc.layercam(s, x, target).shape         # [B, 7, 7]
-        >>> camfunc.gradcam(s, x, camfunc.finer(camfunc.topk(2)))  # [B, 2, 7, 7]
+        >>> target = camfunc.finer(3, gamma=0.6)           # class 3 against its 3 nearest rivals
+        >>> camfunc.layercam(s, x, target).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.gradcam(s, x, camfunc.finer(camfunc.topk(2))).shape
+        torch.Size([2, 2, 4, 4])
     """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
         raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
@@ -118,8 +120,9 @@ def rest(cls: Target) -> ReST:
     Cai et al., "CAMs as Shapley Value-based Explainers", 2025 (arXiv:2501.06261).
 
     Example:
-        >>> camfunc.gradcam(s, x, camfunc.rest(281)).shape   # [B, 7, 7]
-        >>> camfunc.shapleycam(s, x, 281)                    # uses ReST itself
         >>> camfunc.rest(camfunc.topk(3))
+        ReST(cls=TopK(k=3))
+        >>> camfunc.gradcam(s, x, camfunc.rest(3)).shape    # shapleycam uses it by itself
+        torch.Size([2, 4, 4])
     """
     return ReST(cls)

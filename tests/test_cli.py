@@ -131,3 +131,51 @@ def test_a_torchvision_model_by_name(images, tmp_path):
     assert result.returncode == 0, result.stderr
     (entry,) = json.loads((out / "summary.json").read_text())["images"][0]["classes"]
     assert entry["class"] == 7 and png_size(entry["files"]["gradcam"]) == ("PNG", (64, 64))
+
+
+def test_demo_writes_figures_and_scores_and_prints_a_table(tmp_path):
+    out = tmp_path / "demo"
+    result = camfunc_cli("demo", "--out", out, "--scenes", "2", "--eval", "20",
+                         "--method", "gradcam", "--method", "layercam")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((out / "scores.json").read_text())
+    assert {"accuracy", "methods", "figures", "held_out_scenes", "chance_pointing_game"} <= set(scores)
+    assert 0 <= scores["accuracy"] <= 1 and 0 < scores["chance_pointing_game"] < 1
+    assert [row["method"] for row in scores["methods"]] == ["gradcam", "layercam"]
+    for row in scores["methods"]:
+        assert 0 <= row["pointing_game"] <= 1 and 0 <= row["energy_pointing_game"] <= 1
+    assert len(scores["figures"]) == 2
+    for figure in scores["figures"]:
+        assert png_size(figure)[0] == "PNG"
+    assert "gradcam" in result.stdout and "pointing_game" in result.stdout
+
+
+def test_evaluate_on_generated_scenes_writes_json_and_csv(tmp_path):
+    out = tmp_path / "eval"
+    result = camfunc_cli("evaluate", "--generated", "6", "--batch-size", "4", "--method", "gradcam",
+                         "--method", "scorecam", "--step", "256", "--out", out)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((out / "metrics.json").read_text())
+    assert [row["method"] for row in payload["summary"]] == ["gradcam", "scorecam"]
+    assert len(payload["images"]) == 12
+    columns = {"drop", "increase", "deletion_auc", "insertion_auc", "pointing_game", "energy_pointing_game"}
+    for row in payload["images"]:
+        assert columns <= set(row)
+        assert all(0 <= row[c] <= 1 for c in columns)
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["image", "method", "class"] and len(lines) == 13
+
+
+def test_evaluate_image_files_records_failures(images, tmp_path):
+    out = tmp_path / "eval"
+    result = camfunc_cli("evaluate", *images["good"], images["corrupt"], "--metric", "confidence",
+                         "--metric", "road", "--out", out)
+    assert result.returncode == 1
+    payload = json.loads((out / "metrics.json").read_text())
+    assert [f["path"] for f in payload["failed"]] == [str(images["corrupt"])]
+    assert len(payload["images"]) == 2 and all("road" in row for row in payload["images"])
+
+
+def test_evaluate_refuses_the_pointing_game_without_masks(images, tmp_path):
+    result = camfunc_cli("evaluate", images["good"][0], "--metric", "pointing", "--out", tmp_path / "e")
+    assert result.returncode == 2 and "needs object masks" in result.stderr

@@ -9,6 +9,7 @@ from ._refine import refinecam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
 from ._score import iscam, scorecam, sscam
+from ._sess import sess
 from ._shapley import shapleycam
 
 #: Every method by name. Each takes ``(split, x, cls, *, normalize, return_scores)``;
@@ -36,4 +37,7 @@ METHODS = {
     "refinecam": refinecam,
 }
 
-__all__ = ["METHODS", *METHODS]
+# sess is exported but not registered: its maps are at the input's resolution,
+# not the layer's, and it takes 2-D images only (the conformance suite's
+# contract is layer-resolution maps for 1-D, 2-D and 3-D activations).
+__all__ = ["METHODS", "sess", *METHODS]

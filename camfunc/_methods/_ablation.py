@@ -29,9 +29,11 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
     Convolutional Network via Gradient-free Localization", WACV 2020.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.ablationcam(s, x, 281, batch_size=64).shape   # [B, 7, 7]
-        >>> camfunc.ablationcam(s, x, camfunc.topk(2)).shape      # [B, 2, 7, 7]
+        >>> s = camfunc.split(model, "layer4")            # 16 channels: 16 tail re-runs per image
+        >>> camfunc.ablationcam(s, x, 3, batch_size=8).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.ablationcam(s, x, camfunc.topk(2)).shape
+        torch.Size([2, 2, 4, 4])
     """
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])

@@ -34,8 +34,10 @@ def fem(split: Split, x: Tensor, cls: _targets.Target = 0, *, k: float = 2.0,
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.fem(s, x).shape          # [B, 7, 7]
-        >>> camfunc.fem(s, x, k=1.0)
+        >>> camfunc.fem(s, x).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.fem(s, x, k=1.0).shape                # a lower firing threshold
+        torch.Size([2, 4, 4])
     """
     return activation_cam(split, x, cls, lambda a: weighted_sum(a, fem_weights(a, k), eigen_smooth),
                           normalize=normalize, return_scores=return_scores)

@@ -78,9 +78,11 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
     CVPR 2016.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")     # resnet: layer4 -> avgpool -> fc
-        >>> camfunc.cam(s, x, 281).shape           # [B, 7, 7]
+        >>> s = camfunc.split(model, "layer4")            # layer4 -> avgpool -> fc
+        >>> camfunc.cam(s, x, 3).shape
+        torch.Size([2, 4, 4])
         >>> camfunc.cam(s, x, camfunc.topk(5)).shape
+        torch.Size([2, 5, 4, 4])
     """
     split = _validate.check_call(split, x)  # before the probe runs the model
     if not torch.compiler.is_compiling():
@@ -105,8 +107,10 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.randomcam(s, x, generator=g).shape   # [B, 7, 7]
-        >>> camfunc.randomcam(s, x, weights=torch.rand(B, 512) * 2 - 1)
+        >>> camfunc.randomcam(s, x, generator=g).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.randomcam(s, x, weights=torch.rand(2, 16) * 2 - 1).shape    # (B, C) weights
+        torch.Size([2, 4, 4])
     """
 
     def raw_map(a: Tensor) -> Tensor:

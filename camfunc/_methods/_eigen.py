@@ -41,8 +41,8 @@ def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: flo
                            degree: int = 3, coef0: float = 1.0) -> Tensor:
     r"""First kernel principal component of the positions' centred features: ``(B, C, *sp) -> (B, *sp)``.
 
-    :math:`K_c = (I - 	frac1N)K(I - 	frac1N)`, top eigenpair :math:`(\lambda, lpha)`,
-    projection :math:`\sqrt{\lambda}\,lpha` (what scikit-learn's
+    :math:`K_c = (I - \tfrac1N)K(I - \tfrac1N)`, top eigenpair :math:`(\lambda, \alpha)`,
+    projection :math:`\sqrt{\lambda}\,\alpha` (what scikit-learn's
     ``KernelPCA.fit_transform`` returns), with its sign rule: the largest
     magnitude is positive. An eigenvalue below 1e-5 N max|K| is rounding noise
     (features that do not vary), and gives a zero map.
@@ -66,8 +66,8 @@ def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = 
             normalize: bool = True, return_scores: bool = False) -> Any:
     r"""KPCA-CAM: Eigen-CAM with kernel PCA, done in torch.
 
-    .. math:: L = \mathrm{ReLU}ig(\sqrt{\lambda_1}\,lpha_1ig), \quad
-              K_c lpha_1 = \lambda_1 lpha_1
+    .. math:: L = \mathrm{ReLU}\big(\sqrt{\lambda_1}\,\alpha_1\big), \quad
+              K_c \alpha_1 = \lambda_1 \alpha_1
 
     on the centred kernel matrix of the positions' centred feature vectors.
     Kernels as scikit-learn's (``gamma`` defaults to 1 / channels); the default
@@ -78,8 +78,10 @@ def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = 
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.kpcacam(s, x).shape                 # [B, 7, 7]
-        >>> camfunc.kpcacam(s, x, kernel="rbf", gamma=0.01)
+        >>> camfunc.kpcacam(s, x).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.kpcacam(s, x, kernel="rbf", gamma=0.01).shape
+        torch.Size([2, 4, 4])
     """
     _kernel(torch.zeros(1, 1, 1), kernel, gamma, degree, coef0)  # unknown kernels fail first
 
@@ -105,8 +107,9 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.eigencam(s, x).shape                      # [B, 7, 7]
-        >>> camfunc.eigencam(s, x, camfunc.topk(2)).shape     # [B, 2, 7, 7], equal slices
+        >>> maps = camfunc.eigencam(s, x, camfunc.topk(2))    # class-agnostic: one map per image
+        >>> maps.shape, torch.equal(maps[:, 0], maps[:, 1])
+        (torch.Size([2, 2, 4, 4]), True)
     """
     return activation_cam(split, x, cls, first_component, normalize=normalize,
                           return_scores=return_scores)
@@ -123,8 +126,10 @@ def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bo
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.eigengradcam(s, x, 281).shape                # [B, 7, 7]
-        >>> camfunc.eigengradcam(s, x, camfunc.topk(3)).shape    # [B, 3, 7, 7]
+        >>> camfunc.eigengradcam(s, x, 3).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.eigengradcam(s, x, camfunc.topk(3)).shape
+        torch.Size([2, 3, 4, 4])
     """
     # HiResCAM's terms g * A, collapsed by their first principal component.
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,

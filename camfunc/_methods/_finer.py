@@ -29,8 +29,10 @@ def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.finercam(s, x, 281).shape                             # [B, 7, 7]
-        >>> camfunc.finercam(s, x, 281, method=camfunc.layercam, gamma=1.0)
+        >>> camfunc.finercam(s, x, 3).shape               # class 3 against its 3 nearest rivals
+        torch.Size([2, 4, 4])
+        >>> camfunc.finercam(s, x, 3, method=camfunc.layercam, gamma=1.0).shape
+        torch.Size([2, 4, 4])
     """
     target = finer(cls, gamma=gamma, num_references=num_references, references=references)
     return method(split, x, target, **method_kwargs)

@@ -118,8 +118,10 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.gradcam(s, x, 281).shape                        # [B, 7, 7]
-        >>> camfunc.gradcam(s, x, torch.tensor([[1, 2]] * B)).shape  # [B, 2, 7, 7]
+        >>> camfunc.gradcam(s, x, 3).shape                                  # class 3 for every image
+        torch.Size([2, 4, 4])
+        >>> camfunc.gradcam(s, x, torch.tensor([[1, 2], [3, 4]])).shape     # (B, K) classes
+        torch.Size([2, 2, 4, 4])
     """
     return gradient_cam(split, x, cls, gradcam_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
@@ -149,8 +151,9 @@ def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool 
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> cams = camfunc.gradcampp(s, x, 281)  # [B, 7, 7]
-        >>> cams.amax(dim=(1, 2))                # ones (zeros for a flat map)
+        >>> cams = camfunc.gradcampp(s, x, 3)
+        >>> cams.shape, cams.amax(dim=(1, 2))            # each map scaled to [0, 1]
+        (torch.Size([2, 4, 4]), tensor([1., 1.]))
     """
     return gradient_cam(split, x, cls, gradcampp_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
@@ -174,8 +177,8 @@ def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> cams = camfunc.xgradcam(s, x, [3, 7])  # one class per sample, B = 2
-        >>> cams.shape                             # [2, 7, 7]
+        >>> camfunc.xgradcam(s, x, [3, 7]).shape         # one class per image
+        torch.Size([2, 4, 4])
     """
     return gradient_cam(split, x, cls, xgradcam_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
@@ -198,9 +201,11 @@ def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
     Args and returns as :func:`gradcam`.
 
     Example:
-        >>> s = camfunc.split(model, ["layer3", "layer4"])
-        >>> maps = camfunc.layercam(s, x, 281, normalize=False)  # [[B,14,14], [B,7,7]]
-        >>> fused = camfunc.normalize(camfunc.fuse(maps, tanh_gamma=2.0))
+        >>> maps = camfunc.layercam(camfunc.split(model, ["layer3", "layer4"]), x, 3, normalize=False)
+        >>> [m.shape for m in maps]
+        [torch.Size([2, 8, 8]), torch.Size([2, 4, 4])]
+        >>> camfunc.normalize(camfunc.fuse(maps, tanh_gamma=2.0)).shape
+        torch.Size([2, 8, 8])
     """
     return gradient_cam(split, x, cls, layercam_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
@@ -225,8 +230,8 @@ def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.hirescam(s, x, 281).shape     # [B, 7, 7]
-        >>> camfunc.hirescam(s, x, camfunc.topk(2)).shape  # [B, 2, 7, 7]
+        >>> camfunc.hirescam(s, x, camfunc.topk(2)).shape    # each image's 2 best classes
+        torch.Size([2, 2, 4, 4])
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size,
@@ -248,8 +253,9 @@ def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normal
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> cams = camfunc.gradcam_elementwise(s, x, 281)  # [B, 7, 7]
-        >>> bool((cams >= 0).all())                         # True
+        >>> cams = camfunc.gradcam_elementwise(s, x, 3)
+        >>> cams.shape, bool((cams >= 0).all())
+        (torch.Size([2, 4, 4]), True)
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
                         return_scores=return_scores, chunk_size=chunk_size, combine=rectified_terms,
@@ -312,8 +318,10 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> cams = camfunc.smooth_gradcampp(s, x, 281, generator=g)  # [B, 7, 7]
-        >>> camfunc.smooth_gradcampp(s, x, 281, std=0.0)             # == gradcampp
+        >>> camfunc.smooth_gradcampp(s, x, 3, num_samples=4, generator=g).shape
+        torch.Size([2, 4, 4])
+        >>> torch.allclose(camfunc.smooth_gradcampp(s, x, 3, std=0.0), camfunc.gradcampp(s, x, 3))
+        True
     """
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])

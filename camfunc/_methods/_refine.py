@@ -29,8 +29,10 @@ def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
 
     Example:
         >>> s = camfunc.split(model, ["layer3", "layer4"])
-        >>> camfunc.refinecam(s, x, 281).shape                        # [B, 224, 224]
-        >>> camfunc.refinecam(s, x, 281, method=camfunc.layercam, size=(56, 56))
+        >>> camfunc.refinecam(s, x, 3).shape                                  # the input's size
+        torch.Size([2, 64, 64])
+        >>> camfunc.refinecam(s, x, 3, method=camfunc.layercam, size=(16, 16)).shape
+        torch.Size([2, 16, 16])
     """
     maps, scores = method(split, x, cls, normalize=True, return_scores=True, **method_kwargs)
     maps = maps if isinstance(maps, list) else [maps]

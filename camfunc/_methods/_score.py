@@ -108,9 +108,11 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
     Convolutional Neural Networks", CVPR Workshops 2020.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.scorecam(s, x, 281, batch_size=64).shape   # [B, 7, 7]
-        >>> camfunc.scorecam(s, x, camfunc.topk(2)).shape       # [B, 2, 7, 7]
+        >>> s = camfunc.split(model, "layer4")            # 16 channels: 16 masked inputs per image
+        >>> camfunc.scorecam(s, x, 3, batch_size=8).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.scorecam(s, x, camfunc.topk(2)).shape
+        torch.Size([2, 2, 4, 4])
     """
     _validate.check_batch_size(batch_size)
 
@@ -136,8 +138,8 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.iscam(s, x, 281, num_samples=4).shape   # [B, 7, 7]
-        >>> camfunc.iscam(s, x, [1, 2]).shape               # B = 2
+        >>> camfunc.iscam(s, x, [1, 2], num_samples=4).shape     # one class per image
+        torch.Size([2, 4, 4])
     """
     _validate.check_batch_size(batch_size)
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -177,8 +179,10 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.sscam(s, x, 281, num_samples=8, generator=g).shape   # [B, 7, 7]
-        >>> camfunc.sscam(s, x, 281, std=0.0)                            # == scorecam
+        >>> camfunc.sscam(s, x, 3, num_samples=4, generator=g).shape
+        torch.Size([2, 4, 4])
+        >>> torch.allclose(camfunc.sscam(s, x, 3, num_samples=1, std=0.0), camfunc.scorecam(s, x, 3))
+        True
     """
     _validate.check_batch_size(batch_size)
     if not isinstance(num_samples, int) or num_samples < 1:

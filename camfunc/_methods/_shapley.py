@@ -39,8 +39,10 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.shapleycam(s, x, 281).shape                  # [B, 7, 7]
-        >>> camfunc.shapleycam(s, x, camfunc.topk(3)).shape      # [B, 3, 7, 7]
+        >>> camfunc.shapleycam(s, x, 3).shape
+        torch.Size([2, 4, 4])
+        >>> camfunc.shapleycam(s, x, camfunc.topk(3)).shape
+        torch.Size([2, 3, 4, 4])
     """
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import error_line
-from ._models import CliError
+from ._common import call_handler
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,9 +22,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _subcommands():
-    from . import _demo, _evaluate, _explain
+    from . import _demo, _evaluate, _explain, _run
 
-    return [_demo, _explain, _evaluate]
+    return [_demo, _explain, _evaluate, _run]
 
 
 def _version() -> str:
@@ -35,15 +34,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except CliError as error:
-        error_line(str(error))
-        return 2
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        return 130
+    return call_handler(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

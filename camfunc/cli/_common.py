@@ -82,6 +82,19 @@ def error_line(message: str) -> None:
     print(f"camfunc: error: {message}", file=sys.stderr)
 
 
+def call_handler(args: Any) -> int:
+    """Run a parsed command's ``args.handler(args)``: a ``CliError`` is one line on stderr and
+    status 2, Ctrl-C status 130."""
+    try:
+        return args.handler(args)
+    except CliError as error:
+        error_line(str(error))
+        return 2
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain-text table with aligned columns."""
     def cell(value: Any) -> str:

@@ -32,8 +32,8 @@ class LoadedModel:
         """Images in [0, 1] (B, 3, H, W) as the model expects them."""
         if self.mean is None or self.std is None:
             return images
-        mean = torch.tensor(self.mean, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
 
     def class_name(self, index: int) -> str:

@@ -55,9 +55,10 @@ def arcc(method: _model_calls.Method, split: Any, x: Tensor, cls: _targets.Targe
     ICML 2022).
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.metrics.arcc(camfunc.gradcampp, s, x, 281, generator=g)   # [B], in [0, 1]
+        >>> scores = camfunc.metrics.arcc(camfunc.gradcampp, s, x, 3, percentiles=(20, 80), generator=g)
+        >>> scores.shape, bool(((scores >= 0) & (scores <= 1)).all())
+        (torch.Size([2]), True)
     """
     _model_calls.checked(split, x, batch_size)
     _road._check_images(x)

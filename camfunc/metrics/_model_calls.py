@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import _targets, _validate
-from .._split import Split
+from .. import _targets
 from . import _inputs
 
 Method = Callable[..., Any]
@@ -26,11 +25,8 @@ Method = Callable[..., Any]
 
 def checked(model: Any, x: Any, batch_size: Any) -> None:
     """The model (callable, eval mode), the batch ``(B, C, *spatial)`` and ``batch_size``."""
-    _inputs.check_model(model)
-    _inputs.check_images(model, x)
+    _inputs.check_model_and_images(model, x)
     _inputs.check_positive_int(batch_size, "batch_size")
-    if isinstance(model, nn.Module):
-        _validate.check_input(Split(head=model, tail=model, model=model), x)
 
 
 def check_non_negative(value: Any, name: str) -> None:

@@ -130,9 +130,11 @@ def road_impute(x: Tensor, removed: Tensor, *, noise_std: float = 0.01, noise: T
     Attribution Methods", ICML 2022.
 
     Example:
-        >>> removed = torch.zeros(1, 8, 8, dtype=torch.bool); removed[0, 3:5, 3:5] = True
-        >>> filled = camfunc.metrics.road_impute(x, removed, noise_std=0.0)   # x: (1, 3, 8, 8)
-        >>> torch.equal(filled[..., 0, 0], x[..., 0, 0])                      # kept pixels stay
+        >>> removed = torch.zeros(2, 64, 64, dtype=torch.bool)
+        >>> removed[:, 24:40, 24:40] = True                   # a square in the middle
+        >>> filled = camfunc.metrics.road_impute(x, removed, noise_std=0.0)
+        >>> torch.equal(filled[..., :24, :], x[..., :24, :])  # kept pixels are unchanged
+        True
     """
     _check_images(x)
     _check_removed(removed, x)
@@ -196,9 +198,10 @@ def road_curve(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
     Attribution Methods", ICML 2022.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)                                   # [B, 7, 7]
+        >>> cams = camfunc.gradcam(s, x, 3)
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.metrics.road_curve(s, x, cams, 281, order="morf", generator=g)  # [B, 9]
+        >>> camfunc.metrics.road_curve(s, x, cams, 3, order="morf", generator=g).shape   # 9 percentiles
+        torch.Size([2, 9])
     """
     if order not in ("morf", "lerf", "combined"):
         raise ValueError(f"order must be 'morf', 'lerf' or 'combined', got {order!r}")
@@ -249,9 +252,10 @@ def road(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None = None
     Attribution Methods", ICML 2022.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)                          # [B, 7, 7], any size
+        >>> cams = camfunc.gradcam(s, x, 3)                   # any size; upsampled to x's
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.metrics.road(s, x, cams, 281, generator=g)          # [B], combined
+        >>> camfunc.metrics.road(s, x, cams, 3, percentiles=(20, 80), generator=g).shape
+        torch.Size([2])
     """
     return road_curve(model, x, maps, cls, order=order, percentiles=percentiles, noise_std=noise_std,
                       noise=noise, generator=generator, batch_size=batch_size).mean(1)

@@ -57,9 +57,10 @@ def infidelity(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
     Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)                                  # [B, 7, 7]
+        >>> cams = camfunc.gradcam(s, x, 3)
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.metrics.infidelity(s, x, cams, 281, n_perturb_samples=32, generator=g)  # [B]
+        >>> camfunc.metrics.infidelity(s, x, cams, 3, n_perturb_samples=8, generator=g).shape
+        torch.Size([2])
     """
     _model_calls.checked(model, x, batch_size)
     _model_calls.check_non_negative(std, "std")
@@ -119,9 +120,10 @@ def sensitivity_max(method: _model_calls.Method, split: Any, x: Tensor,
     Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
 
     Example:
-        >>> s = camfunc.split(model, "layer4")
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.metrics.sensitivity_max(camfunc.gradcam, s, x, 281, generator=g)   # [B]
+        >>> sens = camfunc.metrics.sensitivity_max(camfunc.gradcam, s, x, 3, n_perturb_samples=4, generator=g)
+        >>> sens.shape
+        torch.Size([2])
     """
     _model_calls.checked(split, x, batch_size)
     _model_calls.check_non_negative(radius, "radius")

@@ -37,7 +37,9 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     Example:
         >>> maps = {"gradcam": camfunc.gradcam(s, x, camfunc.topk(2))[0],
         ...         "scorecam": camfunc.scorecam(s, x, camfunc.topk(2))[0]}
-        >>> camfunc.viz.figure(x[0], maps, classes=["cat", "dog"], path="cams.png")
+        >>> fig = camfunc.viz.figure(image, maps, classes=["best", "second"], path="cams.png")
+        >>> len(fig.axes)                  # 2 rows of 3: the input, then each method's overlay
+        6
     """
     from matplotlib.figure import Figure
 
@@ -70,7 +72,13 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
 
 
 def save_png(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure to ``path`` as PNG, atomically."""
+    """Write a matplotlib figure to ``path`` as PNG, atomically.
+
+    Example:
+        >>> fig = camfunc.viz.figure(image, {"gradcam": camfunc.gradcam(s, x, 3)[0]})
+        >>> camfunc.viz.save_png(fig, "cam.png").name
+        'cam.png'
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return write_atomic(path, lambda file: file.write(buffer.getvalue()))

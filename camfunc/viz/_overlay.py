@@ -88,9 +88,10 @@ def overlay(image: Any, cam: Any, *, colormap: str = "jet", alpha: float = 0.5):
     Gradient-based Localization", ICCV 2017 (the overlay of their figures).
 
     Example:
-        >>> cam = camfunc.gradcam(s, x, 281)              # (B, 7, 7)
-        >>> picture = camfunc.overlay(x_raw[0], cam[0])   # PIL.Image, size of x_raw
-        >>> picture.save("cam.png")
+        >>> cams = camfunc.gradcam(s, x, 3)                   # (B, 4, 4)
+        >>> picture = camfunc.overlay(image, cams[0])         # a PIL image, the image's size
+        >>> picture.mode, picture.size
+        ('RGB', (64, 64))
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")

@@ -1,0 +1,161 @@
+"""What a run reads: an image folder in ImageFolder layout, or the embedded model's scenes.
+
+Both are map-style torch datasets with a fixed order: dataset index ``i`` is
+the same image on every rank and every restart. An image that cannot be read
+does not stop the run: its item carries the reason and a blank image, and the
+run records it as failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..cli._images import IMAGE_SUFFIXES, read_resized
+
+SCENES_PREFIX = "scenes:"
+DEFAULT_SCENES_SEED = 0
+
+
+class Item(NamedTuple):
+    """One dataset entry; ``error`` is empty when the image was read."""
+
+    index: int
+    image: Tensor          # (3, H, W) in [0, 1]; zeros when the read failed
+    label: int
+    mask: Tensor | None    # (H, W) bool object mask (generated scenes only)
+    error: str
+
+
+class Batch(NamedTuple):
+    """Items stacked by :func:`collate`."""
+
+    indices: Tensor        # (B,) long
+    images: Tensor         # (B, 3, H, W)
+    labels: Tensor         # (B,) long
+    masks: Tensor | None   # (B, H, W) bool, or None
+    errors: list[str]
+
+
+def collate(items: Sequence[Item]) -> Batch:
+    masks = None if items[0].mask is None else torch.stack([item.mask for item in items])
+    return Batch(torch.tensor([item.index for item in items], dtype=torch.long),
+                 torch.stack([item.image for item in items]),
+                 torch.tensor([item.label for item in items], dtype=torch.long),
+                 masks, [item.error for item in items])
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    """``(classes, files, labels)`` of an ImageFolder tree, in dataset order.
+
+    Classes are the sorted names of ``root``'s sub-folders (hidden ones
+    skipped); each class's image files (by suffix, searched recursively) are
+    sorted by their path. Files directly in ``root`` belong to no class and
+    are ignored, as torchvision's ``ImageFolder`` does.
+    """
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root} (give a folder with one sub-folder per "
+                         "class, or scenes:N for generated scenes)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; the layout is ROOT/CLASS/IMAGE "
+                         "(torchvision's ImageFolder)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise ValueError(f"{root} has class folders {classes[:5]} but no image files "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return classes, files, labels
+
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """An ImageFolder tree read with Pillow, each image resized to ``size`` (H, W)."""
+
+    def __init__(self, root: str | Path, size: tuple[int, int]) -> None:
+        self.root = Path(root).resolve()
+        self.size = tuple(size)
+        self.classes, self.files, self.labels = list_image_folder(self.root)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return self.files[index].relative_to(self.root).as_posix()
+
+    def identity(self) -> dict:
+        listing = "\n".join(f"{label}\t{self.name(i)}" for i, label in enumerate(self.labels))
+        return {"kind": "image_folder", "root": str(self.root), "images": len(self),
+                "classes": self.classes,
+                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            image, error = read_resized(self.files[index], self.size), ""
+        except Exception as failure:  # any unreadable file is recorded, never fatal
+            image = torch.zeros(3, *self.size)
+            error = str(failure) if isinstance(failure, (OSError, ValueError)) \
+                else f"{type(failure).__name__}: {failure}"
+        return Item(index, image, self.labels[index], None, error)
+
+
+class ScenesData(torch.utils.data.Dataset):
+    """``camfunc.zoo.scenes(n, seed=seed)``, resized to ``size`` when the model wants another."""
+
+    def __init__(self, n: int, seed: int, size: tuple[int, int]) -> None:
+        from .. import zoo
+
+        self.n, self.seed, self.size = n, seed, tuple(size)
+        self.classes = list(zoo.CLASSES)
+        data = zoo.scenes(n, seed=seed)
+        images, masks = data.images, data.masks
+        if tuple(images.shape[-2:]) != self.size:
+            images = torch.nn.functional.interpolate(images, size=self.size, mode="bilinear",
+                                                     align_corners=False).clamp(0, 1)
+            masks = torch.nn.functional.interpolate(masks[:, None].float(), size=self.size,
+                                                    mode="nearest")[:, 0].bool()
+        self.images, self.labels, self.masks = images, data.labels, masks
+
+    def __len__(self) -> int:
+        return self.n
+
+    def name(self, index: int) -> str:
+        return f"scene-{index:06d}"
+
+    def identity(self) -> dict:
+        return {"kind": "scenes", "images": self.n, "seed": self.seed, "classes": self.classes}
+
+    def __getitem__(self, index: int) -> Item:
+        return Item(index, self.images[index], int(self.labels[index]), self.masks[index], "")
+
+
+def parse_scenes(spec: str) -> tuple[int, int] | None:
+    """``scenes:N`` or ``scenes:N:SEED`` as ``(N, SEED)``; None for anything else."""
+    if not spec.startswith(SCENES_PREFIX):
+        return None
+    parts = spec[len(SCENES_PREFIX):].split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or numbers[0] < 1:
+        raise ValueError(f"bad scenes spec {spec!r}: use scenes:N or scenes:N:SEED with N >= 1")
+    return numbers[0], numbers[1] if len(numbers) == 2 else DEFAULT_SCENES_SEED
+
+
+def open_data(data: str | Path, size: tuple[int, int]) -> ImageFolderData | ScenesData:
+    """The dataset ``data`` names: a folder, or ``scenes:N[:SEED]``."""
+    scenes = parse_scenes(data) if isinstance(data, str) else None
+    if scenes is not None:
+        return ScenesData(*scenes, size)
+    if not isinstance(data, (str, Path)):
+        raise TypeError(f"data must be a folder path or 'scenes:N[:SEED]', got {type(data).__name__}")
+    return ImageFolderData(data, size)

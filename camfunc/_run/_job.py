@@ -1,0 +1,429 @@
+"""``camfunc.run``: a dataset-scale, resumable, sharded, distributed run of CAM methods."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _split
+from ..cli._common import make_split, progress_bar, resolve_methods, write_json
+from ..cli._models import CliError, LoadedModel, load_model
+from . import _distributed, _settings, _shards
+from ._dataset import Batch, collate, open_data
+from ._work import Explained, Work, explain_batch, normaliser
+
+MANIFEST = "manifest.json"
+INDEX = "index.csv"
+METRICS = "metrics.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a run did; ``str(result)`` is its summary line."""
+
+    out: Path
+    manifest: Path
+    images: int            # images explained (readable), the whole dataset
+    failed: int            # images that could not be read
+    shards: int            # shard files in the folder
+    written: int           # shards this call computed (all ranks)
+    skipped: int           # shards a previous call had finished
+    seconds: float         # this call's processing time (the slowest rank)
+    images_per_second: float
+
+    def __str__(self) -> str:
+        return (f"camfunc run: {self.images} image(s) explained, {self.failed} failed, "
+                f"{self.shards} shard(s) ({self.written} written, {self.skipped} already done), "
+                f"{self.seconds:.1f} s, {self.images_per_second:.3g} img/s; wrote {self.manifest}")
+
+
+def _user_error(call: Callable[[], Any]) -> Any:
+    """The command line's one-line errors, as ValueError for Python callers."""
+    try:
+        return call()
+    except CliError as error:
+        raise ValueError(str(error)) from None
+
+
+def choose_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", _distributed.local_rank())
+    return torch.device("cpu")
+
+
+def load(model: str | nn.Module, weights: str | None, layer: str | None, size: int,
+         mean: Sequence[float] | None, std: Sequence[float] | None, seed: int,
+         device: torch.device) -> tuple[LoadedModel, str]:
+    """The model on ``device`` and the hash of its weights; the caller's module is never moved."""
+    if isinstance(model, nn.Module):
+        if any(m.training for m in model.modules()):
+            raise ValueError("the model is in training mode; call model.eval() first "
+                             "(dropout and batch-norm updates would make maps random)")
+        loaded = LoadedModel(model, layer, (size, size),
+                             None if mean is None else tuple(mean), None if std is None else tuple(std))
+    elif isinstance(model, str):
+        # Seeded, so a model with random weights is the same on every rank and restart.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = _user_error(lambda: load_model(model, weights, size))
+    else:
+        raise TypeError(f"model must be a spec string or an nn.Module, got {type(model).__name__}")
+    state = _settings.state_sha256(loaded.model)
+    on_device = all(p.device == device for p in loaded.model.parameters())
+    if not on_device:
+        moved = copy.deepcopy(loaded.model) if isinstance(model, nn.Module) else loaded.model
+        loaded = dataclasses.replace(loaded, model=moved.to(device))
+    return loaded, state
+
+
+def probe(split: _split.Split, loaded: LoadedModel, device: torch.device) -> tuple[int, int, tuple]:
+    """``(channels, num_classes, layer spatial size)`` from one blank image."""
+    x = loaded.normalise(torch.zeros(1, 3, *loaded.size)).to(device)
+    with torch.no_grad():
+        activations = _split.as_tuple(split.head(x))[0]
+        scores = split(x)
+    if not isinstance(scores, Tensor) or scores.ndim != 2:
+        raise ValueError("a run explains classifiers: the model must return (B, num_classes) "
+                         f"scores, got {getattr(scores, 'shape', type(scores).__name__)}")
+    return activations.shape[1], scores.shape[1], tuple(activations.shape[2:])
+
+
+def label_classes(data, loaded: LoadedModel, num_classes: int) -> Tensor:
+    """Dataset label -> model class: by name where the model names every folder, else by order."""
+    names = loaded.class_names
+    if names and all(c in names for c in data.classes):
+        return torch.tensor([names.index(c) for c in data.classes])
+    if len(data.classes) > num_classes:
+        raise ValueError(f"the data has {len(data.classes)} classes but the model {num_classes}; "
+                         "true classes need matching class folders (or use classes='predicted')")
+    return torch.arange(len(data.classes))
+
+
+def metric_columns(metrics: bool, has_masks: bool) -> list[str]:
+    if not metrics:
+        return []
+    return ["drop", "increase", "masked_probability"] + (
+        ["pointing_game", "energy_pointing_game"] if has_masks else [])
+
+
+def check_folder(out: Path, fingerprint: str, count: int) -> tuple[list[int], str | None]:
+    """Finished shards, or why ``out`` cannot be resumed with these settings."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != fingerprint:
+            return [], (f"{out} holds a run with other settings (fingerprint "
+                        f"{str(found)[:12]}, this run {fingerprint[:12]}); use the same "
+                        f"arguments to resume, another --out folder, or delete {out}")
+    return _shards.finished_shards(out, count, fingerprint)
+
+
+def batch_plan(shards: list[int], num_images: int, shard_size: int,
+               batch_size: int) -> list[tuple[int, list[int]]]:
+    """``(shard, dataset indices)`` batches; a batch never spans two shards."""
+    plan = []
+    for shard in shards:
+        indices = list(_shards.shard_range(shard, num_images, shard_size))
+        plan += [(shard, indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    return plan
+
+
+@dataclasses.dataclass
+class ShardBuffer:
+    parts: list[Explained] = dataclasses.field(default_factory=list)
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _joined(parts: list[Tensor], empty: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else empty
+
+
+def shard_payload(shard: int, buffer: ShardBuffer, common: dict[str, Any],
+                  empty: Explained) -> dict[str, Any]:
+    parts = buffer.parts
+    def field(name: str) -> Tensor:
+        return _joined([getattr(p, name) for p in parts], getattr(empty, name))
+
+    return {**common, "shard": shard,
+            "start": common["shard_size"] * shard,
+            "stop": min(common["shard_size"] * (shard + 1), common["num_images"]),
+            "indices": field("indices"), "labels": field("labels"), "classes": field("classes"),
+            "scores": field("scores"), "probabilities": field("probabilities"),
+            "maps": {m: _joined([p.maps[m] for p in parts], e) for m, e in empty.maps.items()},
+            "metrics": {m: {c: _joined([p.metrics[m][c] for p in parts], e)
+                            for c, e in columns.items()}
+                        for m, columns in empty.metrics.items()},
+            "failed": buffer.failed}
+
+
+def empty_result(methods: Sequence[str], k: int, map_size: tuple, map_dtype: str,
+                 columns: list[str]) -> Explained:
+    """A batch of no images, with the shapes a shard of no readable image stores."""
+    none = torch.zeros(0, dtype=torch.long)
+    maps = {m: _shards.encode_maps(torch.zeros(0, k, *map_size), map_dtype) for m in methods}
+    table = {m: {c: torch.zeros(0, k) for c in columns} for m in methods} if columns else {}
+    return Explained(none, none, torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k),
+                     torch.zeros(0, k), maps, table)
+
+
+def merge(out: Path, manifest: dict[str, Any], data, count: int, class_names,
+          columns: list[str]) -> dict[str, Any]:
+    """Rank 0, after every shard is written: index.csv, metrics.csv, and the final manifest."""
+    names = [data.name(i) for i in range(len(data))]
+    labels = [int(v) for v in data.labels]
+    shards, failed = [], []
+    for number, shard in enumerate(_shards.shards_in_order(out, count)):
+        failed += shard["failed"]
+        shards.append({"shard": number, "file": _shards.shard_path(Path("."), number).as_posix(),
+                       "start": shard["start"], "stop": shard["stop"],
+                       "images": len(shard["indices"]), "failed": len(shard["failed"])})
+    _shards.write_csv(out / INDEX, ["index", "name", "label", "status", "shard", "file", "row",
+                                    "reason"],
+                      _shards.index_rows(out, count, names, labels))
+    base = ["index", "name", "label", "method", "rank", "class", "class_name", "score",
+            "probability"]
+    _shards.write_csv(out / METRICS, base + columns,
+                      (row for shard in _shards.shards_in_order(out, count)
+                       for row in _shards.metric_rows(shard, names, class_names)))
+    return {**manifest, "status": "complete", "images": sum(s["images"] for s in shards),
+            "failed": failed, "shards": shards,
+            "files": {"index": INDEX, "metrics": METRICS, "shards": _shards.SHARD_FOLDER}}
+
+
+def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin",
+        weights: str | None = None, layer: str | None = None, size: int = 224,
+        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+        methods: Sequence[str] = ("gradcam",), classes: str = "predicted",
+        metrics: bool = False, batch_size: int = 16, shard_size: int = 256,
+        num_workers: int = 0, map_dtype: str = "float16", upsample: bool = False, seed: int = 0,
+        device: str | torch.device | None = None, compile: bool = False,
+        compile_backend: str | Callable[..., Any] = "inductor",
+        progress: bool = True) -> RunResult:
+    r"""Explain a whole dataset with CAM methods, in resumable shards, on one or many processes.
+
+    (No formula: this drives the methods of :data:`camfunc.METHODS` over a dataset.)
+
+    **Data.** ``data`` is a folder in ImageFolder layout (``ROOT/CLASS/IMAGE``;
+    classes are the sorted sub-folder names, images sorted by path within
+    each) or ``"scenes:N"`` / ``"scenes:N:SEED"`` for ``camfunc.zoo.scenes(N,
+    seed=SEED)`` (seed 0 by default), which adds object masks and so the pointing games.
+    Images are read with Pillow, as RGB in [0, 1], resized to the model's
+    size, and normalised as the model expects. An unreadable image is
+    recorded as failed, with the reason, and the run goes on.
+
+    **Model.** ``model`` is a spec, as for the command line (``"builtin"``,
+    ``"torchvision:NAME"``, ``"package.module:factory"``, with ``weights`` a
+    state-dict file), or an ``nn.Module`` in eval mode fed ``size`` x ``size``
+    images, normalised by ``mean``/``std`` if given. Random initial weights
+    are drawn from ``seed``, so every rank and restart builds the same model.
+
+    **Work.** For every image, each of ``methods`` (names in
+    ``camfunc.METHODS``) gives maps for ``classes``: ``"true"`` (the folder's
+    class; matched to the model's class names where it has them, else by
+    order), ``"predicted"``, or ``"topK"`` (e.g. ``"top3"``). With
+    ``metrics=True``, per image and class: the Grad-CAM++ paper's drop
+    ``max(0, Y - O) / Y`` and increase ``O > Y`` (``Y``, ``O`` the softmax
+    probability of the class on ``x`` and on ``x`` times the upsampled map),
+    and for scenes the pointing game (15 px tolerance) and the energy
+    pointing game. Random methods (``smooth_gradcampp``, ``sscam``,
+    ``randomcam``) get per-image noise from a generator seeded by ``(seed,
+    method, dataset index)``, so results do not depend on batching.
+
+    **Shards.** Shard ``j`` holds dataset indices ``[j * shard_size, (j + 1)
+    * shard_size)`` whatever the number of processes, at
+    ``out/shards/shard-{j:06d}.pt``: maps as ``map_dtype`` (``float16``,
+    ``uint8``, ``float32``), at the layer's resolution (the input's with
+    ``upsample=True``), the indices, classes, scores, probabilities, metric
+    columns and failed images. Files are written to a temporary name and
+    renamed, so a shard under its name is complete. At the end rank 0 writes
+    ``index.csv`` (each image's shard and row, or its failure),
+    ``metrics.csv`` (one row per image, method and class) and
+    ``manifest.json`` (settings, fingerprint, versions, failed images, shards,
+    timing). Read maps back with ``camfunc.read_maps(out, method)``.
+
+    **Resume.** Run again with the same arguments: finished shards are kept
+    (never rewritten) and the rest are done, with results equal to an
+    uninterrupted run. A folder made with other settings (the fingerprint in
+    its manifest or shards differs) is refused with an error; batch size,
+    workers, device, ``compile`` and the number of processes may change.
+
+    **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group
+    starts from torchrun's environment, nccl on CUDA and gloo on the CPU.
+    Rank 0 lists the unfinished shards and sends the list to every rank; rank
+    ``r`` takes every ``world``-th one from position ``r``. No image is done
+    twice and no padding reaches the results. Across nodes, give every node
+    the same data path and a shared ``out`` folder. After a barrier rank 0
+    merges the tables and writes the manifest.
+
+    ``compile=True`` runs each method through ``torch.compile(fullgraph=True,
+    dynamic=False, backend=compile_backend)`` and pads every batch (the short
+    last one, or one with failed images) to ``batch_size``, so it compiles once.
+    Batches are loaded by a ``DataLoader`` with ``num_workers`` workers
+    (pinned memory on CUDA); ``progress`` shows a bar with images/s on rank 0.
+
+    Returns a :class:`RunResult` (the same on every rank). Raises ``ValueError``
+    for bad arguments, before any work.
+
+    Example:
+        >>> result = camfunc.run("scenes:200", "out", methods=["gradcam"], metrics=True)
+        >>> print(result)           # camfunc run: 200 image(s) explained, 0 failed, 1 shard(s) ...
+        >>> indices, maps = camfunc.read_maps("out", "gradcam")  # [200], [200, 1, 16, 16]
+    """
+    start_time = time.perf_counter()
+    options = _settings.check_options(methods, classes, metrics, batch_size, shard_size,
+                                      num_workers, map_dtype, upsample, seed, progress)
+    method_functions = _user_error(lambda: resolve_methods(list(options.methods)))
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    out = Path(out)
+    device = choose_device(device)
+    loaded, state = load(model, weights, layer, size, mean, std, options.seed, device)
+    split = _user_error(lambda: make_split(loaded, layer))
+    dataset = open_data(data, loaded.size)
+    channels, num_classes, layer_size = probe(split, loaded, device)
+    if options.topk is not None and options.topk > num_classes:
+        raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
+                         f"{num_classes}")
+    class_of_label = label_classes(dataset, loaded, num_classes) if options.topk is None else None
+    columns = metric_columns(options.metrics, hasattr(dataset, "masks"))
+    settings = result_settings(dataset, model, state, split, loaded, options)
+    fingerprint = _settings.fingerprint(settings)
+    count = _shards.shard_count(len(dataset), options.shard_size)
+
+    group = _distributed.start(device)
+    try:
+        pending = pending_shards(group, out, fingerprint, count)
+        manifest = {"format": _shards.FORMAT, "status": "running", "fingerprint": fingerprint,
+                    "settings": settings,
+                    "run": {"world_size": group.world, "batch_size": options.batch_size,
+                            "num_workers": options.num_workers, "device": str(device),
+                            "compile": bool(compile), "data": str(data), "out": str(out)},
+                    "versions": _settings.versions(), "num_images": len(dataset),
+                    "num_shards": count}
+        if group.rank == 0:
+            write_json(out / MANIFEST, manifest)
+
+        compiled = {name: torch.compile(f, fullgraph=True, dynamic=False, backend=compile_backend)
+                    for name, f in method_functions.items()} if compile else method_functions
+        map_size = loaded.size if options.upsample else None
+        work = Work(split, compiled, normaliser(loaded.mean, loaded.std), options.topk,
+                    class_of_label, options.metrics, options.map_dtype, map_size, options.seed,
+                    device, options.batch_size if compile else None, channels)
+        empty = empty_result(options.methods, options.topk or 1, map_size or layer_size,
+                             options.map_dtype, columns)
+        common = {"format": _shards.FORMAT, "fingerprint": fingerprint,
+                  "shard_size": options.shard_size, "num_images": len(dataset),
+                  "map_dtype": options.map_dtype}
+        mine = pending[group.rank::group.world]
+        processed, seconds = process(work, dataset, out, mine, options, common, empty,
+                                     group.rank == 0 and options.progress, device)
+
+        stats = _distributed.gather(group, {"rank": group.rank, "shards": len(mine),
+                                            "images": processed, "seconds": seconds})
+        _distributed.barrier(group)
+        summary = None
+        if group.rank == 0:
+            final = merge(out, manifest, dataset, count, loaded.class_names, columns)
+            final["timing"] = timing(stats, time.perf_counter() - start_time)
+            write_json(out / MANIFEST, final)
+            summary = RunResult(out, out / MANIFEST, final["images"], len(final["failed"]), count,
+                                len(pending), count - len(pending), final["timing"]["seconds"],
+                                final["timing"]["images_per_second"])
+        return _distributed.broadcast(group, summary)
+    finally:
+        _distributed.finish(group)
+
+
+def result_settings(dataset, model: str | nn.Module, state: str, split: _split.Split,
+                    loaded: LoadedModel, options: _settings.Options) -> dict[str, Any]:
+    """Everything the results depend on: what the fingerprint hashes."""
+    return {"format": _shards.FORMAT, "data": dataset.identity(),
+            "model": {"spec": model if isinstance(model, str) else type(model).__qualname__,
+                      "weights_sha256": state, "layers": list(split.layers),
+                      "size": list(loaded.size), "mean": loaded.mean, "std": loaded.std},
+            "methods": list(options.methods), "classes": options.classes,
+            "metrics": options.metrics, "map_dtype": options.map_dtype,
+            "upsample": options.upsample, "shard_size": options.shard_size, "seed": options.seed}
+
+
+def pending_shards(group: _distributed.Group, out: Path, fingerprint: str,
+                   count: int) -> list[int]:
+    """The unfinished shards, as rank 0 finds them, on every rank (or everyone's same error)."""
+    if len(set(_distributed.gather(group, fingerprint))) != 1:
+        raise ValueError("the ranks disagree on the settings or the data (different files, "
+                         "model or arguments); every rank must see the same data and model")
+    verdict = None
+    if group.rank == 0:
+        finished, error = check_folder(out, fingerprint, count)
+        verdict = {"pending": [j for j in range(count) if j not in set(finished)], "error": error}
+        if error is None:
+            (out / _shards.SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
+            _shards.remove_partial_files(out)
+    verdict = _distributed.broadcast(group, verdict)
+    if verdict["error"]:
+        raise ValueError(verdict["error"])
+    return verdict["pending"]
+
+
+def timing(stats: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
+    """This call's throughput: images over the slowest rank's loop time."""
+    seconds = max(s["seconds"] for s in stats)
+    done = sum(s["images"] for s in stats)
+    return {"seconds": seconds, "images_this_call": done,
+            "images_per_second": done / seconds if seconds > 0 else 0.0,
+            "total_seconds": total_seconds, "ranks": stats}
+
+
+def process(work: Work, dataset, out: Path, shards: list[int], options: _settings.Options,
+            common: dict[str, Any], empty: Explained, show: bool,
+            device: torch.device) -> tuple[int, float]:
+    """This rank's shards, batch by batch; each shard written as soon as its last batch is done."""
+    plan = batch_plan(shards, len(dataset), options.shard_size, options.batch_size)
+    if not plan:
+        return 0, 0.0
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in plan],
+                                         num_workers=options.num_workers, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
+    last_batch = {shard: i for i, (shard, _) in enumerate(plan)}
+    bar = progress_bar(sum(len(b) for _, b in plan), "camfunc run", enabled=show)
+    buffer, processed = ShardBuffer(), 0
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                shard = plan[i][0]
+                add_batch(buffer, work, batch, dataset)
+                processed += len(batch.errors)
+                bar.update(len(batch.errors))
+                if last_batch[shard] == i:
+                    _shards.write_shard(_shards.shard_path(out, shard),
+                                        shard_payload(shard, buffer, common, empty))
+                    buffer = ShardBuffer()
+    finally:
+        bar.close()
+    return processed, time.perf_counter() - start
+
+
+def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset) -> None:
+    for index, error in zip(batch.indices.tolist(), batch.errors):
+        if error:
+            buffer.failed.append({"index": index, "name": dataset.name(index), "reason": error})
+    explained = explain_batch(work, batch)
+    if explained is not None:
+        buffer.parts.append(explained)

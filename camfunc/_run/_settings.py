@@ -1,0 +1,108 @@
+"""A run's settings: checked before any work, and fingerprinted for resuming.
+
+The fingerprint covers everything that changes the results (data listing,
+model weights, layer, methods, classes, metrics, storage, shard size, seed)
+and nothing that does not (batch size, workers, device, compile, number of
+ranks), so a run may be resumed with another batch size or on more ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._shards import FORMAT, MAP_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The checked arguments of :func:`camfunc.run`."""
+
+    methods: tuple[str, ...]
+    topk: int | None            # None: the true class
+    classes: str
+    metrics: bool
+    batch_size: int
+    shard_size: int
+    num_workers: int
+    map_dtype: str
+    upsample: bool
+    seed: int
+    progress: bool
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_classes(classes: Any) -> int | None:
+    """``"true"`` -> None; ``"predicted"`` -> 1; ``"topK"`` -> K."""
+    if classes == "true":
+        return None
+    if classes == "predicted":
+        return 1
+    if isinstance(classes, str) and classes.startswith("top") and classes[3:].isdigit() \
+            and int(classes[3:]) >= 1:
+        return int(classes[3:])
+    raise ValueError(f"classes must be 'true', 'predicted' or 'topK' (e.g. 'top3'), got {classes!r}")
+
+
+def check_options(methods: Any, classes: Any, metrics: Any, batch_size: Any, shard_size: Any,
+                  num_workers: Any, map_dtype: Any, upsample: Any, seed: Any,
+                  progress: Any) -> Options:
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, Sequence) or not methods or \
+            not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"methods must be a non-empty list of method names, got {methods!r}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {list(methods)} name a method twice")
+    if map_dtype not in MAP_DTYPES:
+        raise ValueError(f"map_dtype must be one of {', '.join(MAP_DTYPES)}, got {map_dtype!r}")
+    for name, flag in (("metrics", metrics), ("upsample", upsample), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return Options(tuple(methods), parse_classes(classes), classes, metrics,
+                   _positive_int(batch_size, "batch_size"), _positive_int(shard_size, "shard_size"),
+                   _positive_int(num_workers, "num_workers", 0), map_dtype, upsample, seed, progress)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """A hash of the model's class and every parameter and buffer, bit for bit."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, value in model.state_dict().items():
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    from .. import __version__
+
+    return {"camfunc": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "torchvision": _version("torchvision"), "pillow": _version("pillow"),
+            "numpy": _version("numpy"), "format": FORMAT}
