@@ -37,9 +37,21 @@ def accuracy(model: nn.Module, n: int = 1000, seed: int = HELD_OUT_SEED, batch: 
 
 def train(steps: int = STEPS, batch: int = BATCH, lr: float = 3e-3, seed: int = 0,
           log_every: int = 100) -> ShapesNet:
-    """Train a fresh ShapesNet and return it in eval mode."""
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    """Train a fresh ShapesNet and return it in eval mode.
+
+    The global RNG state and the deterministic-algorithms flag are restored afterwards.
+    """
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True)
+            return _train(steps, batch, lr, log_every)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(steps: int, batch: int, lr: float, log_every: int) -> ShapesNet:
     model = ShapesNet()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
