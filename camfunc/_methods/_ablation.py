@@ -46,17 +46,17 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
     for layer, carry in enumerate(found):
         a, context = carry[0], carry[1:]
         check_activations(a)
-        channels = a.shape[1]
-        keep = 1.0 - torch.eye(channels, dtype=a.dtype, device=a.device)  # row k drops channel k
-        shape = (1, channels, *(1,) * (a.ndim - 2))
+        channel_ids = torch.arange(a.shape[1], device=a.device)
+        shape = (1, a.shape[1], *(1,) * (a.ndim - 2))
 
-        def ablated(mask: Tensor, a: Tensor = a, context: tuple = context, layer: int = layer) -> Tensor:
-            mask = mask.reshape(shape)
-            out = _engine.run_from(split, layer, (a * mask + ablation_value * (1 - mask), *context))
+        def ablated(k: Tensor, a: Tensor = a, context: tuple = context, layer: int = layer) -> Tensor:
+            # A (C,) comparison per copy, not a dense (C, C) mask: one select per ablated copy.
+            keep = (channel_ids != k).reshape(shape)
+            out = _engine.run_from(split, layer, (torch.where(keep, a, ablation_value), *context))
             return pick(out, rows).float()
 
         with torch.no_grad():
-            dropped = torch.func.vmap(ablated, chunk_size=max(1, batch_size // x.shape[0]))(keep)
+            dropped = torch.func.vmap(ablated, chunk_size=max(1, batch_size // x.shape[0]))(channel_ids)
         drop = base.unsqueeze(0) - dropped  # (C, B, K)
         weights = (drop * safe_reciprocal(base, base != 0).unsqueeze(0)).permute(1, 0, 2)  # (B, C, K)
         maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
