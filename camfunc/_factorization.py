@@ -53,7 +53,7 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> concepts, maps, scores = camfunc.dff(s, x, 4, generator=g)
+        >>> concepts, maps, scores = camfunc.dff(s, x, 4, iterations=50, generator=g)
         >>> concepts.shape, maps.shape, scores.shape      # (k, C), (B, k, 4, 4), (k, classes)
         (torch.Size([4, 16]), torch.Size([2, 4, 4, 4]), torch.Size([4, 10]))
     """

@@ -88,10 +88,8 @@ def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
     prepared model. The user's model is not changed; the copies share its modules.
 
     Example:
-        >>> prepared = camfunc.fullgrad_model(model)      # traced once, outside the compiled code
-        >>> run = torch.compile(lambda x: camfunc.fullgrad(prepared, x, 3), fullgraph=True,
-        ...                     backend="eager")          # any backend; eager compiles fast
-        >>> run(x).shape
+        >>> prepared = camfunc.fullgrad_model(model)      # trace once, outside torch.compile
+        >>> camfunc.fullgrad(prepared, x, 3).shape        # this call compiles with fullgraph=True
         torch.Size([2, 64, 64])
     """
     if isinstance(model, FullGradModel):

@@ -138,7 +138,7 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.iscam(s, x, [1, 2], num_samples=4).shape     # one class per image
+        >>> camfunc.iscam(s, x, [1, 2], num_samples=2).shape     # one class per image
         torch.Size([2, 4, 4])
     """
     _validate.check_batch_size(batch_size)
@@ -179,7 +179,7 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> camfunc.sscam(s, x, 3, num_samples=4, generator=g).shape
+        >>> camfunc.sscam(s, x, 3, num_samples=2, generator=g).shape
         torch.Size([2, 4, 4])
         >>> torch.allclose(camfunc.sscam(s, x, 3, num_samples=1, std=0.0), camfunc.scorecam(s, x, 3))
         True

@@ -362,8 +362,10 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
 
     Example:
         >>> s = camfunc.split(model, "layer4")
-        >>> camfunc.sess(s, x, 281, num_scales=4).shape                  # [B, 224, 224]
-        >>> camfunc.sess(s, x, camfunc.topk(2), method=camfunc.layercam).shape  # [B, 2, 224, 224]
+        >>> camfunc.sess(s, x, 3, num_scales=2).shape                    # at the input's size
+        torch.Size([2, 64, 64])
+        >>> camfunc.sess(s, x, camfunc.topk(2), method=camfunc.layercam, num_scales=2).shape
+        torch.Size([2, 2, 64, 64])
     """
     split = _validate.check_call(split, x)
     _validate.check_batch_size(batch_size)

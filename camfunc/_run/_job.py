@@ -281,9 +281,10 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     for bad arguments, before any work.
 
     Example:
-        >>> result = camfunc.run("scenes:200", "out", methods=["gradcam"], metrics=True)
-        >>> print(result)           # camfunc run: 200 image(s) explained, 0 failed, 1 shard(s) ...
-        >>> indices, maps = camfunc.read_maps("out", "gradcam")  # [200], [200, 1, 16, 16]
+        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> indices, maps = camfunc.read_maps("out", "gradcam")
+        >>> indices.shape, maps.shape                     # the embedded model's 16x16 maps
+        (torch.Size([8]), torch.Size([8, 1, 16, 16]))
     """
     start_time = time.perf_counter()
     options = _settings.check_options(methods, classes, metrics, batch_size, shard_size,

@@ -61,9 +61,10 @@ def read_shard(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """A shard file's dict (tensors, lists, strings; loaded with ``weights_only=True``).
 
     Example:
-        >>> shard = read_shard("out/shards/shard-000000.pt")
-        >>> shard["indices"], shard["classes"], shard["scores"]   # [n], [n, K], [n, K]
-        >>> shard["maps"]["gradcam"].shape                        # [n, K, h, w], as stored
+        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> shard = camfunc.read_shard("out/shards/shard-000000.pt")
+        >>> shard["maps"]["gradcam"].shape                # (n, K, h, w), as stored
+        torch.Size([8, 1, 16, 16])
     """
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
@@ -159,9 +160,10 @@ def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
     in dataset order (failed images are absent).
 
     Example:
-        >>> camfunc.run("scenes:64", "out", methods=["gradcam"])
-        >>> indices, maps = read_maps("out", "gradcam")
-        >>> maps.shape                                  # [64, 1, 16, 16]
+        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> indices, maps = camfunc.read_maps("out", "gradcam")
+        >>> maps.shape
+        torch.Size([8, 1, 16, 16])
     """
     out = Path(out)
     files = sorted((out / SHARD_FOLDER).glob("shard-*.pt"))

@@ -70,9 +70,10 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
             for each image's top class.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)                 # [B, 7, 7] in [0, 1]
-        >>> result = camfunc.metrics.confidence_change(s, x, cams, 281)
-        >>> result.average_drop, result.increase_in_confidence
+        >>> cams = camfunc.gradcam(s, x, 3)                   # in [0, 1], any size
+        >>> result = camfunc.metrics.confidence_change(s, x, cams, 3)
+        >>> result.drop.shape, result.average_drop.shape      # per image, and the batch's mean
+        (torch.Size([2]), torch.Size([]))
     """
     masks = _inputs.checked_maps(model, x, maps, cls, probabilities)
     _inputs.check_unit_interval(masks)
@@ -97,9 +98,10 @@ def average_drop(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
     per-image values. Chattopadhay et al., Grad-CAM++, WACV 2018.
 
     Example:
-        >>> cams = camfunc.gradcampp(s, x, 281)
-        >>> camfunc.metrics.average_drop(s, x, cams, 281)          # 0-d, in [0, 1]
-        >>> camfunc.metrics.average_drop(model, x, cams, probabilities=False)
+        >>> cams = camfunc.gradcampp(s, x, 3)
+        >>> drop = camfunc.metrics.average_drop(s, x, cams, 3)
+        >>> drop.shape, bool(0 <= drop <= 1)
+        (torch.Size([]), True)
     """
     return confidence_change(model, x, maps, cls, probabilities=probabilities).average_drop
 
@@ -113,8 +115,9 @@ def increase_in_confidence(model: Model, x: Tensor, maps: Tensor, cls: Classes =
     Grad-CAM++, WACV 2018.
 
     Example:
-        >>> cams = camfunc.gradcampp(s, x, 281)
-        >>> camfunc.metrics.increase_in_confidence(s, x, cams, 281)   # 0-d, in [0, 1]
-        >>> camfunc.metrics.increase_in_confidence(model, x, cams)    # top classes
+        >>> cams = camfunc.gradcampp(s, x, 3)
+        >>> increase = camfunc.metrics.increase_in_confidence(model, x, cams)   # each image's top class
+        >>> increase.shape, bool(0 <= increase <= 1)
+        (torch.Size([]), True)
     """
     return confidence_change(model, x, maps, cls, probabilities=probabilities).increase_in_confidence

@@ -155,9 +155,10 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
         substrate: ``"zeros"``, ``"blur"``, a tensor broadcastable to ``x`` or a callable ``x -> tensor``.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)
-        >>> result = camfunc.metrics.deletion(s, x, cams, 281, step=224 * 8, batch_size=64)
-        >>> result.curves.shape, result.auc                # [B, 29], [B]
+        >>> cams = camfunc.gradcam(s, x, 3)
+        >>> result = camfunc.metrics.deletion(s, x, cams, 3, step=64 * 8)    # 8 rows of pixels a step
+        >>> result.curves.shape, result.auc.shape                          # 64 * 64 / 512 = 8 steps
+        (torch.Size([2, 9]), torch.Size([2]))
     """
     return causal_curve(model, x, maps, cls, deleting=True, step=step, substrate=substrate,
                         probabilities=probabilities, batch_size=batch_size)
@@ -181,9 +182,10 @@ def insertion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, ste
     Black-box Models", BMVC 2018.
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)
-        >>> result = camfunc.metrics.insertion(s, x, cams, 281, step=224 * 8)
-        >>> result.mean_auc                                # 0-d
+        >>> cams = camfunc.gradcam(s, x, 3)
+        >>> result = camfunc.metrics.insertion(s, x, cams, 3, step=64 * 8)
+        >>> result.auc.shape, result.mean_auc.shape
+        (torch.Size([2]), torch.Size([]))
     """
     return causal_curve(model, x, maps, cls, deleting=False, step=step, substrate=substrate,
                         probabilities=probabilities, batch_size=batch_size)

@@ -153,9 +153,11 @@ def pointing_game(maps: Tensor, target: GroundTruth, *, tolerance: float = 15.0,
         size: ``(H, W)`` of the image the boxes refer to (required with boxes).
 
     Example:
-        >>> cams = camfunc.gradcam(s, x, 281)                    # [B, 7, 7]
+        >>> cams = camfunc.gradcam(s, x, 3)                            # (B, 4, 4)
+        >>> boxes = torch.tensor([[0, 0, 32, 32], [16, 16, 48, 48]])   # (x1, y1, x2, y2) per image
         >>> result = camfunc.metrics.pointing_game(cams, boxes, size=x.shape[-2:])
-        >>> result.accuracy, result.hits                         # 0-d, [B]
+        >>> result.hits.shape, result.accuracy.shape
+        (torch.Size([2]), torch.Size([]))
     """
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
             or not math.isfinite(tolerance) or tolerance <= 0:
@@ -189,9 +191,11 @@ def energy_pointing_game(maps: Tensor, target: GroundTruth, *,
     Convolutional Neural Networks", CVPR Workshops 2020, Section 5.2.
 
     Example:
-        >>> cams = camfunc.scorecam(s, x, 281)                       # [B, 7, 7]
+        >>> cams = camfunc.gradcam(s, x, 3)
+        >>> masks = torch.zeros(2, 64, 64, dtype=torch.bool); masks[:, 16:48, 16:48] = True
         >>> result = camfunc.metrics.energy_pointing_game(cams, masks)
-        >>> result.proportions, result.mean                          # [B], 0-d
+        >>> result.proportions.shape, result.mean.shape
+        (torch.Size([2]), torch.Size([]))
     """
     maps, masks = _maps_and_masks(maps, target, size)
     if bool((maps < 0).any()):

@@ -37,7 +37,7 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     Example:
         >>> maps = {"gradcam": camfunc.gradcam(s, x, camfunc.topk(2))[0],
         ...         "scorecam": camfunc.scorecam(s, x, camfunc.topk(2))[0]}
-        >>> fig = camfunc.viz.figure(image, maps, classes=["best", "second"], path="cams.png")
+        >>> fig = camfunc.viz.figure(image, maps, classes=["best", "second"])   # path= writes a PNG
         >>> len(fig.axes)                  # 2 rows of 3: the input, then each method's overlay
         6
     """
