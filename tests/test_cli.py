@@ -1,6 +1,7 @@
 """The command line, run for real in a subprocess on small inputs; its files checked."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -169,11 +170,16 @@ def test_evaluate_on_generated_scenes_writes_json_and_csv(tmp_path):
 def test_evaluate_image_files_records_failures(images, tmp_path):
     out = tmp_path / "eval"
     result = camfunc_cli("evaluate", *images["good"], images["corrupt"], "--metric", "confidence",
-                         "--metric", "road", "--out", out)
+                         "--metric", "road", "--metric", "arcc", "--metric", "infidelity",
+                         "--metric", "sensitivity", "--out", out)
     assert result.returncode == 1
     payload = json.loads((out / "metrics.json").read_text())
     assert [f["path"] for f in payload["failed"]] == [str(images["corrupt"])]
-    assert len(payload["images"]) == 2 and all("road" in row for row in payload["images"])
+    assert len(payload["images"]) == 2
+    for row in payload["images"]:
+        assert {"road", "arcc", "infidelity", "sensitivity_max"} <= set(row)
+        assert math.isfinite(row["road"]) and 0 <= row["arcc"] <= 1  # ROAD: a logit change
+        assert row["infidelity"] >= 0 and row["sensitivity_max"] >= 0
 
 
 def test_evaluate_refuses_the_pointing_game_without_masks(images, tmp_path):

@@ -17,14 +17,17 @@ from ._explain import add_model_arguments
 from ._images import expand_images, read_image
 from ._models import CliError, LoadedModel, load_model
 
-METRICS = ("confidence", "deletion", "insertion", "pointing", "road")
+METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
+           "sensitivity")
 DEFAULT_METRICS = ("confidence", "deletion", "insertion")
 
 
 def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks: Tensor | None,
-                   args: argparse.Namespace) -> dict[str, Tensor]:
-    """One metric's per-image columns for a batch."""
+                   args: argparse.Namespace, method) -> dict[str, Tensor]:
+    """One metric's per-image columns for a batch; random ones seeded by ``--seed``."""
     from .. import metrics
+
+    generator = torch.Generator(device=x.device).manual_seed(args.seed)
 
     if name == "confidence":
         change = metrics.confidence_change(model, x, maps, cls)
@@ -35,8 +38,17 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
     if name == "pointing":
         return {"pointing_game": metrics.pointing_game(maps, masks).hits.float(),
                 "energy_pointing_game": metrics.energy_pointing_game(maps, masks).proportions}
-    generator = torch.Generator().manual_seed(args.seed)
-    return {"road": metrics.road(model, x, maps, cls, generator=generator, batch_size=args.batch_size)}
+    if name == "road":
+        return {"road": metrics.road(model, x, maps, cls, generator=generator,
+                                     batch_size=args.batch_size)}
+    if name == "arcc":
+        return {"arcc": metrics.arcc(method, model, x, cls, maps=maps, generator=generator,
+                                     batch_size=args.batch_size)}
+    if name == "infidelity":
+        return {"infidelity": metrics.infidelity(model, x, maps, cls, generator=generator,
+                                                 batch_size=args.batch_size)}
+    return {"sensitivity_max": metrics.sensitivity_max(method, model, x, cls, generator=generator,
+                                                       batch_size=args.batch_size)}
 
 
 def generated_batches(args: argparse.Namespace):
@@ -91,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> int:
             maps = method(split, x, classes)
             columns: dict[str, Tensor] = {}
             for metric in chosen:
-                columns.update(metric_columns(metric, split, x, maps, classes, masks, args))
+                columns.update(metric_columns(metric, split, x, maps, classes, masks, args, method))
             for row, name in enumerate(names):
                 rows.append({"image": name, "method": method_name, "class": int(classes[row]),
                              **{key: float(value[row]) for key, value in columns.items()}})
@@ -134,7 +146,8 @@ def register(subparsers) -> None:
     parser.add_argument("--generated", type=int, default=0,
                         help="use N generated scenes (builtin model; true classes and object masks)")
     parser.add_argument("--seed", type=int, default=20_261_126,
-                        help="scene seed for --generated, and ROAD's noise (default: the held-out seed)")
+                        help="scene seed for --generated, and the random metrics' seed "
+                             "(default: the held-out seed)")
     add_model_arguments(parser)
     parser.add_argument("--method", action="append", help="a camfunc method (repeatable; default gradcam)")
     parser.add_argument("--metric", action="append",
