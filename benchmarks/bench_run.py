@@ -68,7 +68,7 @@ def forward_throughput(model, loaded, folder: Path, args, device) -> float:
 
 
 def run_throughput(model, folder: Path, args, device) -> tuple[float, float]:
-    from camfunc.cli._models import IMAGENET_MEAN, IMAGENET_STD
+    from camfunc._loading import IMAGENET_MEAN, IMAGENET_STD
     from camfunc import run
 
     with tempfile.TemporaryDirectory() as out:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import torchvision
 
-    from camfunc.cli._models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+    from camfunc._loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _FILE_MODE = 0o644
 
@@ -35,3 +36,8 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_atomic(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")

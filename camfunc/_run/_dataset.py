@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cli._images import IMAGE_SUFFIXES, read_resized
+from .._images import IMAGE_SUFFIXES, read_resized
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0

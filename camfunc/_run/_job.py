@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import _split
-from ..cli._common import make_split, progress_bar, resolve_methods, write_json
-from ..cli._models import CliError, LoadedModel, load_model
+from .._atomic import write_json
+from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from .._progress import progress_bar
 from . import _distributed, _settings, _shards
 from ._dataset import Batch, collate, open_data
 from ._work import Explained, Work, explain_batch, normaliser
@@ -49,7 +50,7 @@ def _user_error(call: Callable[[], Any]) -> Any:
     """The command line's one-line errors, as ValueError for Python callers."""
     try:
         return call()
-    except CliError as error:
+    except UsageError as error:
         raise ValueError(str(error)) from None
 
 

@@ -10,8 +10,9 @@ import torch
 
 from .. import zoo
 from ..viz import figure
-from ._common import make_split, resolve_methods, table, write_json
-from ._models import CliError, load_model
+from .._atomic import write_json
+from .._loading import UsageError, load_model, make_split, resolve_methods
+from ._common import table
 
 # Score-CAM is left out of the default only for time (64 masked forwards per scene): add it
 # with --method scorecam.
@@ -44,7 +45,7 @@ def demo(args: argparse.Namespace) -> int:
     from ..zoo.train import HELD_OUT_SEED
 
     if args.scenes < 1 or args.eval < 1 or args.batch_size < 1:
-        raise CliError("--scenes, --eval and --batch-size must be positive")
+        raise UsageError("--scenes, --eval and --batch-size must be positive")
     out = Path(args.out)
     loaded = load_model("builtin")
     split = make_split(loaded, None)

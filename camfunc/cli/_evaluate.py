@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._atomic import write_text_atomic
-from ._common import error_line, make_split, progress, resolve_methods, table, write_json
+from .._atomic import write_json, write_text_atomic
+from .._images import expand_images, read_image
+from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from .._progress import progress
+from ._common import error_line, table
 from ._explain import add_model_arguments
-from ._images import expand_images, read_image
-from ._models import CliError, LoadedModel, load_model
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
            "sensitivity")
@@ -78,15 +79,15 @@ def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dic
 
 def evaluate(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.generated):
-        raise CliError("give image files or folders, or --generated N (the embedded model's scenes), not both")
+        raise UsageError("give image files or folders, or --generated N (the embedded model's scenes), not both")
     if args.generated and args.model != "builtin":
-        raise CliError("--generated scenes are for the builtin model; drop --model or give images")
+        raise UsageError("--generated scenes are for the builtin model; drop --model or give images")
     chosen = args.metric or list(DEFAULT_METRICS) + (["pointing"] if args.generated else [])
     unknown = [m for m in chosen if m not in METRICS]
     if unknown:
-        raise CliError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
     if "pointing" in chosen and not args.generated:
-        raise CliError("the pointing game needs object masks: use it with --generated N")
+        raise UsageError("the pointing game needs object masks: use it with --generated N")
     loaded = load_model(args.model, args.weights, args.size)
     methods = resolve_methods(args.method or ["gradcam"])
     split = make_split(loaded, args.layer)
@@ -108,7 +109,7 @@ def evaluate(args: argparse.Namespace) -> int:
                 rows.append({"image": name, "method": method_name, "class": int(classes[row]),
                              **{key: float(value[row]) for key, value in columns.items()}})
     if not rows:
-        raise CliError("no image could be read")
+        raise UsageError("no image could be read")
     summary = summarise(rows)
     out = Path(args.out)
     write_json(out / "metrics.json", {"model": args.model, "methods": list(methods), "metrics": chosen,

@@ -16,9 +16,11 @@ from torch import Tensor
 from .. import _targets
 from ..viz import overlay
 from .._atomic import write_atomic
-from ._common import error_line, make_split, progress, resolve_methods, safe_name, write_json
-from ._images import expand_images, read_image
-from ._models import CliError, LoadedModel, load_model
+from .._atomic import write_json
+from .._images import expand_images, read_image
+from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from .._progress import progress
+from ._common import error_line, safe_name
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +44,13 @@ def target_from(args: argparse.Namespace, loaded: LoadedModel) -> Any:
     if args.cls is None:
         k = args.topk if args.topk is not None else 1
         if k < 1:
-            raise CliError(f"--topk must be at least 1, got {k}")
+            raise UsageError(f"--topk must be at least 1, got {k}")
         return _targets.topk(k)
     if args.cls.lstrip("-").isdigit():
         return int(args.cls)
     names = loaded.class_names or ()
     if args.cls not in names:
-        raise CliError(f"unknown class {args.cls!r}; give an index or one of: {', '.join(names) or 'none'}")
+        raise UsageError(f"unknown class {args.cls!r}; give an index or one of: {', '.join(names) or 'none'}")
     return names.index(args.cls)
 
 
@@ -87,7 +89,7 @@ def explain(args: argparse.Namespace) -> int:
     split = make_split(loaded, args.layer)
     paths = expand_images(args.images)
     if not paths:
-        raise CliError("no images given (or none found in the folders given)")
+        raise UsageError("no images given (or none found in the folders given)")
     out = Path(args.out)
     stems = unique_stems(paths)
     records: list[dict[str, Any]] = []
@@ -112,7 +114,7 @@ def explain(args: argparse.Namespace) -> int:
             try:
                 maps, scores = method(split, x, cls, return_scores=True)
             except (ValueError, TypeError, IndexError) as error:
-                raise CliError(f"{name}: {str(error).splitlines()[0]}") from None
+                raise UsageError(f"{name}: {str(error).splitlines()[0]}") from None
             per_method[name] = maps_per_class(maps)
         classes = explained_classes(cls, scores)
         probabilities = torch.softmax(scores.float(), dim=1)

@@ -11,7 +11,7 @@ import sys
 
 from ._common import call_handler
 from ._explain import add_model_arguments
-from ._models import CliError
+from .._loading import UsageError
 
 HELP = "explain a dataset in resumable shards (single process or under torchrun)"
 
@@ -28,7 +28,7 @@ def run_command(args: argparse.Namespace) -> int:
             seed=args.seed, device=args.device, compile=args.compile,
             compile_backend=args.compile_backend, progress=not args.no_progress)
     except (ValueError, TypeError) as error:
-        raise CliError(str(error).splitlines()[0]) from None
+        raise UsageError(str(error).splitlines()[0]) from None
     if _is_rank_zero():
         print(result)
     return 1 if result.failed else 0

@@ -1,20 +1,28 @@
-"""Model specs for the command line: ``builtin``, ``torchvision:NAME``, ``package.module:factory``."""
+"""Loading what a job names: model specs (``builtin``, ``torchvision:NAME``,
+``package.module:factory``), methods by name, and the split. Shared by the
+command line and dataset runs; every failure is a one-line ``UsageError``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from . import _split
+from ._methods import METHODS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CliError(Exception):
-    """A one-line, user-facing error: the command prints it and exits with status 2."""
+class UsageError(ValueError):
+    """A bad argument, in one line: the command line prints it and exits with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +53,24 @@ class LoadedModel:
 def _load_weights(model: nn.Module, weights: str | Path) -> None:
     path = Path(weights)
     if not path.is_file():
-        raise CliError(f"weights file not found: {path}")
+        raise UsageError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a bad file
-        raise CliError(f"cannot load weights {path}: {type(error).__name__}: "
+        raise UsageError(f"cannot load weights {path}: {type(error).__name__}: "
                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise CliError(f"weights {path} must hold a state dict, got {type(state).__name__}")
+        raise UsageError(f"weights {path} must hold a state dict, got {type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise CliError(f"weights {path} do not fit the model: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"weights {path} do not fit the model: {str(error).splitlines()[0]}") from None
 
 
 def _builtin(weights: str | None) -> LoadedModel:
-    from .. import zoo
+    from . import zoo
 
     model = zoo.shapesnet(pretrained=weights is None)
     if weights is not None:
@@ -75,10 +83,10 @@ def _torchvision(name: str, weights: str | None, size: int) -> LoadedModel:
     try:
         import torchvision
     except ImportError:
-        raise CliError("torchvision models need torchvision: pip install torchvision") from None
+        raise UsageError("torchvision models need torchvision: pip install torchvision") from None
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise CliError(f"unknown torchvision model {name!r}; e.g. resnet50, vit_b_16, swin_t "
+        raise UsageError(f"unknown torchvision model {name!r}; e.g. resnet50, vit_b_16, swin_t "
                        f"({len(available)} available)")
     model = torchvision.models.get_model(name, weights=None)
     if weights is not None:
@@ -91,24 +99,46 @@ def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise CliError(f"cannot import {module_name!r} for model {spec!r}: {error}") from None
+        raise UsageError(f"cannot import {module_name!r} for model {spec!r}: {error}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise CliError(f"model {spec!r}: {module_name} has no callable {attribute!r}")
+        raise UsageError(f"model {spec!r}: {module_name} has no callable {attribute!r}")
     model = factory()
     if not isinstance(model, nn.Module):
-        raise CliError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     if weights is not None:
         _load_weights(model, weights)
     return LoadedModel(model.eval(), None, (size, size), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def load_model(spec: str, weights: str | None = None, size: int = 224) -> LoadedModel:
-    """Resolve a model spec; raise ``CliError`` with one line when it cannot be done."""
+    """Resolve a model spec; raise ``UsageError`` with one line when it cannot be done."""
     if spec == "builtin":
         return _builtin(weights)
     if spec.startswith("torchvision:"):
         return _torchvision(spec.partition(":")[2], weights, size)
     if ":" in spec and not spec.startswith(":"):
         return _factory(spec, weights, size)
-    raise CliError(f"unknown model {spec!r}: use 'builtin', 'torchvision:NAME' or 'package.module:factory'")
+    raise UsageError(f"unknown model {spec!r}: use 'builtin', 'torchvision:NAME' or 'package.module:factory'")
+
+
+def resolve_methods(names: list[str]) -> dict[str, Callable]:
+    """Methods by their ``camfunc.METHODS`` names."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+    return {n: METHODS[n] for n in names}
+
+
+def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
+    """Split at ``layer``, the model's default layer, or the one camfunc chooses."""
+    layer = layer or loaded.layer
+    try:
+        if layer is None:
+            example = torch.zeros(1, 3, *loaded.size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", _split.LayerChoiceWarning)
+                return _split.split(loaded.model, example_input=example)
+        return _split.split(loaded.model, layer)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
