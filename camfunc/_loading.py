@@ -135,7 +135,9 @@ def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
     layer = layer or loaded.layer
     try:
         if layer is None:
-            example = torch.zeros(1, 3, *loaded.size)
+            parameter = next(loaded.model.parameters(), None)
+            device = parameter.device if parameter is not None else None
+            example = torch.zeros(1, 3, *loaded.size, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", _split.LayerChoiceWarning)
                 return _split.split(loaded.model, example_input=example)

@@ -185,3 +185,36 @@ def test_evaluate_image_files_records_failures(images, tmp_path):
 def test_evaluate_refuses_the_pointing_game_without_masks(images, tmp_path):
     result = camfunc_cli("evaluate", images["good"][0], "--metric", "pointing", "--out", tmp_path / "e")
     assert result.returncode == 2 and "needs object masks" in result.stderr
+
+
+def test_zero_batch_size_and_out_of_range_class_are_one_line_errors(images, tmp_path):
+    for command in (["explain", images["good"][0], "--batch-size", "0"],
+                    ["evaluate", images["good"][0], "--class", "99"]):
+        result = camfunc_cli(*command, "--out", tmp_path / "o")
+        last = result.stderr.strip().splitlines()[-1]  # argparse prints its usage lines first
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "--batch-size: expected a positive integer, got 0" in last or \
+            last.startswith("camfunc: error: gradcam:") and "99" in last
+        assert not (tmp_path / "o").exists()
+
+
+def test_random_metrics_do_not_depend_on_the_batch_size(tmp_path):
+    payloads = []
+    for batch in ("1", "3"):
+        out = tmp_path / batch
+        result = camfunc_cli("evaluate", "--generated", "3", "--batch-size", batch, "--metric", "road",
+                             "--metric", "infidelity", "--out", out)
+        assert result.returncode == 0, result.stderr
+        payloads.append(json.loads((out / "metrics.json").read_text())["images"])
+    for one, three in zip(*payloads):
+        assert one["road"] == pytest.approx(three["road"], abs=1e-5)
+        assert one["infidelity"] == pytest.approx(three["infidelity"], rel=1e-4, abs=1e-6)
+
+
+def test_repeated_image_names_get_distinct_folders():
+    from pathlib import Path
+
+    from camfunc.cli._explain import unique_stems
+
+    stems = unique_stems([Path("x/a.png"), Path("y/a.png"), Path("a-2.png"), Path("z/a.jpg")])
+    assert len(set(stems)) == 4 and stems[0] == "a"

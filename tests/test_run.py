@@ -317,7 +317,6 @@ def test_corrupt_images_are_recorded_as_failed_and_the_run_goes_on(weights, tmp_
     (["--classes", "best"], "classes must be 'true', 'predicted' or 'topK'"),
     (["--classes", "top9"], "more classes than the model's 5"),
     (["--shard-size", "0"], "shard_size must be an int >= 1"),
-    (["--batch-size", "-2"], "batch_size must be an int >= 1"),
 ])
 def test_bad_arguments_are_clear_errors(weights, tmp_path, capsys, args, message):
     status = run_main(["scenes:4", "--out", str(tmp_path / "out"), "--weights", str(weights),
@@ -373,3 +372,22 @@ def test_a_module_model_is_used_as_given_and_never_moved_or_changed(tmp_path):
     torch.testing.assert_close(read_maps(tmp_path / "out", "gradcam")[1][:, 0], expected,
                                atol=ATOL, rtol=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_sscam_draws_per_image_so_results_do_not_depend_on_the_batch(weights, tmp_path):
+    common = dict(model="builtin", weights=str(weights), methods=["sscam"], classes="true",
+                  map_dtype="float32", progress=False)
+    run_dataset("scenes:3", tmp_path / "one", batch_size=1, **common)
+    run_dataset("scenes:3", tmp_path / "three", batch_size=3, **common)
+    _, one = read_maps(tmp_path / "one", "sscam")
+    _, three = read_maps(tmp_path / "three", "sscam")
+    torch.testing.assert_close(one, three, atol=1e-5, rtol=1e-5)
+    assert one.flatten(1).std(1).min() > 0  # real maps, not flat zeros
+
+
+def test_a_negative_batch_size_is_refused_by_the_parser(weights, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_main(["scenes:4", "--out", str(tmp_path / "out"), "--batch-size", "-2"])
+    assert stop.value.code == 2
+    assert "--batch-size: expected a positive integer, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

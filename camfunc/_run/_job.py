@@ -58,7 +58,8 @@ def choose_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            # Under torchrun each rank takes its own GPU; current_device() is 0 on all of them.
+            device = torch.device("cuda", _distributed.local_rank())
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", _distributed.local_rank())
@@ -333,23 +334,49 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
                   "shard_size": options.shard_size, "num_images": len(dataset),
                   "map_dtype": options.map_dtype}
         mine = pending[group.rank::group.world]
-        processed, seconds = process(work, dataset, out, mine, options, common, empty,
-                                     group.rank == 0 and options.progress, device)
-
+        # A rank that fails still reaches every collective below, with its error, so the
+        # others raise it too instead of waiting for it until the backend's timeout.
+        failure = None
+        processed, seconds = 0, 0.0
+        try:
+            processed, seconds = process(work, dataset, out, mine, options, common, empty,
+                                         group.rank == 0 and options.progress, device)
+        except Exception as error:
+            failure = error
         stats = _distributed.gather(group, {"rank": group.rank, "shards": len(mine),
-                                            "images": processed, "seconds": seconds})
-        _distributed.barrier(group)
+                                            "images": processed, "seconds": seconds,
+                                            "error": _described(failure)})
+        _raise_any(failure, [s.pop("error") for s in stats])
         summary = None
         if group.rank == 0:
-            final = merge(out, manifest, dataset, count, loaded.class_names, columns)
-            final["timing"] = timing(stats, time.perf_counter() - start_time)
-            write_json(out / MANIFEST, final)
-            summary = RunResult(out, out / MANIFEST, final["images"], len(final["failed"]), count,
-                                len(pending), count - len(pending), final["timing"]["seconds"],
-                                final["timing"]["images_per_second"])
-        return _distributed.broadcast(group, summary)
+            try:
+                final = merge(out, manifest, dataset, count, loaded.class_names, columns)
+                final["timing"] = timing(stats, time.perf_counter() - start_time)
+                write_json(out / MANIFEST, final)
+                summary = RunResult(out, out / MANIFEST, final["images"], len(final["failed"]),
+                                    count, len(pending), count - len(pending),
+                                    final["timing"]["seconds"],
+                                    final["timing"]["images_per_second"])
+            except Exception as error:
+                failure = error
+        shared = _distributed.broadcast(group, {"summary": summary, "error": _described(failure)})
+        _raise_any(failure, [shared["error"]])
+        return shared["summary"]
     finally:
         _distributed.finish(group)
+
+
+def _described(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_any(own: BaseException | None, reported: list[str | None]) -> None:
+    """Re-raise this rank's own error, or raise another rank's, so every rank stops together."""
+    if own is not None:
+        raise own
+    errors = [f"rank {rank}: {e}" for rank, e in enumerate(reported) if e is not None]
+    if errors:
+        raise RuntimeError("the run failed on another rank: " + "; ".join(errors))
 
 
 def result_settings(dataset, model: str | nn.Module, state: str, split: _split.Split,
@@ -411,7 +438,7 @@ def process(work: Work, dataset, out: Path, shards: list[int], options: _setting
             for i, batch in enumerate(loader):
                 shard = plan[i][0]
                 add_batch(buffer, work, batch, dataset)
-                processed += len(batch.errors)
+                processed += sum(1 for error in batch.errors if not error)  # explained, not failed
                 bar.update(len(batch.errors))
                 if last_batch[shard] == i:
                     _shards.write_shard(_shards.shard_path(out, shard),

@@ -115,6 +115,26 @@ def random_inputs(work: Work, name: str, method: Callable[..., Any], indices: li
     return {keyword: stacked.to(work.device)}
 
 
+# Methods whose full noise tensor is too large to stack (SS-CAM's is (samples, C, H, W) per
+# image at the input's size): eagerly they draw it themselves, chunk by chunk, from the
+# image's own generator, one image per call. Compiled runs still pass the stacked noise.
+DRAWN_PER_IMAGE = {"sscam"}
+
+
+def drawn_per_image(work: Work, name: str, method: Callable[..., Any], x: Tensor, cls: Any,
+                    indices: list[int]) -> tuple[Tensor, Tensor]:
+    """``method`` on each image alone, with ``generator=`` that image's generator."""
+    results, scores = [], []
+    for row, index in enumerate(indices):
+        one_cls = cls[row:row + 1] if isinstance(cls, Tensor) else cls
+        generator = image_generator(work.seed, name, index)
+        result, score = method(work.split, x[row:row + 1], one_cls, return_scores=True,
+                               generator=generator)
+        results.append(result)
+        scores.append(score)
+    return torch.cat(results), torch.cat(scores)
+
+
 def targets(work: Work, labels: Tensor) -> Any:
     """The ``cls`` for the methods: ``(B, 1)`` true classes, or ``camfunc.topk(k)``."""
     if work.topk is not None:
@@ -158,8 +178,12 @@ def explain_batch(work: Work, batch: Batch) -> Explained | None:
     maps: dict[str, Tensor] = {}
     scores = None
     for name, method in work.methods.items():
-        extra = random_inputs(work, name, method, indices.tolist(), tuple(images.shape[1:]), size)
-        result, scores = method(work.split, x, cls, return_scores=True, **extra)
+        if name in DRAWN_PER_IMAGE and work.pad_to is None:
+            result, scores = drawn_per_image(work, name, method, x, cls, indices.tolist())
+        else:
+            extra = random_inputs(work, name, method, indices.tolist(), tuple(images.shape[1:]),
+                                  size)
+            result, scores = method(work.split, x, cls, return_scores=True, **extra)
         result = result if result.ndim == x.ndim else result.unsqueeze(1)  # (B, K, h, w)
         maps[name] = result[:n]
     scores = scores[:n].float()

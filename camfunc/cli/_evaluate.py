@@ -16,19 +16,30 @@ from .._images import expand_images, read_image
 from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
 from .._progress import progress
 from ._common import error_line, table
-from ._explain import add_model_arguments
+from ._explain import add_model_arguments, positive_int
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
            "sensitivity")
 DEFAULT_METRICS = ("confidence", "deletion", "insertion")
 
 
+RANDOM_METRICS = ("road", "arcc", "infidelity", "sensitivity")
+
+
 def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks: Tensor | None,
-                   args: argparse.Namespace, method) -> dict[str, Tensor]:
-    """One metric's per-image columns for a batch; random ones seeded by ``--seed``."""
+                   args: argparse.Namespace, method, first: int) -> dict[str, Tensor]:
+    """One metric's per-image columns for a batch whose first image is number ``first``.
+
+    Random metrics run an image at a time, each from a generator seeded by ``--seed`` and the
+    image's number, so their values do not depend on ``--batch-size``.
+    """
+    if name in RANDOM_METRICS and x.shape[0] > 1:
+        parts = [metric_columns(name, model, x[i:i + 1], maps[i:i + 1], cls[i:i + 1], None, args,
+                                method, first + i) for i in range(x.shape[0])]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     from .. import metrics
 
-    generator = torch.Generator(device=x.device).manual_seed(args.seed)
+    generator = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + first)
 
     if name == "confidence":
         change = metrics.confidence_change(model, x, maps, cls)
@@ -64,17 +75,20 @@ def generated_batches(args: argparse.Namespace):
 
 
 def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dict[str, str]]):
-    """(names, images, classes or None, None) batches of readable image files; failures recorded."""
-    readable: list[tuple[str, Tensor]] = []
-    for path in expand_images(args.images):
-        try:
-            readable.append((str(path), read_image(path, loaded.size)[1]))
-        except (OSError, ValueError) as error:
-            error_line(str(error))
-            failed.append({"path": str(path), "reason": str(error)})
-    for start in range(0, len(readable), args.batch_size):
-        chunk = readable[start:start + args.batch_size]
-        yield [n for n, _ in chunk], torch.stack([i for _, i in chunk]), None, None
+    """(names, images, classes or None, None) batches of readable image files, read a batch
+    at a time; failures recorded."""
+    paths = expand_images(args.images)
+    for start in range(0, len(paths), args.batch_size):
+        names, images = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                images.append(read_image(path, loaded.size)[1])
+                names.append(str(path))
+            except (OSError, ValueError) as error:
+                error_line(str(error))
+                failed.append({"path": str(path), "reason": str(error)})
+        if names:
+            yield names, torch.stack(images), None, None
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -94,6 +108,7 @@ def evaluate(args: argparse.Namespace) -> int:
     failed: list[dict[str, str]] = []
     batches = generated_batches(args) if args.generated else file_batches(args, loaded, failed)
     rows: list[dict[str, Any]] = []
+    first = 0
     for names, images, classes, masks in progress(batches, None, "evaluate", unit="batch"):
         x = loaded.normalise(images)
         if classes is None:
@@ -101,13 +116,18 @@ def evaluate(args: argparse.Namespace) -> int:
                 classes = split(x).argmax(1) if args.cls is None else torch.full(
                     (len(names),), args.cls, dtype=torch.long)
         for method_name, method in methods.items():
-            maps = method(split, x, classes)
-            columns: dict[str, Tensor] = {}
-            for metric in chosen:
-                columns.update(metric_columns(metric, split, x, maps, classes, masks, args, method))
+            try:
+                maps = method(split, x, classes)
+                columns: dict[str, Tensor] = {}
+                for metric in chosen:
+                    columns.update(metric_columns(metric, split, x, maps, classes, masks, args,
+                                                  method, first))
+            except (ValueError, TypeError, IndexError) as error:
+                raise UsageError(f"{method_name}: {str(error).splitlines()[0]}") from None
             for row, name in enumerate(names):
                 rows.append({"image": name, "method": method_name, "class": int(classes[row]),
                              **{key: float(value[row]) for key, value in columns.items()}})
+        first += len(names)
     if not rows:
         raise UsageError("no image could be read")
     summary = summarise(rows)
@@ -144,7 +164,7 @@ def register(subparsers) -> None:
                                    description="Run metrics over images or the generated set; "
                                                "print a table, save JSON and CSV.")
     parser.add_argument("images", nargs="*", help="image files or folders")
-    parser.add_argument("--generated", type=int, default=0,
+    parser.add_argument("--generated", type=positive_int, default=0,
                         help="use N generated scenes (builtin model; true classes and object masks)")
     parser.add_argument("--seed", type=int, default=20_261_126,
                         help="scene seed for --generated, and the random metrics' seed "

@@ -23,14 +23,26 @@ from .._progress import progress
 from ._common import error_line, safe_name
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="builtin",
                         help="builtin, torchvision:NAME or package.module:factory (default: builtin)")
     parser.add_argument("--weights", help="state dict to load (torch.load with weights_only=True)")
     parser.add_argument("--layer", help="layer to explain (default: the model's, or chosen automatically)")
-    parser.add_argument("--size", type=int, default=224,
+    parser.add_argument("--size", type=positive_int, default=224,
                         help="square size images are resized to, for non-builtin models (default 224)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="images per batch (default 16)")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,12 +85,16 @@ def save_overlay(path: Path, image: Tensor, cam: Tensor) -> Path:
 
 def unique_stems(paths: list[Path]) -> list[str]:
     """A distinct folder name per image (a numeric suffix where stems repeat)."""
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     stems = []
     for path in paths:
-        stem = safe_name(path.stem)
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem = candidate = safe_name(path.stem)
+        copy = 1
+        while candidate in taken:  # a.png twice and a-2.png must not share a folder
+            copy += 1
+            candidate = f"{stem}-{copy}"
+        taken.add(candidate)
+        stems.append(candidate)
     return stems
 
 
@@ -95,19 +111,24 @@ def explain(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
 
-    readable: list[tuple[int, Tensor, Tensor]] = []  # (index, as stored, resized)
-    for index, path in enumerate(paths):
-        try:
-            readable.append((index, *read_image(path, loaded.size)))
-        except (OSError, ValueError) as error:
-            error_line(str(error))
-            failed.append({"path": str(path), "reason": str(error)})
-
-    batches = [readable[i:i + args.batch_size] for i in range(0, len(readable), args.batch_size)]
+    # Images are read a batch at a time: a folder of large photos never sits in memory at once.
+    batches = [list(range(i, min(i + args.batch_size, len(paths))))
+               for i in range(0, len(paths), args.batch_size)]
     for batch in progress(batches, len(batches), "explain", unit="batch"):
-        indices = [i for i, _, _ in batch]
-        originals = [original for _, original, _ in batch]
-        images = torch.stack([image for _, _, image in batch])
+        indices, originals, resized = [], [], []
+        for index in batch:
+            try:
+                original, image = read_image(paths[index], loaded.size)
+            except (OSError, ValueError) as error:
+                error_line(str(error))
+                failed.append({"path": str(paths[index]), "reason": str(error)})
+                continue
+            indices.append(index)
+            originals.append(original)
+            resized.append(image)
+        if not indices:
+            continue
+        images = torch.stack(resized)
         x = loaded.normalise(images)
         per_method = {}
         for name, method in methods.items():
