@@ -391,3 +391,17 @@ def test_a_negative_batch_size_is_refused_by_the_parser(weights, tmp_path, capsy
     assert stop.value.code == 2
     assert "--batch-size: expected a positive integer, got -2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_read_maps_refuses_an_unfinished_run(weights, tmp_path):
+    out = tmp_path / "out"
+    run_dataset("scenes:4", out, weights=str(weights), shard_size=2, progress=False)
+    assert read_maps(out, "gradcam")[1].shape[0] == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    with pytest.raises(ValueError, match="has not finished"):
+        read_maps(out, "gradcam")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shards" / "shard-000001.pt").unlink()
+    with pytest.raises(ValueError, match="holds 1 shard files but its run wrote 2"):
+        read_maps(out, "gradcam")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def write_shard(path: Path, payload: dict[str, Any]) -> Path:
 
 def read_shard(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """A shard file's dict (tensors, lists, strings; loaded with ``weights_only=True``).
+
+    No formula: shard j holds dataset indices ``[j S, (j + 1) S)`` (see :func:`camfunc.run`).
 
     Example:
         >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
@@ -157,7 +160,9 @@ def index_rows(out: Path, count: int, names: list[str], labels: list[int]) -> It
 
 def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
     """All of a finished run's maps for ``method``: ``(indices (N,), maps (N, K, h, w) float32)``,
-    in dataset order (failed images are absent).
+    in dataset order (failed images are absent). Refuses a run that has not finished
+    (its ``manifest.json`` not ``"complete"``) and shards of other settings. No formula: it
+    reads what :func:`camfunc.run` wrote.
 
     Example:
         >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
@@ -166,12 +171,22 @@ def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
         torch.Size([8, 1, 16, 16])
     """
     out = Path(out)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"no manifest.json in {out}; is it a camfunc run folder?")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "complete":
+        raise ValueError(f"the run in {out} has not finished (status {manifest.get('status')!r}); "
+                         "run the same command again to complete it")
     files = sorted((out / SHARD_FOLDER).glob("shard-*.pt"))
-    if not files:
-        raise ValueError(f"no shard files in {out / SHARD_FOLDER}; is {out} a camfunc run folder?")
+    if len(files) != manifest.get("num_shards"):
+        raise ValueError(f"{out} holds {len(files)} shard files but its run wrote "
+                         f"{manifest.get('num_shards')}; run the same command again to redo them")
     indices, maps = [], []
     for path in files:
         shard = read_shard(path)
+        if shard.get("fingerprint") != manifest.get("fingerprint"):
+            raise ValueError(f"{path} was written with other settings than {manifest_path}")
         if method not in shard["maps"]:
             raise ValueError(f"{path} has no maps for {method!r}; it has {list(shard['maps'])}")
         indices.append(shard["indices"])

@@ -33,6 +33,8 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     (K, h, w) for K classes (every method the same K); ``classes`` names the
     rows. With ``path`` the figure is also written there as a PNG, atomically.
     Built on ``matplotlib.figure.Figure`` (no pyplot state), so it is safe in threads.
+    No formula: each panel is :func:`camfunc.overlay`; the layout follows the
+    side-by-side comparisons of Selvaraju et al., ICCV 2017 (Grad-CAM), Fig. 1.
 
     Example:
         >>> maps = {"gradcam": camfunc.gradcam(s, x, camfunc.topk(2))[0],
@@ -72,7 +74,7 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
 
 
 def save_png(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure to ``path`` as PNG, atomically.
+    """Write a matplotlib figure to ``path`` as PNG, atomically (a temporary file, then a rename).
 
     Example:
         >>> fig = camfunc.viz.figure(image, {"gradcam": camfunc.gradcam(s, x, 3)[0]})

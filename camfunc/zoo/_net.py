@@ -42,7 +42,10 @@ def shapesnet(*, pretrained: bool = True, weights: str | Path | None = None) -> 
     """The embedded model, in eval mode, with its shipped weights (or ``weights``, or random).
 
     Weights load with ``torch.load(weights_only=True)``: a plain state dict.
-    Its layer for CAMs is ``camfunc.zoo.LAYER`` (``"block3"``).
+    Its layer for CAMs is ``camfunc.zoo.LAYER`` (``"block3"``). No paper: a plain
+    conv/batch-norm/ReLU stack with global average pooling and a linear head, the
+    architecture CAM itself assumes (Zhou et al., CVPR 2016), trained by
+    ``python -m camfunc.zoo.train``.
 
     Example:
         >>> model = camfunc.zoo.shapesnet()

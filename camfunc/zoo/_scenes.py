@@ -109,7 +109,8 @@ def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 
 
     Classes are balanced in expectation (drawn uniformly). The object's radius
     is 15-25% of the image, it lies inside the image without touching its border, and it is drawn
-    over the distractors, so its mask is exactly its visible pixels.
+    over the distractors, so its mask is exactly its visible pixels. No paper: the set is
+    camfunc's own, in the spirit of synthetic localisation benchmarks with exact ground truth.
 
     Example:
         >>> data = camfunc.zoo.scenes(8, seed=1)
