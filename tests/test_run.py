@@ -405,3 +405,19 @@ def test_read_maps_refuses_an_unfinished_run(weights, tmp_path):
     (out / "shards" / "shard-000001.pt").unlink()
     with pytest.raises(ValueError, match="holds 1 shard files but its run wrote 2"):
         read_maps(out, "gradcam")
+
+
+def test_a_failing_rank_stops_the_others_instead_of_leaving_them_waiting(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+               "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "camfunc", "run",
+               "scenes:8", "--out", str(out), "--model", "rank_failing:model", "--size", "16",
+               "--layer", "net.4", "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    env = {**subprocess_env(), "PYTHONPATH": str(Path(__file__).parent)}
+    # Without the error exchange rank 0 would wait in the final gather for the backend's
+    # 30-minute timeout; the subprocess timeout would then fail this test.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "rank 1 broke on purpose" in done.stderr
+    assert "the run failed on another rank: rank 1" in done.stderr
