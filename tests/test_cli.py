@@ -218,3 +218,13 @@ def test_repeated_image_names_get_distinct_folders():
 
     stems = unique_stems([Path("x/a.png"), Path("y/a.png"), Path("a-2.png"), Path("z/a.jpg")])
     assert len(set(stems)) == 4 and stems[0] == "a"
+
+
+def test_the_console_script_is_declared_and_runs():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "camfunc"]
+    assert script.value == "camfunc.cli:main"
+    result = subprocess.run([sys.executable, "-c", "import sys; from camfunc.cli import main; "
+                             "sys.exit(main(['--version']))"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("camfunc ")
