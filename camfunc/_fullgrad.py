@@ -116,11 +116,11 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     input's size, and :math:`b^{(l)}` the (effective) bias of each
     convolution and batch norm with one, :math:`z^{(l)}` its output; as
     pytorch-grad-cam's ``FullGrad``. Takes the model, or a split whose model
-    is used whole (the cut is ignored). Eager only: each call traces the model
+    is used whole (the cut is ignored). Given a plain model, each call traces it
     and runs one extra forward pass to learn the probes' shapes. To compile,
     prepare the model once with :func:`fullgrad_model` and pass that: tracing
-    cannot run inside ``torch.compile``, and the shape pass then costs nothing
-    there, since only the shapes of its outputs are used.
+    cannot run inside ``torch.compile``. Only the shapes of the extra pass's
+    outputs are used, so a compiler is free to drop its arithmetic.
 
     Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS 2019.
