@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _engine, _ops, _targets, _validate
+from .._gaussian import sampled_gaussian
 from .._split import Split
 from ._gradient import gradcam
 
@@ -129,13 +130,6 @@ def reflect_101(length: int, pad: int) -> list[int]:
     return [fold(p) for p in range(-pad, length + pad)]
 
 
-def gaussian_kernel(size: int, sigma: float) -> Tensor:
-    """``exp(-(i - c)^2 / (2 sigma^2))`` normalised to sum 1, computed in float64."""
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    return (kernel / kernel.sum()).float()
-
-
 def gaussian_blur(maps: Tensor, size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
     """Separable Gaussian blur of ``(..., H, W)`` maps, mirrored borders (rows, then columns)."""
     pad = size // 2
@@ -143,7 +137,7 @@ def gaussian_blur(maps: Tensor, size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA
     rows = torch.tensor(reflect_101(height, pad), device=maps.device)
     cols = torch.tensor(reflect_101(width, pad), device=maps.device)
     padded = maps.reshape(-1, 1, height, width).index_select(2, rows).index_select(3, cols)
-    kernel = gaussian_kernel(size, sigma).to(maps.device)
+    kernel = sampled_gaussian(size, sigma).float().to(maps.device)
     blurred = F.conv2d(padded, kernel.reshape(1, 1, 1, size))
     blurred = F.conv2d(blurred, kernel.reshape(1, 1, size, 1))
     return blurred.reshape(maps.shape)

@@ -19,7 +19,7 @@ from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_
 from .._progress import progress_bar
 from . import _distributed, _settings, _shards
 from ._dataset import Batch, collate, open_data
-from ._work import Explained, Work, explain_batch, normaliser
+from ._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
@@ -71,9 +71,7 @@ def load(model: str | nn.Module, weights: str | None, layer: str | None, size: i
          device: torch.device) -> tuple[LoadedModel, str]:
     """The model on ``device`` and the hash of its weights; the caller's module is never moved."""
     if isinstance(model, nn.Module):
-        if any(m.training for m in model.modules()):
-            raise ValueError("the model is in training mode; call model.eval() first "
-                             "(dropout and batch-norm updates would make maps random)")
+        # A training-mode model is refused by the split, with camfunc's usual message.
         loaded = LoadedModel(model, layer, (size, size),
                              None if mean is None else tuple(mean), None if std is None else tuple(std))
     elif isinstance(model, str):
@@ -325,7 +323,7 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         compiled = {name: torch.compile(f, fullgraph=True, dynamic=False, backend=compile_backend)
                     for name, f in method_functions.items()} if compile else method_functions
         map_size = loaded.size if options.upsample else None
-        work = Work(split, compiled, normaliser(loaded.mean, loaded.std), options.topk,
+        work = Work(split, compiled, loaded.normalise, options.topk,
                     class_of_label, options.metrics, options.map_dtype, map_size, options.seed,
                     device, options.batch_size if compile else None, channels)
         empty = empty_result(options.methods, options.topk or 1, map_size or layer_size,

@@ -63,15 +63,6 @@ class Explained(NamedTuple):
     metrics: dict[str, dict[str, Tensor]]      # method -> column -> (n, K)
 
 
-def normaliser(mean: tuple[float, ...] | None,
-               std: tuple[float, ...] | None) -> Callable[[Tensor], Tensor]:
-    """``(x - mean) / std`` per channel on ``x``'s device (the identity without mean and std)."""
-    if mean is None or std is None:
-        return lambda x: x
-    mean_, std_ = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    return lambda x: (x - mean_.to(x)) / std_.to(x)
-
-
 def image_generator(seed: int, method: str, index: int) -> torch.Generator:
     """A CPU generator that depends only on the run's seed, the method and the image."""
     digest = hashlib.sha256(f"{seed}/{method}/{index}".encode()).digest()

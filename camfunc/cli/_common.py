@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from .._images import read_image
 from .._loading import UsageError
 
 
@@ -16,6 +21,25 @@ def safe_name(text: str) -> str:
 
 def error_line(message: str) -> None:
     print(f"camfunc: error: {message}", file=sys.stderr)
+
+
+def read_batches(paths: list[Path], size: tuple[int, int], batch_size: int,
+                 failed: list[dict[str, str]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    """``(index, as stored, resized)`` of each readable image, ``batch_size`` paths at a time.
+
+    Read a batch at a time, so a folder of large photos never sits in memory at once; an
+    unreadable file is reported on stderr and appended to ``failed``, and the rest go on.
+    """
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for index in range(start, min(start + batch_size, len(paths))):
+            try:
+                batch.append((index, *read_image(paths[index], size)))
+            except (OSError, ValueError) as error:
+                error_line(str(error))
+                failed.append({"path": str(paths[index]), "reason": str(error)})
+        if batch:
+            yield batch
 
 
 def call_handler(args: Any) -> int:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from .._atomic import write_json, write_text_atomic
-from .._images import expand_images, read_image
+from .._images import expand_images
 from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
 from .._progress import progress
-from ._common import error_line, table
+from ._common import read_batches, table
 from ._explain import add_model_arguments, positive_int
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
@@ -78,17 +78,9 @@ def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dic
     """(names, images, classes or None, None) batches of readable image files, read a batch
     at a time; failures recorded."""
     paths = expand_images(args.images)
-    for start in range(0, len(paths), args.batch_size):
-        names, images = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                images.append(read_image(path, loaded.size)[1])
-                names.append(str(path))
-            except (OSError, ValueError) as error:
-                error_line(str(error))
-                failed.append({"path": str(path), "reason": str(error)})
-        if names:
-            yield names, torch.stack(images), None, None
+    for batch in read_batches(paths, loaded.size, args.batch_size, failed):
+        yield ([str(paths[index]) for index, _, _ in batch],
+               torch.stack([image for _, _, image in batch]), None, None)
 
 
 def evaluate(args: argparse.Namespace) -> int:

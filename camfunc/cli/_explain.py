@@ -15,12 +15,11 @@ from torch import Tensor
 
 from .. import _targets
 from ..viz import overlay
-from .._atomic import write_atomic
-from .._atomic import write_json
-from .._images import expand_images, read_image
+from .._atomic import write_atomic, write_json
+from .._images import expand_images
 from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
 from .._progress import progress
-from ._common import error_line, safe_name
+from ._common import read_batches, safe_name
 
 
 def positive_int(text: str) -> int:
@@ -111,24 +110,12 @@ def explain(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
 
-    # Images are read a batch at a time: a folder of large photos never sits in memory at once.
-    batches = [list(range(i, min(i + args.batch_size, len(paths))))
-               for i in range(0, len(paths), args.batch_size)]
-    for batch in progress(batches, len(batches), "explain", unit="batch"):
-        indices, originals, resized = [], [], []
-        for index in batch:
-            try:
-                original, image = read_image(paths[index], loaded.size)
-            except (OSError, ValueError) as error:
-                error_line(str(error))
-                failed.append({"path": str(paths[index]), "reason": str(error)})
-                continue
-            indices.append(index)
-            originals.append(original)
-            resized.append(image)
-        if not indices:
-            continue
-        images = torch.stack(resized)
+    batches = read_batches(paths, loaded.size, args.batch_size, failed)
+    total = -(-len(paths) // args.batch_size)
+    for batch in progress(batches, total, "explain", unit="batch"):
+        indices = [index for index, _, _ in batch]
+        originals = [original for _, original, _ in batch]
+        images = torch.stack([image for _, _, image in batch])
         x = loaded.normalise(images)
         per_method = {}
         for name, method in methods.items():

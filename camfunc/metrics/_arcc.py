@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _targets
-from . import _model_calls, _road
+from . import _inputs, _model_calls, _road
 
 __all__ = ["arcc"]
 
@@ -67,7 +67,7 @@ def arcc(method: _model_calls.Method, split: Any, x: Tensor, cls: _targets.Targe
     if maps is None:
         maps = _model_calls.method_maps(method, split, x, cls_rows)
     else:
-        maps = _model_calls.input_maps(maps, x)
+        maps = _inputs.input_maps(maps, x)
     road_value = _road.road(split, x, maps, cls, order="combined", percentiles=percentiles,
                             noise_std=noise_std, noise=noise, generator=generator,
                             batch_size=batch_size)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _inputs
-from ._gaussian import folded_gaussian, separable_filter
+from .._gaussian import folded_gaussian, separable_filter
 from ._inputs import Classes, Model
 
 #: "zeros", "blur" (RISE's Gaussian blur), a tensor broadcastable to x, or a callable x -> tensor.

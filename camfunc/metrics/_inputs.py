@@ -156,5 +156,10 @@ def checked_maps(model: Any, x: Any, maps: Any, cls: Classes, probabilities: Any
     check_model_and_images(model, x)
     check_probabilities(probabilities)
     check_classes(cls, x.shape[0])
+    return input_maps(maps, x)
+
+
+def input_maps(maps: Any, x: Tensor) -> Tensor:
+    """Maps ``(B, *h)`` at any resolution, resized to the input's ``(B, *spatial)``, float32."""
     maps = as_maps(maps, x.shape[0], x.ndim - 2)
-    return resized(maps, tuple(x.shape[2:])).to(x.device)
+    return resized(maps.detach(), tuple(x.shape[2:])).to(x.device)

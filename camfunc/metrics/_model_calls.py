@@ -34,12 +34,6 @@ def check_non_negative(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
-def input_maps(maps: Any, x: Tensor) -> Tensor:
-    """Maps ``(B, *h)`` at any resolution, resized to the input's ``(B, *spatial)``, float32."""
-    maps = _inputs.as_maps(maps, x.shape[0], x.ndim - 2)
-    return _inputs.resized(maps.detach(), tuple(x.shape[2:])).to(x.device)
-
-
 @dataclasses.dataclass(frozen=True)
 class FixedTarget:
     """One target per sample, fixed on the clean input's output ``scores``."""
@@ -136,7 +130,7 @@ def method_maps(method: Method, split: Any, x: Tensor, cls: _targets.Target) -> 
             f"method returned {type(maps).__name__}, not one tensor of maps; for several "
             "layers wrap it, e.g. lambda s, x, c: camfunc.fuse(camfunc.layercam(s, x, c))"
         )
-    return input_maps(maps, x)
+    return _inputs.input_maps(maps, x)
 
 
 def per_sample_draws(name: str, given: Tensor | None, count: int, x: Tensor,

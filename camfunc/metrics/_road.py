@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _targets
-from . import _model_calls
+from . import _inputs, _model_calls
 
 __all__ = ["road", "road_curve", "road_impute"]
 
@@ -209,7 +209,7 @@ def road_curve(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
     _model_calls.check_non_negative(noise_std, "noise_std")
     _model_calls.checked(model, x, batch_size)
     _check_images(x)
-    maps = _model_calls.input_maps(maps, x)
+    maps = _inputs.input_maps(maps, x)
     orders = ("lerf", "morf") if order == "combined" else (order,)
     removed = torch.cat([removed_at(maps, percentiles, o) for o in orders])  # (S, B, H, W)
     steps = removed.shape[0]

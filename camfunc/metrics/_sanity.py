@@ -21,7 +21,7 @@ from .._methods import METHODS
 from .._split import _layer_name
 from .._split import split as split_model
 from . import _inputs
-from ._gaussian import sampled_gaussian, separable_filter
+from .._gaussian import sampled_gaussian, separable_filter
 from ._inputs import Classes
 
 #: SSIM's window (Wang et al. 2004): 11 samples of a Gaussian with sigma 1.5.

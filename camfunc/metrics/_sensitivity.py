@@ -64,7 +64,7 @@ def infidelity(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
     """
     _model_calls.checked(model, x, batch_size)
     _model_calls.check_non_negative(std, "std")
-    phi = _model_calls.input_maps(maps, x).unsqueeze(1)  # (B, 1, *spatial), broadcast over channels
+    phi = _inputs.input_maps(maps, x).unsqueeze(1)  # (B, 1, *spatial), broadcast over channels
     count = _sample_count(n_perturb_samples, perturbations)
     draw = _model_calls.per_sample_draws(
         "perturbations", perturbations, count, x, generator,

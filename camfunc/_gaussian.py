@@ -1,7 +1,7 @@
 """Gaussian kernels and separable filtering over any number of spatial axes.
 
-Used by the insertion metric's blurred substrate (RISE's kernel) and by SSIM
-(Wang et al.'s window). Both kernels are separable, so an N-D filter is N
+Used by SESS's blur, the insertion metric's blurred substrate (RISE's kernel)
+and SSIM (Wang et al.'s window). Both kernels are separable, so an N-D filter is N
 1-D convolutions, one along each spatial axis.
 """
 
