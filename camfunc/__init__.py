@@ -51,11 +51,11 @@ from . import zoo as zoo
 from ._smoothing import aug_smooth as aug_smooth
 from ._ops import normalize as normalize
 from ._ops import upsample as upsample
-from ._split import LayerChoiceWarning as LayerChoiceWarning
-from ._split import RepeatedLayerWarning as RepeatedLayerWarning
 from ._split import Split as Split
-from ._split import check as check
-from ._split import split as split
+from ._splitter import LayerChoiceWarning as LayerChoiceWarning
+from ._splitter import RepeatedLayerWarning as RepeatedLayerWarning
+from ._splitter import check as check
+from ._splitter import split as split
 from ._targets import TopK as TopK
 from ._targets_contrastive import Finer as Finer
 from ._targets_contrastive import ReST as ReST

@@ -55,25 +55,47 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
     """vjp of one stage with respect to ``A`` (and floating context that depends on it).
 
     Context computed by the head does not depend on the first ``A``, so it is
-    held constant there. Non-float outputs (shapes, masks) travel as aux.
+    held constant there. The full outputs travel as aux: their tensors through
+    the vjp, everything else (shapes, layout tags, None) beside it.
     Returns ``(differentiable outputs, vjp_fn, full outputs)``.
     """
     a, context = carry[0], carry[1:]
     varying = () if context_is_constant else tuple(
         i for i, c in enumerate(context) if _is_float_tensor(c))
+    structure: dict[str, Any] = {}
 
     def stage_fn(a: Tensor, *varying_values: Tensor):
         full = list(context)
         for i, value in zip(varying, varying_values):
             full[i] = value.clone()
         out = stage(a.clone(), *full)
+        leaves, structure["spec"] = torch.utils._pytree.tree_flatten(out)
+        structure["leaves"] = leaves
+        tensors = tuple(v for v in leaves if isinstance(v, Tensor))
         if objective is not None:
-            return objective(out), out
-        out = as_tuple(out)
-        return tuple(o for o in out if _is_float_tensor(o)), out
+            return objective(out), tensors
+        return tuple(o for o in as_tuple(out) if _is_float_tensor(o)), tensors
 
     primals = (a, *(context[i] for i in varying))
-    return torch.func.vjp(stage_fn, *primals, has_aux=True)
+    differentiable, pullback, tensors = torch.func.vjp(stage_fn, *primals, has_aux=True)
+    unwrapped = iter(tensors)
+    leaves = [next(unwrapped) if isinstance(v, Tensor) else v for v in structure["leaves"]]
+    return differentiable, pullback, torch.utils._pytree.tree_unflatten(leaves, structure["spec"])
+
+
+# torch.compile of vmap over a vjp's pullback fails before torch 2.5
+# ("Cannot access storage of TensorWrapper"); there, compiled code loops over classes.
+_VMAP_PULLBACK_COMPILES = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: int | None) -> Any:
+    """``fn`` of each class's cotangent, stacked on a new leading axis: one ``vmap``."""
+    if cotangents.shape[0] == 1:
+        return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), fn(cotangents[0]))
+    if torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES:
+        outs = [fn(c) for c in cotangents.unbind(0)]
+        return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    return torch.func.vmap(fn, chunk_size=chunk_size)(cotangents)
 
 
 def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
@@ -108,10 +130,10 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
             raise ValueError("context gradients are for single-layer splits")
         out, pull_tail, scores = _vjp_stage(
             split.tail, carry, context_is_constant=len(split.middle) == 0 and not context_gradients,
-            objective=objective if objective is not None else (lambda s: s))
+            objective=objective if objective is not None else _targets.class_scores)
 
         if objective is not None:
-            cotangents, keep_k = _targets.objective_rows(out)
+            cotangents, keep_k = _targets.objective_rows(out, x.shape[0])
         else:
             index, keep_k = classes if classes is not None else _targets.class_indices(cls, scores)
             cotangents = _targets.one_hot_rows(index, out)
@@ -126,11 +148,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
                 layer_grads.append(grads[0])
             return per_class(tuple(acts), tuple(reversed(layer_grads)))
 
-        if cotangents.shape[0] == 1:
-            maps = tuple(m.unsqueeze(1) for m in maps_for(cotangents[0]))
-        else:
-            batched = torch.func.vmap(maps_for, chunk_size=chunk_size)(cotangents)
-            maps = tuple(m.movedim(0, 1) for m in batched)
+        maps = tuple(m.movedim(0, 1) for m in over_classes(maps_for, cotangents, chunk_size))
         if not keep_k:
             maps = tuple(m.squeeze(1) for m in maps)
     return maps, scores
@@ -177,7 +195,7 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
             def objective_at(v: Tensor, layer: int = layer, context: tuple = context) -> Tensor:
                 return objective(run_from(split, layer, (v, *context)))
 
-            cotangents, keep_k = _targets.objective_rows(objective_at(a))
+            cotangents, keep_k = _targets.objective_rows(objective_at(a), x.shape[0])
 
             def maps_for(cotangent: Tensor, a: Tensor = a, objective_at=objective_at) -> Tensor:
                 def gradient(v: Tensor) -> Tensor:
@@ -185,9 +203,6 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
                 g, hvp = torch.func.jvp(gradient, (a,), (a,))
                 return per_class(a, g, hvp)
 
-            if cotangents.shape[0] == 1:
-                layer_maps = maps_for(cotangents[0]).unsqueeze(1)
-            else:
-                layer_maps = torch.func.vmap(maps_for, chunk_size=chunk_size)(cotangents).movedim(0, 1)
+            layer_maps = over_classes(maps_for, cotangents, chunk_size).movedim(0, 1)
             maps.append(layer_maps if keep_k else layer_maps.squeeze(1))
     return tuple(maps), scores

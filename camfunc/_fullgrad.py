@@ -17,7 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import _engine, _ops, _targets, _validate
-from ._split import Split, _CutTracer, _trace
+from ._cut.cache import prepared
+from ._cut.capture import traced_copy
+from ._cut.partition import Stage
+from ._split import Split
 
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -53,7 +56,7 @@ def _biased_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def _probed(model: nn.Module) -> torch.fx.GraphModule:
     """A traced copy taking ``(x, *probes)``; probe i is added to biased layer i's output."""
-    gm = _trace(model, _CutTracer([]))
+    gm = traced_copy(model)
     graph = gm.graph
     targets = _biased_nodes(gm)
     anchor = next(n for n in graph.nodes if n.op == "placeholder")
@@ -72,7 +75,7 @@ def _probed(model: nn.Module) -> torch.fx.GraphModule:
 
 def _layer_outputs(model: nn.Module) -> torch.fx.GraphModule:
     """A traced copy ``x -> (output of each biased layer, ...)``."""
-    gm = _trace(model, _CutTracer([]))
+    gm = traced_copy(model)
     graph = gm.graph
     (output,) = [n for n in graph.nodes if n.op == "output"]
     output.args = (tuple(_biased_nodes(gm)),)
@@ -95,9 +98,14 @@ def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
     if isinstance(model, FullGradModel):
         return model
     model = _validate.whole_model(model, "fullgrad")
+    return FullGradModel(model, *prepared("fullgrad", model, _prepare))
+
+
+def _prepare(model: nn.Module) -> tuple:
+    """The traced copies; cached per model, so they must not hold the model itself."""
     probed = _probed(model)
     layers = tuple(probed.get_submodule(n.target) for n in _biased_nodes(probed))
-    return FullGradModel(model, probed, _layer_outputs(model), layers)
+    return probed, _layer_outputs(model), layers
 
 
 def _channel_normalised_sum(m: Tensor) -> Tensor:
@@ -116,11 +124,12 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     input's size, and :math:`b^{(l)}` the (effective) bias of each
     convolution and batch norm with one, :math:`z^{(l)}` its output; as
     pytorch-grad-cam's ``FullGrad``. Takes the model, or a split whose model
-    is used whole (the cut is ignored). Given a plain model, each call traces it
-    and runs one extra forward pass to learn the probes' shapes. To compile,
-    prepare the model once with :func:`fullgrad_model` and pass that: tracing
-    cannot run inside ``torch.compile``. Only the shapes of the extra pass's
-    outputs are used, so a compiler is free to drop its arithmetic.
+    is used whole (the cut is ignored). The model is traced once into a copy,
+    cached per model (and traced again when one of its modules, parameters or
+    buffers is replaced), and each call runs one extra forward pass to learn the
+    probes' shapes. To compile, prepare the model once with :func:`fullgrad_model`
+    and pass that: tracing cannot run inside ``torch.compile``. Only the shapes
+    of the extra pass's outputs are used, so a compiler is free to drop its arithmetic.
 
     Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS 2019.
@@ -137,14 +146,16 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     _targets.check_form(cls, x.shape[0])
     size = tuple(x.shape[2:])
     with torch.no_grad():
-        probes = [torch.zeros_like(z) for z in prepared.layer_outputs(x)]
+        probes = [torch.zeros_like(z) for z in Stage(prepared.layer_outputs)(x)]
         biases = [effective_bias(layer).float() for layer in prepared.layers]
 
     def head(v: Tensor) -> tuple[Tensor, ...]:
         return (v, *probes)
 
+    probed = Stage(gm)  # runs under the trace lock
+
     def tail(v: Tensor, *zs: Tensor) -> Tensor:
-        return gm(v, *zs)
+        return probed(v, *zs)
 
     split = Split(head, tail, model=model)
 

@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import weakref
+
 from . import _engine, _ops, _targets, _validate
+from ._cut.cache import prepared
+from ._cut.capture import traced_copy
+from ._cut.partition import Stage
 from ._methods import gradcam
-from ._split import Split, _CutTracer, _trace, unwrap
+from ._split import Split, unwrap
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -52,14 +57,22 @@ _GUIDED_MARK = "camfunc_guided"
 def _guided_source(model: nn.Module) -> nn.Module | None:
     """The model a guided copy was traced from (its modes are checked); None for other models."""
     meta = getattr(model, "meta", None)
-    return meta.get(_GUIDED_MARK) if isinstance(model, torch.fx.GraphModule) and isinstance(meta, dict) else None
+    if not isinstance(model, torch.fx.GraphModule) or not isinstance(meta, dict) or _GUIDED_MARK not in meta:
+        return None
+    return meta[_GUIDED_MARK]() or model  # the source, or the copy itself once the source is gone
+
+
+def _is_guided(model: nn.Module) -> bool:
+    return isinstance(model, torch.fx.GraphModule) and _GUIDED_MARK in getattr(model, "meta", {})
 
 
 def guided_model(model: nn.Module) -> torch.fx.GraphModule:
     """A traced copy of ``model`` whose ReLUs backpropagate as guided ReLUs.
 
-    Pass it to :func:`guided_backprop` (or ``guided=`` of :func:`guided_gradcam`)
-    to trace once, and to compile them: tracing cannot run inside ``torch.compile``.
+    The copy is cached per model (traced again when one of its modules,
+    parameters or buffers is replaced), so :func:`guided_backprop` traces once.
+    Pass the copy to :func:`guided_backprop` (or ``guided=`` of
+    :func:`guided_gradcam`) to compile them: tracing cannot run inside ``torch.compile``.
 
     Example:
         >>> guided = camfunc.guided_model(model)          # a traced copy; model is untouched
@@ -68,10 +81,13 @@ def guided_model(model: nn.Module) -> torch.fx.GraphModule:
         >>> camfunc.guided_backprop(guided, x, 3).shape   # also inside torch.compile(fullgraph=True)
         torch.Size([2, 3, 64, 64])
     """
-    if _guided_source(model) is not None:
+    if _is_guided(model):
         return model
-    model = unwrap(model)
-    gm = _trace(model, _CutTracer([]))
+    return prepared("guided", unwrap(model), _rewrite)
+
+
+def _rewrite(model: nn.Module) -> torch.fx.GraphModule:
+    gm = traced_copy(model)
     for node in gm.graph.nodes:
         is_module = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)
         is_function = node.op == "call_function" and node.target in _RELU_FUNCTIONS
@@ -80,8 +96,9 @@ def guided_model(model: nn.Module) -> torch.fx.GraphModule:
             node.op, node.target = "call_function", guided_relu
             node.args, node.kwargs = node.args[:1], {}
     gm.recompile()
-    # Our own copy: noting its source in its meta changes nothing of the user's.
-    gm.meta[_GUIDED_MARK] = model
+    # Our own copy: noting its source in its meta changes nothing of the user's. The
+    # copy is cached per model, so it holds its source weakly.
+    gm.meta[_GUIDED_MARK] = weakref.ref(model)
     return gm
 
 
@@ -109,7 +126,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
     guided = guided_model(model)
-    split = Split(lambda v: v, guided, model=_guided_source(guided))
+    split = Split(lambda v: v, Stage(guided), model=_guided_source(guided))
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops, _targets, _validate
-from ._layout import Layout
-from ._split import Split, _layer_name
+from ._layout import Layout, _fixed_tokens
+from ._split import Split
+from ._splitter import _layer_name
 
 _TORCHVISION_VIT = "torchvision.models.vision_transformer"
 _UNSUPPORTED = (
@@ -212,7 +213,7 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
             return torch.stack([_relevance(g) for g in gradients]).mean(0)
 
         per_key = torch.func.vmap(relevance, chunk_size=chunk_size)(cotangents)  # (K, B, N)
-        prefix, grid = _TOKENS._token_split(per_key.shape[-1])
+        prefix, grid = _fixed_tokens(_TOKENS, per_key.shape[-1])
         maps = per_key[..., prefix:].unflatten(-1, grid).movedim(0, 1)
         maps = maps if keep_k else maps.squeeze(1)
         if normalize:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import _split
+from . import _split, _splitter
 from ._methods import METHODS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,8 +139,8 @@ def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
             device = parameter.device if parameter is not None else None
             example = torch.zeros(1, 3, *loaded.size, device=device)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", _split.LayerChoiceWarning)
-                return _split.split(loaded.model, example_input=example)
-        return _split.split(loaded.model, layer)
+                warnings.simplefilter("ignore", _splitter.LayerChoiceWarning)
+                return _splitter.split(loaded.model, example_input=example)
+        return _splitter.split(loaded.model, layer)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None

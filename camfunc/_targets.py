@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TopK", "topk", "Target"]
+__all__ = ["TopK", "topk", "Target", "class_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +46,54 @@ def topk(k: int) -> TopK:
     return TopK(k)
 
 
-Target = Union[int, Sequence[int], Tensor, TopK, Callable[[Any], Tensor]]
+Target = Union[int, Sequence[int], Tensor, np.ndarray, TopK, Callable[[Any], Tensor]]
 
 
 def is_objective(cls: Target) -> bool:
     return callable(cls) and not isinstance(cls, (Tensor, TopK))
 
 
+def class_scores(output: Any) -> Tensor:
+    """The class scores in a model's output: the tensor itself, or the ``logits`` of a
+    dict or a ``ModelOutput`` (Hugging Face)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if not isinstance(output, Mapping) and isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    kind = type(output).__name__
+    fields = f" with keys {list(output)}" if isinstance(output, Mapping) else ""
+    raise ValueError(
+        f"the model returns a {kind}{fields}, and class indices are read from a tensor or from a "
+        "'logits' field. Pick the field when splitting, camfunc.split(model, layer, output='out'), "
+        "or pass a callable cls that maps the output to (B,) scores"
+    )
+
+
+def any_scores(output: Any) -> Tensor:
+    """The class scores, else the first tensor in the output (for choosing a layer)."""
+    try:
+        return class_scores(output)
+    except ValueError:
+        leaves = [v for v in torch.utils._pytree.tree_leaves(output) if isinstance(v, Tensor)]
+        if not leaves:
+            raise
+        return leaves[0]
+
+
+def _as_tensor(cls: Any) -> Any:
+    """numpy integer arrays become tensors; everything else is left as it is."""
+    if isinstance(cls, np.ndarray):
+        if not np.issubdtype(cls.dtype, np.integer):
+            raise TypeError(f"a cls array must hold integer class indices, got dtype {cls.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(cls)).long()
+    return cls
+
+
 def check_form(cls: Target, batch: int) -> None:
     """Eager checks of ``cls`` that need no scores: type, shape, sign."""
+    cls = _as_tensor(cls)
     if isinstance(cls, (TopK,)) or is_objective(cls):
         return
     if isinstance(cls, (bool, str, bytes)) or not isinstance(cls, (numbers.Integral, Tensor, Sequence)):
@@ -91,6 +131,8 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
     Returns ``keep_k=False`` when ``cls`` named one class per sample, so the
     maps drop the class axis.
     """
+    scores = class_scores(scores)
+    cls = _as_tensor(cls)
     if scores.ndim != 2:
         raise ValueError(
             f"class indices need (B, num_classes) scores, but the model outputs shape "
@@ -102,17 +144,31 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
             raise ValueError(f"topk({cls.k}) asks for more classes than the model's {scores.shape[1]}")
         return scores.detach().topk(cls.k, dim=1).indices, True
     if isinstance(cls, numbers.Integral):
+        _check_ints([int(cls)], scores.shape[1])  # on the host: no device read, no overflow
         index = torch.full((batch, 1), int(cls), dtype=torch.long, device=scores.device)
-        keep_k = False
-    elif isinstance(cls, Tensor):
+        return index, False
+    if isinstance(cls, Tensor):
         index = cls.to(device=scores.device, dtype=torch.long)
         keep_k = index.ndim == 2
         index = index.reshape(batch, -1) if index.ndim else index.expand(batch).reshape(batch, 1)
-    else:
-        index = torch.tensor([int(c) for c in cls], dtype=torch.long, device=scores.device).reshape(batch, 1)
-        keep_k = False
-    check_range(index, scores.shape[1])
-    return index, keep_k
+        check_range(index, scores.shape[1])
+        return index, keep_k
+    _check_ints([int(c) for c in cls], scores.shape[1])
+    index = torch.tensor([int(c) for c in cls], dtype=torch.long, device=scores.device).reshape(batch, 1)
+    return index, False
+
+
+def _out_of_range(bad: int, num_classes: int) -> IndexError:
+    return IndexError(
+        f"class index {bad} is out of range: the model has {num_classes} classes, "
+        f"so valid indices are 0 to {num_classes - 1}"
+    )
+
+
+def _check_ints(values: Sequence[int], num_classes: int) -> None:
+    for value in values:
+        if not 0 <= value < num_classes:
+            raise _out_of_range(value, num_classes)
 
 
 def check_range(index: Tensor, num_classes: int) -> None:
@@ -121,11 +177,7 @@ def check_range(index: Tensor, num_classes: int) -> None:
         return
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise IndexError(
-            f"class index {bad} is out of range: the model has {num_classes} classes, "
-            f"so valid indices are 0 to {num_classes - 1}"
-        )
+        raise _out_of_range(low if low < 0 else high, num_classes)
 
 
 def one_hot_rows(index: Tensor, like: Tensor) -> Tensor:
@@ -135,8 +187,17 @@ def one_hot_rows(index: Tensor, like: Tensor) -> Tensor:
     return basis.scatter(2, index.t().unsqueeze(-1), 1.0)
 
 
-def objective_rows(values: Tensor) -> tuple[Tensor, bool]:
+def objective_rows(values: Tensor, batch: int | None = None) -> tuple[Tensor, bool]:
     """Cotangents for a callable objective's ``(B,)`` or ``(B, K)`` output."""
+    if not isinstance(values, Tensor):
+        raise TypeError(
+            f"a callable cls must return a tensor of (B,) or (B, K) scores, got {type(values).__name__}"
+        )
+    if batch is not None and values.ndim in (1, 2) and values.shape[0] != batch:
+        raise ValueError(
+            f"the callable cls returned {values.shape[0]} scores for a batch of {batch}; "
+            "it must return one score (or K) per sample, (B,) or (B, K)"
+        )
     if values.ndim == 1:
         return torch.ones_like(values).unsqueeze(0), False
     if values.ndim == 2:
@@ -178,6 +239,6 @@ def picker(cls: Target, scores: Tensor) -> tuple[Callable[[Any, Tensor], Tensor]
         return pick, keep_k
     index, keep_k = class_indices(cls, scores)
 
-    def pick_index(out: Tensor, rows: Tensor) -> Tensor:
-        return out.gather(1, index[rows])
+    def pick_index(out: Any, rows: Tensor) -> Tensor:
+        return class_scores(out).gather(1, index[rows])
     return pick_index, keep_k

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._targets import Target, class_indices
+from ._targets import Target, class_indices, class_scores
 
 
 class _PerSampleClasses:
@@ -48,6 +48,7 @@ class Finer(_PerSampleClasses):
         return picked
 
     def __call__(self, scores: Tensor) -> Tensor:
+        scores = class_scores(scores)
         index, keep_k = class_indices(self.cls, scores)  # (B, K)
         target = scores.gather(1, index)
         if self.references is not None:
@@ -103,6 +104,7 @@ class ReST(_PerSampleClasses):
     cls: Target
 
     def __call__(self, scores: Tensor) -> Tensor:
+        scores = class_scores(scores)
         index, keep_k = class_indices(self.cls, scores)
         # logit minus cross-entropy: y_c + log softmax(y)_c
         value = scores.gather(1, index) + F.log_softmax(scores, dim=1).gather(1, index)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._split import _TRAINING_MESSAGE, Split, unwrap
+from ._split import TRAINING_MESSAGE, Split, unwrap
 
 
 def check_split(split: Any) -> Split:
@@ -40,7 +40,7 @@ def check_eval_mode(split: Split) -> None:
                    if next(iter(m.children()), None) is None]
     for module in modules:
         if module.training:
-            raise ValueError(_TRAINING_MESSAGE)
+            raise ValueError(TRAINING_MESSAGE)
 
 
 def _param_dtype(split: Split) -> torch.dtype | None:
@@ -68,6 +68,11 @@ def check_input(split: Split, x: Any) -> None:
         )
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (B = 0); give at least one sample")
+    if split.batch is not None and x.shape[0] != split.batch:
+        raise ValueError(
+            f"this split was captured by torch.export for batches of {split.batch} only (the model "
+            f"fixes its batch size); got {x.shape[0]}. Split again with example_input of your batch"
+        )
     dtype = _param_dtype(split)
     if dtype is not None and dtype != x.dtype:
         raise TypeError(

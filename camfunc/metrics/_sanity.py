@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from .. import _ops
 from .._methods import METHODS
-from .._split import _layer_name
-from .._split import split as split_model
+from .._splitter import _layer_name
+from .._splitter import split as split_model
 from . import _inputs
 from .._gaussian import sampled_gaussian, separable_filter
 from ._inputs import Classes

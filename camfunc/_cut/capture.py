@@ -1,0 +1,336 @@
+"""A model as one ``torch.fx`` graph, with each target layer's outputs marked.
+
+Two ways in, one result (:class:`Captured`):
+
+- :func:`trace_fx`: symbolic tracing with the targets as leaves. Forward
+  arguments after the input keep their defaults (traced as constants, so
+  ``if side is not None`` takes the branch a plain call takes).
+- :func:`export_graph`: ``torch.export`` in non-strict mode, for models fx
+  cannot trace (Hugging Face's, among others). It needs an example input; the
+  batch is exported dynamic. A layer's output is read from the
+  ``nn_module_stack`` metadata: the value its call hands to the rest of the graph.
+
+Both read the model's own parameters and buffers (no copies) and leave the
+model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .lock import TRACE_LOCK
+
+__all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy"]
+
+
+class CaptureError(TypeError):
+    """The model could not be captured as a graph (the message says why and what to do)."""
+
+
+@dataclasses.dataclass
+class Captured:
+    """A captured model: its graph, the objects the graph refers to, and marked layer outputs.
+
+    ``root`` maps ``call_module`` and ``get_attr`` targets to the model's own
+    modules and tensors. ``constants`` gives the value of every placeholder
+    but the input. ``calls[name]`` lists the output node of each call of layer
+    ``name``, in call order. ``unflatten`` rebuilds the model's output structure
+    from the graph's output (export flattens it). ``input_ndim`` is the input
+    rank the model needs, when the graph shows it.
+    """
+
+    graph: torch.fx.Graph
+    root: dict[str, Any]
+    input: torch.fx.Node
+    constants: dict[torch.fx.Node, Any]
+    calls: dict[str, list[torch.fx.Node]]
+    unflatten: Callable[[Any], Any] | None = None
+    input_ndim: int | None = None
+    method: str = "fx"
+    batch: int | None = None  # the only batch size an export with a static batch accepts
+
+    def owner(self, node: torch.fx.Node) -> Any:
+        """The module or tensor a ``call_module``/``get_attr`` node refers to."""
+        return self.root[node.target]
+
+
+def _is_inside(inner: str, outer: str) -> bool:
+    return inner.startswith(outer + ".")
+
+
+class _CutTracer(torch.fx.Tracer):
+    """Traces with the target layers as leaves and records each call's output node.
+
+    A target that contains another target is traced through, so nested layers
+    both get a node. Recording the proxy that the module call returns puts the
+    cut at the module's real output, even when its forward ends in functional
+    ops such as ``F.relu(out + identity)``. Tensor constants the model makes
+    while tracing are kept here, not stored on the model as fx would.
+    """
+
+    def __init__(self, targets: Sequence[str], record_all: bool = False):
+        super().__init__()
+        self.targets = set(targets)
+        self.record_all = record_all
+        self.outputs: dict[str, list[torch.fx.Node]] = {}
+        self.constants: dict[str, Tensor] = {}
+
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        if any(_is_inside(t, name) or (not name and t) for t in self.targets):
+            return False
+        if name in self.targets:
+            return True
+        return super().is_leaf_module(m, name)
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        if name and (self.record_all or name in self.targets):
+            if isinstance(out, torch.fx.Proxy):
+                self.outputs.setdefault(name, []).append(out.node)
+            elif not self.record_all:
+                raise CaptureError(
+                    f"layer {name!r} returns {type(out).__name__}, not a tensor; "
+                    "pick a layer whose output is a single tensor"
+                )
+        return out
+
+    def create_arg(self, a: Any) -> Any:
+        if (isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs
+                and not any(a is b for b in self.root.buffers())):
+            name = f"_camfunc_constant{len(self.constants)}"
+            self.constants[name] = a
+            self.tensor_attrs[a] = name  # fx then emits get_attr without setattr on the model
+        return super().create_arg(a)
+
+
+def _forward_defaults(model: nn.Module) -> dict[str, Any]:
+    """Forward arguments after the input, with their defaults; a clear error for required ones."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise CaptureError(
+            f"{type(model).__name__}.forward takes no positional input; camfunc calls model(x)"
+        )
+    defaults = {}
+    for p in params[params.index(positional[0]) + 1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise CaptureError(
+                f"{type(model).__name__}.forward needs the argument {p.name!r} besides the input; "
+                "camfunc explains models called as model(x). Wrap it in a module whose "
+                f"forward(x) calls it with {p.name}=..., or build a camfunc.Split by hand"
+            )
+        defaults[p.name] = p.default
+    return defaults
+
+
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2,
+                   torch.nn.functional.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _input_ndim(graph: torch.fx.Graph, x: torch.fx.Node, root: dict[str, Any]) -> int | None:
+    """The input rank, when the input goes straight into a convolution (batched: dims + 2)."""
+    for user in x.users:
+        if user.op == "call_module" and user.args and user.args[0] is x:
+            dims = _CONVS.get(type(root[user.target]))
+        elif user.op == "call_function" and user.args and user.args[0] is x:
+            dims = _CONV_FUNCTIONS.get(user.target)
+        else:
+            dims = None
+        if dims is not None:
+            return dims + 2
+    return None
+
+
+def _graph_root(model: nn.Module, graph: torch.fx.Graph, extra: dict[str, Any]) -> dict[str, Any]:
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            root[node.target] = model.get_submodule(node.target)
+        elif node.op == "get_attr":
+            root[node.target] = extra[node.target] if node.target in extra else _fetch(model, node.target)
+    return root
+
+
+def _fetch(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = False) -> Captured:
+    """Symbolic tracing; raises :class:`CaptureError` when fx cannot trace the model."""
+    defaults = _forward_defaults(model)
+    tracer = _CutTracer(targets, record_all=record_all)
+    with TRACE_LOCK.tracing(), warnings.catch_warnings():
+        # A tensor default cannot be asserted on; camfunc never passes another value.
+        warnings.filterwarnings("ignore", "Was not able to add assertion", UserWarning)
+        try:
+            graph = tracer.trace(model, concrete_args=defaults or None)
+        except CaptureError:
+            raise
+        except Exception as err:  # fx raises many kinds; all mean "cannot trace"
+            raise CaptureError(f"torch.fx could not trace {type(model).__name__}: "
+                               f"{type(err).__name__}: {err}") from err
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    x = placeholders[0]
+    root = _graph_root(model, graph, tracer.constants)
+    constants = {}
+    for node in placeholders[1:]:  # a concrete argument's placeholder holds its value
+        value = node.args[0] if node.args else None
+        constants[node] = root[value.target] if isinstance(value, torch.fx.Node) else value
+    return Captured(graph, root, x, constants, tracer.outputs,
+                    input_ndim=_input_ndim(graph, x, root), method="fx")
+
+
+# ----------------------------------------------------------------------------
+# torch.export
+
+
+def example_for(model: nn.Module) -> Tensor | None:
+    """An example input from the model's own metadata (Hugging Face config, timm cfg), if any."""
+    shape = None
+    config = getattr(model, "config", None)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(size, int) and isinstance(channels, int):
+        shape = (channels, size, size)
+    elif isinstance(size, (tuple, list)) and isinstance(channels, int):
+        shape = (channels, *size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if shape is None and isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+        shape = tuple(cfg["input_size"])
+    if shape is None:
+        return None
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((2, *shape), generator=g).to(device=device, dtype=dtype)
+
+
+def _module_path(path: str, names: set[str]) -> str:
+    """``nn_module_stack`` paths: plain names on recent torch, ``L['self'].a[0]`` on older."""
+    if path in names:
+        return path
+    cleaned = re.sub(r"^L\['self'\]\.?", "", path)
+    cleaned = re.sub(r"\[(\d+)\]", r".\1", cleaned).replace("['", ".").replace("']", "")
+    cleaned = cleaned.strip(".")
+    return cleaned
+
+
+def _export(model: nn.Module, example: Tensor):
+    export = torch.export.export
+    dim = torch.export.Dim
+    batch = dim.AUTO if hasattr(dim, "AUTO") else dim("batch")
+    try:
+        return export(model, (example,), strict=False, dynamic_shapes=({0: batch},)), None
+    except Exception:
+        # Some models specialise the batch; then the capture takes that batch only.
+        return export(model, (example,), strict=False), example.shape[0]
+
+
+def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
+                 record_all: bool = False) -> Captured:
+    """``torch.export`` (non-strict) into a graph that reads the model's own tensors."""
+    if example.shape[0] == 1:  # a batch of 1 would be specialised; export sees 2
+        example = torch.cat([example, example])
+    with TRACE_LOCK.tracing(), torch.no_grad():
+        try:
+            ep, batch = _export(model, example)
+        except Exception as err:
+            raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                               ) from err
+    signature = ep.graph_signature
+    bad = [s for s in signature.output_specs if s.kind.name != "USER_OUTPUT"]
+    if bad:
+        raise CaptureError(
+            f"{type(model).__name__} changes its own state in forward ({bad[0].kind.name.lower()} "
+            f"of {bad[0].target!r}); call model.eval() and split again"
+        )
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    root: dict[str, Any] = {}
+    user_inputs = []
+    specs = {s.arg.name: s for s in signature.input_specs if hasattr(s.arg, "name")}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            spec = specs.get(node.name)
+            kind = spec.kind.name if spec is not None else "USER_INPUT"
+            if kind == "USER_INPUT":
+                env[node] = graph.placeholder(node.name)
+                env[node].meta = dict(node.meta)
+                user_inputs.append(env[node])
+                continue
+            if kind in ("PARAMETER", "BUFFER") and spec.target in tensors:
+                value = tensors[spec.target]
+            elif spec.target in ep.constants:
+                value = ep.constants[spec.target]
+            else:
+                raise CaptureError(f"torch.export lifted {kind.lower()} {spec.target!r}, which "
+                                   f"camfunc cannot find in {type(model).__name__}")
+            name = f"_camfunc_{kind.lower()}_{len(root)}"
+            root[name] = value
+            env[node] = graph.get_attr(name)
+            env[node].meta = dict(node.meta)
+        elif node.op == "output":
+            graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    if len(user_inputs) != 1:
+        raise CaptureError(f"the exported graph takes {len(user_inputs)} inputs; camfunc needs model(x)")
+    out_spec = ep.call_spec.out_spec
+
+    def unflatten(leaves: Any) -> Any:
+        return torch.utils._pytree.tree_unflatten(list(leaves), out_spec)
+
+    calls = _calls_from_stack(graph, model, targets, record_all)
+    return Captured(graph, root, user_inputs[0], {}, calls, unflatten=unflatten,
+                    input_ndim=example.ndim, method="export", batch=batch)
+
+
+def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence[str],
+                      record_all: bool) -> dict[str, list[torch.fx.Node]]:
+    """Each module call's output: the tensor its scope hands to nodes outside it."""
+    names = {n for n, _ in model.named_modules() if n}
+    scopes: dict[str, tuple[str, list[torch.fx.Node]]] = {}  # call key -> (module path, nodes)
+    for node in graph.nodes:
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            path = _module_path(value[0] if isinstance(value, tuple) else str(value), names)
+            if path and (record_all or path in targets):
+                scopes.setdefault(key, (path, []))[1].append(node)
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    calls: dict[str, list[tuple[int, torch.fx.Node]]] = {}
+    for key, (path, nodes) in scopes.items():
+        inside = set(nodes)
+        outs = [n for n in nodes if isinstance(n.meta.get("val"), Tensor)
+                and any(u not in inside for u in n.users)]
+        if len(outs) != 1:
+            if record_all:
+                continue
+            raise CaptureError(
+                f"layer {path!r} hands {len(outs)} tensors to the rest of the exported graph; "
+                "pick a layer whose output is a single tensor"
+            )
+        calls.setdefault(path, []).append((position[nodes[0]], outs[0]))
+    return {path: [n for _, n in sorted(found, key=lambda t: t[0])] for path, found in calls.items()}
+
+
+def traced_copy(model: nn.Module) -> torch.fx.GraphModule:
+    """The whole model as a ``GraphModule`` over its own modules (for rewriting a copy)."""
+    captured = trace_fx(model, [])
+    return torch.fx.GraphModule(captured.root, captured.graph, class_name=type(model).__name__)

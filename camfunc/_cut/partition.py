@@ -1,0 +1,271 @@
+"""Which stage each node runs in, and one ``GraphModule`` per stage.
+
+Stage k holds what is computed between cut k-1 and cut k. A node goes to the
+lowest stage its inputs allow, so values that do not depend on a cut (shape
+arithmetic, parallel branches, skip connections) are computed once, before
+it, and cross as context.
+
+fx records no edge for an in-place write: after ``idn.add_(out)`` a reader of
+``idn`` still points at ``idn``'s node. So writes are dependencies here: a
+node that reads a tensor (or a view of it) runs no earlier than the last
+write before it, and a write runs no earlier than the reads before it. A
+stage never writes its own inputs: an input it writes in place is cloned on
+entry, so re-running a stage (Score-CAM, Ablation-CAM) sees the same context.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .capture import CaptureError, Captured
+from .lock import TRACE_LOCK
+
+__all__ = ["levels", "Stage", "build_stages"]
+
+# Methods and functions whose result may share memory with their first argument.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "t", "chunk", "split",
+    "unbind", "movedim", "moveaxis", "diagonal", "contiguous", "detach", "as_strided", "unfold",
+    "__getitem__", "to", "type", "float", "half", "bfloat16", "double", "swapaxes", "swapdims",
+    "tensor_split", "split_with_sizes", "real", "imag", "view_as_real", "mT", "mH", "T", "H",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind,
+    torch.movedim, torch.t, torch.detach, torch.swapaxes, torch.tensor_split, torch.diagonal,
+    torch.unflatten,
+}
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                  nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_WRITE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
+                    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                    operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                    operator.irshift, operator.imatmul}
+
+
+def _is_inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _inplace_flag(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """``F.relu(x, inplace=True)`` and friends, positional or keyword."""
+    if kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _schema(node: torch.fx.Node):
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+
+def written(node: torch.fx.Node, captured: Captured) -> list[torch.fx.Node]:
+    """The nodes whose tensors this node writes in place."""
+    schema = _schema(node)
+    if schema is not None:  # an ATen op from torch.export: its schema says
+        out = []
+        for i, arg in enumerate(schema.arguments):
+            info = arg.alias_info
+            if info is not None and info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                out.extend(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                           if isinstance(v, torch.fx.Node))
+        return out
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if first is None:
+        return []
+    if node.op == "call_method" and _is_inplace_name(node.target):
+        return [first]
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if (node.target in _WRITE_FUNCTIONS or _is_inplace_name(name)
+                or _inplace_flag(node.target, node.args, node.kwargs)):
+            return [first]
+    if node.op == "call_module" and getattr(captured.owner(node), "inplace", False) is True:
+        return [first]
+    return []
+
+
+def aliased(node: torch.fx.Node, captured: Captured) -> torch.fx.Node | None:
+    """The input this node's result may share memory with, if any."""
+    schema = _schema(node)
+    if schema is not None:
+        if any(r.alias_info is not None for r in schema.returns):
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and i < len(node.args) and isinstance(node.args[i], torch.fx.Node):
+                    return node.args[i]
+        return None
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if first is None:
+        return None
+    if node.op == "call_method" and (node.target in _VIEW_METHODS or _is_inplace_name(node.target)):
+        return first
+    if node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or written(node, captured)):
+        return first
+    if node.op == "call_module":
+        if isinstance(captured.owner(node), _ALIAS_MODULES) or written(node, captured):
+            return first
+    return None
+
+
+def levels(captured: Captured, cuts: Sequence[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+    """The stage of every computing node, given the cuts in execution order."""
+    cut_index = {node: i for i, node in enumerate(cuts)}
+    root_of: dict[torch.fx.Node, torch.fx.Node] = {}
+    level: dict[torch.fx.Node, int] = {}
+    last_write: dict[torch.fx.Node, int] = {}
+    last_read: dict[torch.fx.Node, int] = {}
+
+    def root(node: torch.fx.Node) -> torch.fx.Node:
+        return root_of.get(node, node)
+
+    for node in captured.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        inputs = node.all_input_nodes
+        lv = cut_index.get(node, 0)
+        for inp in inputs:
+            if inp in level:
+                lv = max(lv, level[inp] + (inp in cut_index))
+        read_roots = {root(inp) for inp in inputs}
+        for r in read_roots:  # reads come after the writes before them
+            lv = max(lv, last_write.get(r, 0))
+        writes = {root(w) for w in written(node, captured)}
+        for r in writes:  # a write comes after the reads before it
+            lv = max(lv, last_read.get(r, 0), last_write.get(r, 0))
+        level[node] = lv
+        for r in read_roots:
+            last_read[r] = max(last_read.get(r, 0), lv)
+        for r in writes:
+            last_write[r] = lv
+        source = aliased(node, captured)
+        if source is not None:
+            root_of[node] = root(source)
+    return level
+
+
+class Stage:
+    """One stage of a split: a ``GraphModule`` over the model's own modules and tensors.
+
+    Calls hold :data:`TRACE_LOCK` shared, so a trace in another thread never
+    sees them. ``unflatten`` rebuilds an exported model's output structure.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, unflatten: Any = None, single: bool = False):
+        self.module = module
+        self.unflatten = unflatten
+        self.single = single
+
+    def _run(self, *carry: Any) -> Any:
+        out = self.module(*carry)
+        if self.unflatten is not None:
+            return self.unflatten(out)
+        return out[0] if self.single else out
+
+    def __call__(self, *carry: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self._run(*carry)
+        with TRACE_LOCK.calling():
+            return self._run(*carry)
+
+    def __repr__(self) -> str:
+        calls = [n.target for n in self.module.graph.nodes if n.op == "call_module"]
+        ops = sum(n.op in ("call_function", "call_method", "call_module") for n in self.module.graph.nodes)
+        shown = ", ".join(calls[:4]) + (", ..." if len(calls) > 4 else "")
+        return f"Stage({ops} ops{': ' + shown if shown else ''})"
+
+
+def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
+                 level: dict[torch.fx.Node, int]) -> list[Stage]:
+    """Head, middles and tail: stage k takes ``(A_{k-1}, *context)``, returns ``(A_k, *context)``."""
+    graph = captured.graph
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    output = next(n for n in graph.nodes if n.op == "output")
+    root_of: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in nodes:
+        source = aliased(node, captured)
+        if source is not None:
+            root_of[node] = root_of.get(source, source)
+
+    def stage_of(node: torch.fx.Node) -> int:
+        return level.get(node, 0)  # the input and constants belong to the head
+
+    def needed_after(k: int) -> list[torch.fx.Node]:
+        seen: dict[torch.fx.Node, None] = {}
+        for user in [n for n in nodes if stage_of(n) > k] + [output]:
+            for inp in user.all_input_nodes:
+                if inp.op in ("get_attr",) or inp in captured.constants:
+                    continue
+                if stage_of(inp) <= k:
+                    seen[inp] = None
+        return list(seen)
+
+    stages = []
+    inputs: list[torch.fx.Node] = [captured.input]
+    for k in range(len(cuts) + 1):
+        body = [n for n in nodes if stage_of(n) == k]
+        written_roots = {root_of.get(w, w) for n in body for w in written(n, captured)}
+        sub = torch.fx.Graph()
+        env: dict[torch.fx.Node, Any] = {n: v for n, v in captured.constants.items()
+                                         if not isinstance(v, torch.Tensor)}
+        owners: dict[str, Any] = {}
+        by_root: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for i, value in enumerate(inputs):
+            placeholder = sub.placeholder(value.name if k else "x")
+            placeholder.meta = dict(value.meta)
+            env[value] = placeholder
+            by_root.setdefault(root_of.get(value, value), []).append(value)
+        for r, values in by_root.items():
+            if r in written_roots:
+                if len(values) > 1:
+                    raise CaptureError(
+                        f"values {[v.name for v in values]} cross a cut, share memory, and are "
+                        "written in place after it; pick another layer"
+                    )
+                # The stage must not write what it was given: copy it first.
+                env[values[0]] = sub.call_method("clone", (env[values[0]],))
+
+        def value_of(node: torch.fx.Node) -> Any:
+            if node in env:
+                return env[node]
+            if node.op == "get_attr":
+                owners[node.target] = captured.root[node.target]
+                env[node] = sub.get_attr(node.target)
+                return env[node]
+            if node in captured.constants:  # a tensor default of the forward
+                owners[f"_camfunc_default_{node.name}"] = captured.constants[node]
+                env[node] = sub.get_attr(f"_camfunc_default_{node.name}")
+                return env[node]
+            raise CaptureError(f"stage {k} reads {node.name}, computed in a later stage")
+
+        for node in body:
+            env[node] = sub.node_copy(node, value_of)
+        for node in body:
+            if node.op == "call_module":
+                owners[node.target] = captured.root[node.target]
+        if k < len(cuts):
+            outs = [cuts[k]] + [n for n in needed_after(k) if n is not cuts[k]]
+            sub.output(tuple(value_of(n) for n in outs))
+            module = torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
+            stages.append(Stage(module, single=len(outs) == 1))
+            inputs = outs
+        else:
+            sub.output(torch.fx.node.map_arg(output.args[0], value_of))
+            module = torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
+            stages.append(Stage(module, unflatten=captured.unflatten))
+    return stages

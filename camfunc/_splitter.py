@@ -1,0 +1,410 @@
+"""``camfunc.split``: cut a model at a layer, and ``camfunc.check`` that the cut is exact.
+
+The model is captured as one graph (``torch.fx``, or ``torch.export`` when fx
+cannot trace it), every node is assigned to the stage it runs in, and each
+stage becomes a ``GraphModule`` over the model's own modules and tensors
+(``camfunc._cut``). Each cut's activations are then seen as a grid
+(``camfunc._layout``), decided on each call from the shapes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from . import _layout
+from ._cut import evidence as _evidence
+from ._cut.capture import Captured, CaptureError, example_for, export_graph, trace_fx
+from ._cut.lock import TRACE_LOCK
+from ._cut.partition import build_stages, levels
+from ._split import TRAINING_MESSAGE, Split, unwrap
+
+__all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
+
+
+class LayerChoiceWarning(UserWarning):
+    """Says which layer :func:`split` picked when no layer was given."""
+
+
+class RepeatedLayerWarning(UserWarning):
+    """A target layer is called more than once; the cut is at its last call."""
+
+
+def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    names = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, module in names.items():
+            if module is layer and name:
+                return name
+        raise ValueError(
+            f"layer {type(layer).__name__} is not a submodule of {type(model).__name__}; "
+            "pass one of its modules or its name (see model.named_modules())"
+        )
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a module name or a module, got {type(layer).__name__}")
+    if layer not in names or not layer:
+        close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
+        hint = f"; closest names: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ValueError(
+            f"unknown layer {layer!r} in {type(model).__name__}{hint}. "
+            "Valid names are those of model.named_modules()"
+        )
+    return layer
+
+
+# ----------------------------------------------------------------------------
+# Capture: fx, else torch.export
+
+
+def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
+             record_all: bool = False) -> Captured:
+    try:
+        return trace_fx(model, names, record_all=record_all)
+    except CaptureError as err:
+        if not str(err).startswith("torch.fx could not trace"):
+            raise  # a definite answer (a required argument, a layer returning a tuple)
+        fx_error = err
+    example = example if example is not None else example_for(model)
+    if example is None:
+        raise CaptureError(
+            f"{fx_error}. camfunc can capture it with torch.export instead, which needs an "
+            "example input: camfunc.split(model, layer, example_input=x). Or build the split "
+            "by hand: camfunc.Split(head, tail) with head(x) -> activations and "
+            "tail(activations) -> scores"
+        ) from fx_error
+    try:
+        return export_graph(model, example, names, record_all=record_all)
+    except CaptureError as err:
+        raise CaptureError(
+            f"{fx_error}; and {err}. Build the split by hand instead: camfunc.Split(head, tail) "
+            "with head(x) -> activations and tail(activations) -> scores"
+        ) from err
+
+
+def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
+    cuts = []
+    for name in names:
+        calls = captured.calls.get(name)
+        if not calls:
+            raise ValueError(
+                f"layer {name!r} is never called during the forward pass (or is inside a "
+                "module the capture treats as a leaf); pick a module that the model calls"
+            )
+        if len(calls) > 1:
+            warnings.warn(
+                f"layer {name!r} is called {len(calls)} times; the cut is at its last call",
+                RepeatedLayerWarning, stacklevel=3,
+            )
+        cuts.append(calls[-1])
+    return cuts
+
+
+def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
+                  cuts: Sequence[torch.fx.Node]) -> dict[str, str | None]:
+    """The graph's evidence for each layer's feature axis, read inside the layer too."""
+    if captured.method == "export":  # already op by op
+        return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
+    fine = trace_fx(model, [], record_all=True)
+    found = {}
+    for name, cut in zip(names, cuts):
+        calls = fine.calls.get(name) or []
+        index = captured.calls[name].index(cut)
+        found[name] = _evidence.feature_axis(fine, calls[index]) if index < len(calls) else None
+    return found
+
+
+def _select(output: str | int | Callable[[Any], Any]) -> Callable[[Any], Any]:
+    if callable(output):
+        return output
+    if not isinstance(output, (str, int)) or isinstance(output, bool):
+        raise TypeError(f"output must be a key, an attribute name, an index or a callable, got {output!r}")
+
+    def pick(out: Any) -> Any:
+        if isinstance(output, int):
+            return out[output]
+        if isinstance(out, Mapping) and output in out:
+            return out[output]
+        if hasattr(out, output):
+            return getattr(out, output)
+        keys = list(out) if isinstance(out, Mapping) else []
+        raise KeyError(f"the model's output ({type(out).__name__}) has no field {output!r}"
+                       + (f"; its keys are {keys}" if keys else ""))
+    return pick
+
+
+class _Selected:
+    """The tail followed by picking one field of the model's output."""
+
+    def __init__(self, tail: Callable[..., Any], pick: Callable[[Any], Any]):
+        self.tail, self.pick = tail, pick
+
+    def __call__(self, *carry: Any) -> Any:
+        return self.pick(self.tail(*carry))
+
+    def __repr__(self) -> str:
+        return f"_Selected({self.tail!r})"
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+
+
+def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
+          *, example_input: Tensor | None = None, layout: Any = None,
+          grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
+          output: str | int | Callable[[Any], Any] | None = None) -> Split:
+    """Cuts ``model`` at ``layer``'s output into ``head: x -> A`` and ``tail: A -> scores``.
+
+    ``layer`` is a module name (``"layer4"``, ``"vit.layers.10"``), a module,
+    or a list of them (one map per layer, in the order given; nested layers
+    work). With ``layer=None``, ``example_input`` is run once and the last
+    layer whose output still has spatial extent and gets a gradient is picked
+    (a :class:`LayerChoiceWarning` names it). DataParallel, DDP and
+    ``torch.compile`` wrappers are unwrapped.
+
+    The model is captured with ``torch.fx``; when fx cannot trace it (Hugging
+    Face models, say), with ``torch.export`` (non-strict, dynamic batch), which
+    needs ``example_input`` unless the model's config gives its input size.
+    Forward arguments after the input keep their defaults. The cut is the
+    module's output even when its forward ends in functional ops. Values that
+    cross the cut (skip connections) pass from head to tail as context; an
+    in-place write after the cut is ordered as the model orders it, and a
+    stage never writes what it is given. A module called several times is cut
+    at its last call (a :class:`RepeatedLayerWarning` says so). The split
+    shares the model's parameters and modules; the model is not changed.
+
+    Activations are seen as a ``(B, C, *spatial)`` grid (:class:`camfunc.Layout`),
+    decided on each call from their shape against the input's: channels-first,
+    channels-last (Swin) or tokens (ViT; class and register tokens set aside),
+    with the ops that produced them deciding where shapes cannot. Pass
+    ``layout`` (``"channels_first"``, ``"channels_last"``, ``"tokens"``, a
+    ``Layout``, or a list, one per layer) and, for tokens, ``grid`` and
+    ``prefix_tokens`` to say it yourself.
+
+    A model returning a dict or a ``ModelOutput`` gives class indices on its
+    ``logits``; ``output`` (a key, attribute, index or callable) makes the tail
+    return another field instead.
+
+    Example:
+        >>> s = camfunc.split(model, "layer4")
+        >>> s.head(x).shape                                   # the activations A
+        torch.Size([2, 16, 4, 4])
+        >>> torch.allclose(s.tail(s.head(x)), model(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
+    if any(m.training for m in model.modules()):
+        # Tracing bakes in ``if self.training`` branches, so the mode matters already here.
+        raise ValueError(TRAINING_MESSAGE)
+    if example_input is not None and not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
+    if layer is None:
+        if example_input is None:
+            raise ValueError(
+                "split needs a layer, or example_input to pick one: "
+                "camfunc.split(model, 'layer4') or camfunc.split(model, example_input=x)"
+            )
+        layer = _choose_layer(model, example_input, layout, grid, prefix_tokens, output)
+        warnings.warn(f"camfunc.split picked layer {layer!r}", LayerChoiceWarning, stacklevel=2)
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers:
+        raise ValueError("split needs at least one layer")
+    names = [_layer_name(model, item) for item in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers must be distinct, got {names}")
+    pick = None if output is None else _select(output)  # checks the argument before any work
+
+    captured = _capture(model, names, example_input)
+    cuts = _cuts(captured, names)
+    # Layers with the same output (layer4 and its last block) share one cut.
+    position = {node: i for i, node in enumerate(captured.graph.nodes)}
+    chain = sorted(set(cuts), key=position.__getitem__)
+    stages = build_stages(captured, chain, levels(captured, chain))
+    order = tuple(chain.index(c) for c in cuts)
+    chain_names = tuple(names[cuts.index(c)] for c in chain)
+    tail = stages[-1] if pick is None else _Selected(stages[-1], pick)
+    plain = Split(head=stages[0], tail=tail, middle=tuple(stages[1:-1]), layers=chain_names,
+                  model=model, input_ndim=captured.input_ndim, batch=captured.batch,
+                  order=() if order == tuple(range(len(chain))) else order)
+    axes = _feature_axes(model, captured, names, cuts)
+    rules = _layout_rules(model, names, chain_names, axes, layout, grid, prefix_tokens)
+    return _layout.build_layouts(plain, rules)
+
+
+def _layout_rules(model: nn.Module, names: list[str], chain_names: Sequence[str],
+                  axes: dict[str, str | None], layout: Any, grid: Sequence[int] | None,
+                  prefix_tokens: int | None) -> list[_layout.LayoutRule]:
+    """One rule per chained cut: the user's choice, the graph's evidence, the model's tokens."""
+    hint = _evidence.prefix_tokens_hint(model)
+    if grid is not None:
+        grid = tuple(int(g) for g in grid)
+
+    def build(item: Any, name: str) -> _layout.LayoutRule:
+        base = _layout.LayoutRule(name, None, prefix_tokens, grid, axes.get(name), hint)
+        if item is None:
+            return base
+        if isinstance(item, _layout.Layout):
+            return base._replace(kind=item.kind, prefix_tokens=item.prefix_tokens, grid=item.grid)
+        if isinstance(item, str):
+            _layout.Layout(item)  # checks the name
+            return base._replace(kind=item)
+        raise TypeError(f"layout must be a string, a camfunc.Layout or a list of them, got {item!r}")
+
+    if isinstance(layout, (list, tuple)):
+        if len(layout) != len(names):
+            raise ValueError(f"got {len(layout)} layouts for {len(names)} layers")
+        per_name = dict(zip(names, layout))
+        return [build(per_name[name], name) for name in chain_names]
+    return [build(layout, name) for name in chain_names]
+
+
+# ----------------------------------------------------------------------------
+# Choosing a layer
+
+
+_PASSIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+            nn.Dropout3d, nn.Identity)
+
+
+def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
+                  grid: Sequence[int] | None, prefix_tokens: int | None, output: Any) -> str:
+    """The last module output with spatial (or token) extent whose map gets a gradient.
+
+    A ViT's last block feeds the head through its class token only, so its
+    patch tokens get exactly zero gradient: such layers are skipped.
+    """
+    for name in _spatial_layers(model, example_input):
+        try:
+            candidate = split(model, name, example_input=example_input, layout=layout, grid=grid,
+                              prefix_tokens=prefix_tokens, output=output)
+        except (TypeError, ValueError):
+            continue
+        if _gets_gradient(candidate, example_input):
+            return name
+    raise ValueError(
+        f"no layer of {type(model).__name__} outputs a map with spatial dimensions that the "
+        f"output depends on, for an input of shape {tuple(example_input.shape)}; pass layer="
+    )
+
+
+def _shapes(captured: Captured, example: Tensor) -> dict[torch.fx.Node, tuple[int, ...]]:
+    """Each node's tensor shape for ``example``: from export's metadata, or one run of the graph."""
+    if captured.method == "export":
+        return {n: tuple(n.meta["val"].shape) for n in captured.graph.nodes
+                if isinstance(n.meta.get("val"), Tensor)}
+    found: dict[torch.fx.Node, tuple[int, ...]] = {}
+    env: dict[torch.fx.Node, Any] = {captured.input: example, **captured.constants}
+
+    def value(node: torch.fx.Node) -> Any:
+        return captured.root[node.target] if node.op == "get_attr" else env[node]
+
+    with TRACE_LOCK.calling(), torch.no_grad():
+        for node in captured.graph.nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                continue
+            args = torch.fx.node.map_arg(node.args, value)
+            kwargs = torch.fx.node.map_arg(node.kwargs, value)
+            if node.op == "call_module":
+                out = captured.root[node.target](*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                out = node.target(*args, **kwargs)
+            env[node] = out
+            if isinstance(out, Tensor):
+                found[node] = tuple(out.shape)
+    return found
+
+
+def _spatial_layers(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Module outputs with more than one position, last first, each by its outermost module."""
+    captured = _capture(model, [], example_input, record_all=True)
+    shapes = _shapes(captured, example_input)
+    modules = dict(model.named_modules())
+    owners: dict[torch.fx.Node, list[str]] = {}
+    for name, calls in captured.calls.items():
+        if name in modules and not isinstance(modules[name], _PASSIVE):
+            owners.setdefault(calls[-1], []).append(name)
+    found = []
+    for node in captured.graph.nodes:
+        shape = shapes.get(node)
+        if node in owners and shape is not None and len(shape) >= 3 and torch.Size(shape[1:]).numel() > shape[-1]:
+            found.append(min(owners[node], key=lambda n: (n.count("."), n)))
+    return found[::-1]
+
+
+def _gets_gradient(candidate: Split, x: Tensor) -> bool:
+    from . import _engine, _targets  # the engine builds on Split
+
+    def largest_gradient(acts, grads):
+        return tuple(g.abs().flatten(1).amax(1) for g in grads)
+
+    def top_score(out: Any) -> Tensor:
+        return _targets.any_scores(out).flatten(1).amax(1)
+
+    try:
+        peaks, _ = _engine.class_maps(candidate, x, top_score, largest_gradient)
+    except (TypeError, ValueError, KeyError):  # a layer whose output is not a tensor map
+        return False
+    return bool(peaks[0].amax() > 0)
+
+
+# ----------------------------------------------------------------------------
+# Checking a split
+
+
+def _compare(expected: Any, got: Any, rtol: float, atol: float, where: str = "output") -> None:
+    if isinstance(expected, Tensor):
+        if not isinstance(got, Tensor):
+            raise ValueError(f"split returns {type(got).__name__} at {where}, the model a tensor")
+        if expected.shape != got.shape or not torch.allclose(expected, got, rtol=rtol, atol=atol,
+                                                             equal_nan=True):
+            diff = (expected - got).abs().max().item() if expected.shape == got.shape else float("nan")
+            raise ValueError(
+                f"split does not reproduce the model at {where}: shapes {tuple(got.shape)} vs "
+                f"{tuple(expected.shape)}, max abs difference {diff:.3g}"
+            )
+    elif isinstance(expected, Mapping):
+        if not isinstance(got, Mapping) or list(expected.keys()) != list(got.keys()):
+            keys = list(got.keys()) if isinstance(got, Mapping) else type(got).__name__
+            raise ValueError(f"split output at {where} has keys {keys}, the model's {list(expected)}")
+        for key in expected:
+            _compare(expected[key], got[key], rtol, atol, f"{where}[{key!r}]")
+    elif isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(expected) != len(got):
+            raise ValueError(f"split output at {where} differs in structure from the model's")
+        for i, (e, g) in enumerate(zip(expected, got)):
+            _compare(e, g, rtol, atol, f"{where}[{i}]")
+
+
+def check(split: Split, model: nn.Module, x: Tensor, *, rtol: float = 1e-5,
+          atol: float = 1e-5) -> Split:
+    """Confirms that ``split(x)`` (tail after head) reproduces ``model(x)``.
+
+    Raises ``ValueError`` naming the largest difference when it does not, and
+    returns the split unchanged when it does, so it can wrap a construction.
+    Dicts of any kind (``OrderedDict``, ``ModelOutput``) compare by keys and
+    values. For a split built with ``output=``, pass a model returning that field.
+
+    Example:
+        >>> s = camfunc.check(camfunc.split(model, "layer4"), model, x)
+        >>> s.layers
+        ('layer4',)
+    """
+    with torch.no_grad():
+        with TRACE_LOCK.calling():
+            expected = model(x)
+        got = split(x)
+    if isinstance(split.tail, _Selected):
+        expected = split.tail.pick(expected)
+    _compare(expected, got, rtol, atol)
+    return split
