@@ -52,6 +52,7 @@ from ._smoothing import aug_smooth as aug_smooth
 from ._ops import normalize as normalize
 from ._ops import upsample as upsample
 from ._split import Split as Split
+from ._validate import NonFiniteWarning as NonFiniteWarning
 from ._splitter import LayerChoiceWarning as LayerChoiceWarning
 from ._splitter import RepeatedLayerWarning as RepeatedLayerWarning
 from ._splitter import check as check
@@ -104,6 +105,7 @@ __all__ = [
     "hirescam",
     "layercam",
     "LayerChoiceWarning",
+    "NonFiniteWarning",
     "normalize",
     "overlay",
     "metrics",

@@ -70,7 +70,8 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
             full[i] = value.clone()
         out = stage(a.clone(), *full)
         leaves, structure["spec"] = torch.utils._pytree.tree_flatten(out)
-        structure["leaves"] = leaves
+        # Only the non-tensor part leaves the transform (torch 2.4 cannot compile otherwise).
+        structure["template"] = [None if isinstance(v, Tensor) else (v,) for v in leaves]
         tensors = tuple(v for v in leaves if isinstance(v, Tensor))
         if objective is not None:
             return objective(out), tensors
@@ -79,7 +80,7 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
     primals = (a, *(context[i] for i in varying))
     differentiable, pullback, tensors = torch.func.vjp(stage_fn, *primals, has_aux=True)
     unwrapped = iter(tensors)
-    leaves = [next(unwrapped) if isinstance(v, Tensor) else v for v in structure["leaves"]]
+    leaves = [next(unwrapped) if v is None else v[0] for v in structure["template"]]
     return differentiable, pullback, torch.utils._pytree.tree_unflatten(leaves, structure["spec"])
 
 
@@ -90,11 +91,13 @@ _VMAP_PULLBACK_COMPILES = tuple(int(p) for p in torch.__version__.split(".")[:2]
 
 def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: int | None) -> Any:
     """``fn`` of each class's cotangent, stacked on a new leading axis: one ``vmap``."""
-    if cotangents.shape[0] == 1:
-        return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), fn(cotangents[0]))
-    if torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES:
-        outs = [fn(c) for c in cotangents.unbind(0)]
-        return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    if cotangents.shape[0] == 1 or (torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES):
+        outs = []
+        for cotangent in cotangents.unbind(0):  # a plain loop: torch 2.4 cannot compile a
+            outs.append(fn(cotangent))          # pullback called from a comprehension
+        if isinstance(outs[0], Tensor):
+            return torch.stack(outs)
+        return tuple(torch.stack(parts) for parts in zip(*outs))
     return torch.func.vmap(fn, chunk_size=chunk_size)(cotangents)
 
 
@@ -138,7 +141,10 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
             index, keep_k = classes if classes is not None else _targets.class_indices(cls, scores)
             cotangents = _targets.one_hot_rows(index, out)
 
-        def maps_for(cotangent: Tensor) -> tuple[Tensor, ...]:
+        # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
+        # cannot call a pullback held in a closure cell.
+        def maps_for(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks),
+                     acts=tuple(acts)) -> tuple[Tensor, ...]:
             grads = pull_tail(cotangent)
             if context_gradients:
                 return per_class(tuple(acts), tuple(grads))

@@ -170,4 +170,5 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
 
     (maps,), scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size,
                                          context_gradients=True)
+    maps = _validate.nonfinite_maps(maps)
     return (maps, scores) if return_scores else maps

@@ -9,13 +9,12 @@ inputs. The user's model is never modified.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import weakref
 
 from . import _engine, _ops, _targets, _validate
 from ._cut.cache import prepared
@@ -134,6 +133,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
         return grads
 
     (maps,), scores = _engine.class_maps(split, x, cls, gradients, chunk_size=chunk_size)
+    maps = _validate.nonfinite_maps(maps)
     return (maps, scores) if return_scores else maps
 
 

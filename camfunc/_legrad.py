@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, _targets, _validate
+from . import _engine, _ops, _targets, _validate
 from ._layout import Layout, _fixed_tokens
 from ._split import Split
 from ._splitter import _layer_name
@@ -208,14 +208,15 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
         layer_scores, pull = torch.func.vjp(every_block_scores, *(inputs[i][1] for i in chosen))
         cotangents = _targets.one_hot_rows(index, layer_scores[0])  # (K, B, classes)
 
-        def relevance(cotangent: Tensor) -> Tensor:
+        def relevance(cotangent: Tensor, pull=pull) -> Tensor:  # a default: see _engine.class_maps
             gradients = pull(cotangent.expand_as(layer_scores))
             return torch.stack([_relevance(g) for g in gradients]).mean(0)
 
-        per_key = torch.func.vmap(relevance, chunk_size=chunk_size)(cotangents)  # (K, B, N)
+        per_key = _engine.over_classes(relevance, cotangents, chunk_size)  # (K, B, N)
         prefix, grid = _fixed_tokens(_TOKENS, per_key.shape[-1])
         maps = per_key[..., prefix:].unflatten(-1, grid).movedim(0, 1)
         maps = maps if keep_k else maps.squeeze(1)
         if normalize:
             maps = _ops.normalize(maps, spatial_dims=len(grid))
+    maps = _validate.nonfinite_maps(maps)
     return (maps, scores) if return_scores else maps

@@ -61,6 +61,8 @@ def normalize(cams: Tensor, spatial_dims: int | None = None) -> Tensor:
     varies = span > FLAT_TOLERANCE * flat.abs().amax(-1, keepdim=True)
     safe_span = torch.where(varies, span, torch.ones_like(span))
     scaled = torch.where(varies, (flat - low) / safe_span, torch.zeros_like(flat))
+    # A map holding NaN stays NaN: zeros would read as "no evidence".
+    scaled = torch.where(span.isnan(), torch.full_like(flat, float("nan")), scaled)
     return scaled.reshape(cams.shape)
 
 

@@ -50,7 +50,7 @@ class Split:
     tail: Callable[..., Any]
     middle: tuple[Callable[..., Any], ...] = ()
     layers: tuple[str, ...] = ()
-    model: nn.Module | None = None
+    model: nn.Module | None = dataclasses.field(default=None, repr=False)
     input_ndim: int | None = None
     order: tuple[int, ...] = ()
     batch: int | None = None

@@ -10,6 +10,7 @@ stage becomes a ``GraphModule`` over the model's own modules and tensors
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -221,8 +222,13 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     if len(set(names)) != len(names):
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
+    return _split_captured(model, _capture(model, names, example_input), names, layout, grid,
+                           prefix_tokens, pick)
 
-    captured = _capture(model, names, example_input)
+
+def _split_captured(model: nn.Module, captured: Captured, names: list[str], layout: Any,
+                    grid: Sequence[int] | None, prefix_tokens: int | None,
+                    pick: Callable[[Any], Any] | None) -> Split:
     cuts = _cuts(captured, names)
     # Layers with the same output (layer4 and its last block) share one cut.
     position = {node: i for i, node in enumerate(captured.graph.nodes)}
@@ -282,10 +288,15 @@ def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
     A ViT's last block feeds the head through its class token only, so its
     patch tokens get exactly zero gradient: such layers are skipped.
     """
-    for name in _spatial_layers(model, example_input):
+    captured, names = _spatial_layers(model, example_input)
+    pick = None if output is None else _select(output)
+    for name in names:
         try:
-            candidate = split(model, name, example_input=example_input, layout=layout, grid=grid,
-                              prefix_tokens=prefix_tokens, output=output)
+            if captured.method == "export":  # one capture serves every candidate
+                candidate = _split_captured(model, captured, [name], layout, grid, prefix_tokens, pick)
+            else:  # fx traces are cheap, and a traced-through layer may not trace as a leaf
+                candidate = split(model, name, layout=layout, grid=grid,
+                                  prefix_tokens=prefix_tokens, output=output)
         except (TypeError, ValueError):
             continue
         if _gets_gradient(candidate, example_input):
@@ -325,7 +336,7 @@ def _shapes(captured: Captured, example: Tensor) -> dict[torch.fx.Node, tuple[in
     return found
 
 
-def _spatial_layers(model: nn.Module, example_input: Tensor) -> list[str]:
+def _spatial_layers(model: nn.Module, example_input: Tensor) -> tuple[Captured, list[str]]:
     """Module outputs with more than one position, last first, each by its outermost module."""
     captured = _capture(model, [], example_input, record_all=True)
     shapes = _shapes(captured, example_input)
@@ -337,16 +348,18 @@ def _spatial_layers(model: nn.Module, example_input: Tensor) -> list[str]:
     found = []
     for node in captured.graph.nodes:
         shape = shapes.get(node)
-        if node in owners and shape is not None and len(shape) >= 3 and torch.Size(shape[1:]).numel() > shape[-1]:
+        # More than one position in some layout: (B, C, H, W), (B, H, W, C) or (B, N, D).
+        if node in owners and shape is not None and len(shape) >= 3 and (
+                math.prod(shape[2:]) > 1 or math.prod(shape[1:-1]) > 1):
             found.append(min(owners[node], key=lambda n: (n.count("."), n)))
-    return found[::-1]
+    return captured, found[::-1]
 
 
 def _gets_gradient(candidate: Split, x: Tensor) -> bool:
     from . import _engine, _targets  # the engine builds on Split
 
-    def largest_gradient(acts, grads):
-        return tuple(g.abs().flatten(1).amax(1) for g in grads)
+    def largest_gradient(acts, grads):  # a map needs more than one position
+        return tuple(g.abs().flatten(1).amax(1) * (math.prod(g.shape[2:]) > 1) for g in grads)
 
     def top_score(out: Any) -> Tensor:
         return _targets.any_scores(out).flatten(1).amax(1)

@@ -6,12 +6,44 @@ They read only types, shapes, dtypes and module flags, so they also run
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._split import TRAINING_MESSAGE, Split, unwrap
+
+
+class NonFiniteWarning(UserWarning):
+    """Some samples' maps are NaN: their input or the model's activations were not finite."""
+
+
+def nonfinite_maps(maps: Tensor) -> Tensor:
+    """Every map of a sample holding a NaN becomes all NaN, and on the CPU a warning names it.
+
+    A NaN or Inf in one sample's input reaches its activations and gradients;
+    its map must not read as zeros ("no evidence"). The check reads values, so
+    it warns only where that is free: eagerly on the CPU. On a GPU it would
+    stall the stream; the NaN maps say it there.
+    """
+    bad = maps.flatten(1).isnan().any(1)
+    maps = torch.where(bad.reshape(-1, *(1,) * (maps.ndim - 1)), torch.full_like(maps, float("nan")), maps)
+    if maps.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+        samples = bad.nonzero().flatten().tolist()
+        warnings.warn(
+            f"the maps of sample(s) {samples} are NaN: their input or the model's activations "
+            "hold NaN or Inf", NonFiniteWarning, stacklevel=user_stacklevel())
+    return maps
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised here at the first caller outside camfunc."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("camfunc."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_split(split: Any) -> Split:
@@ -37,7 +69,7 @@ def check_eval_mode(split: Split) -> None:
         modules = list(split.model.modules())
     else:
         modules = [m for root in _modules_of(split) for m in root.modules()
-                   if next(iter(m.children()), None) is None]
+                   if not list(m.children())]
     for module in modules:
         if module.training:
             raise ValueError(TRAINING_MESSAGE)

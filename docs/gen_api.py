@@ -43,7 +43,8 @@ activations are seen as `(B, C, *spatial)` grids through a `camfunc.Layout`.
 """, (
         ("Split", ("camfunc.split", "camfunc.Split", "camfunc.check")),
         ("Layouts", ("camfunc.Layout", "camfunc.with_layout")),
-        ("Warnings", ("camfunc.LayerChoiceWarning", "camfunc.RepeatedLayerWarning")),
+        ("Warnings", ("camfunc.LayerChoiceWarning", "camfunc.RepeatedLayerWarning",
+                      "camfunc.NonFiniteWarning")),
     )),
     Page("targets.md", "Targets: what to explain", """
 The engine turns `(split, x, cls)` into activations, gradients and scores: the

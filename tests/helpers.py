@@ -166,3 +166,40 @@ class LinearTail(nn.Module):
 
     def forward(self, a):
         return self.fc(a.mean((2, 3)))
+
+
+def hook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, objective, to_grid) -> torch.Tensor:
+    """Grad-CAM the way the hook libraries compute it, written out: the oracle for any model.
+
+    A forward hook keeps the layer's output, ``autograd.grad`` of the summed
+    objective gives its gradient, ``to_grid`` turns both into ``(B, C, *spatial)``,
+    and the map is ``ReLU(sum_k mean(G_k) A_k)``, not normalised.
+    """
+    kept = {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: kept.__setitem__("a", output))
+    try:
+        with torch.enable_grad():
+            scores = objective(model(x))
+            g = torch.autograd.grad(scores.sum(), kept["a"])[0]
+    finally:
+        handle.remove()
+    a, g = to_grid(kept["a"].detach()), to_grid(g)
+    weights = g.mean(tuple(range(2, g.ndim)), keepdim=True)
+    return (weights * a).sum(1).clamp_min(0)
+
+
+def logit(classes):
+    """An objective: each sample's logit for its class, from a tensor or a ``.logits`` output."""
+    def objective(out):
+        out = out.logits if hasattr(out, "logits") else out
+        return out.gather(1, torch.as_tensor(classes).view(-1, 1)).squeeze(1)
+    return objective
+
+
+def tokens_to_grid(prefix: int, grid: tuple[int, ...]):
+    """(B, N, D) tokens after ``prefix`` class/register tokens -> (B, D, *grid)."""
+    return lambda t: t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+
+
+def channels_last_to_grid(t: torch.Tensor) -> torch.Tensor:
+    return t.movedim(-1, 1)

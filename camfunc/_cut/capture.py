@@ -16,11 +16,12 @@ model as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -113,6 +114,42 @@ class _CutTracer(torch.fx.Tracer):
         return super().create_arg(a)
 
 
+_CONTAINERS = (dict, list, set)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Undoes what tracing changes in the model's Python state.
+
+    A model's forward may cache values on itself (timm's LeViT keeps attention
+    biases in a dict keyed by device); traced, it would keep proxies or fake
+    tensors there. Every module's attributes, and the contents of its dicts,
+    lists and sets, are put back as they were.
+    """
+    saved = []
+    for module in model.modules():
+        attrs = dict(module.__dict__)
+        contents = {k: (v.copy() if not isinstance(v, list) else list(v))
+                    for k, v in attrs.items() if type(v) in _CONTAINERS or isinstance(v, dict)}
+        saved.append((module, attrs, contents))
+    try:
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            current = module.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key) is not value:
+                    current[key] = value
+                if key in contents:
+                    if isinstance(value, list):
+                        value[:] = contents[key]
+                    else:
+                        value.clear()
+                        value.update(contents[key])
+
+
 def _forward_defaults(model: nn.Module) -> dict[str, Any]:
     """Forward arguments after the input, with their defaults; a clear error for required ones."""
     params = list(inspect.signature(model.forward).parameters.values())
@@ -174,7 +211,7 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
     """Symbolic tracing; raises :class:`CaptureError` when fx cannot trace the model."""
     defaults = _forward_defaults(model)
     tracer = _CutTracer(targets, record_all=record_all)
-    with TRACE_LOCK.tracing(), warnings.catch_warnings():
+    with TRACE_LOCK.tracing(), preserved(model), warnings.catch_warnings():
         # A tensor default cannot be asserted on; camfunc never passes another value.
         warnings.filterwarnings("ignore", "Was not able to add assertion", UserWarning)
         try:
@@ -246,7 +283,7 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     """``torch.export`` (non-strict) into a graph that reads the model's own tensors."""
     if example.shape[0] == 1:  # a batch of 1 would be specialised; export sees 2
         example = torch.cat([example, example])
-    with TRACE_LOCK.tracing(), torch.no_grad():
+    with TRACE_LOCK.tracing(), preserved(model), torch.no_grad():
         try:
             ep, batch = _export(model, example)
         except Exception as err:

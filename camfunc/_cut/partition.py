@@ -159,6 +159,86 @@ def levels(captured: Captured, cuts: Sequence[torch.fx.Node]) -> dict[torch.fx.N
     return level
 
 
+_OUT_OF_PLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+    operator.ior: operator.or_, operator.ixor: operator.xor, operator.imatmul: operator.matmul,
+}
+
+
+def _module_twin(module: nn.Module) -> tuple[Any, dict[str, Any]] | None:
+    """An in-place activation module as its functional form, parameters read off it."""
+    import torch.nn.functional as F
+    simple = {nn.ReLU: torch.relu, nn.ReLU6: F.relu6, nn.SiLU: F.silu, nn.Hardswish: F.hardswish,
+              nn.Hardsigmoid: F.hardsigmoid, nn.Mish: F.mish}
+    for kind, fn in simple.items():
+        if type(module) is kind:
+            return fn, {}
+    if type(module) is nn.LeakyReLU:
+        return F.leaky_relu, {"negative_slope": module.negative_slope}
+    if type(module) is nn.ELU:
+        return F.elu, {"alpha": module.alpha}
+    if type(module) is nn.Hardtanh:
+        return F.hardtanh, {"min_val": module.min_val, "max_val": module.max_val}
+    return None
+
+
+def out_of_place(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple, dict] | None:
+    """``(target, op, args, kwargs)`` computing what an in-place node writes, without writing."""
+    if node.op == "call_method":
+        twin = node.target[:-1]
+        return (twin, "call_method", node.args, node.kwargs) if hasattr(torch.Tensor, twin) else None
+    if node.op == "call_module":
+        found = _module_twin(captured.owner(node))
+        return None if found is None else (found[0], "call_function", node.args[:1], found[1])
+    if node.op != "call_function":
+        return None
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None:  # aten.add_.Tensor -> aten.add.Tensor
+        functional = getattr(torch.ops.aten, packet.__name__[:-1], None)
+        overload = getattr(functional, node.target._overloadname, None) if functional is not None else None
+        return None if overload is None else (overload, "call_function", node.args, node.kwargs)
+    if node.target in _OUT_OF_PLACE_OPERATORS:
+        return _OUT_OF_PLACE_OPERATORS[node.target], "call_function", node.args, node.kwargs
+    name = getattr(node.target, "__name__", "")
+    if _is_inplace_name(name) and callable(getattr(torch, name[:-1], None)):
+        return getattr(torch, name[:-1]), "call_function", node.args, node.kwargs
+    try:
+        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    if bound.arguments.get("inplace") is True:
+        bound.arguments["inplace"] = False
+        return node.target, "call_function", bound.args, bound.kwargs
+    return None
+
+
+_SDPA = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """Scaled dot-product attention by its math kernel: matmuls and a softmax.
+
+    The fused CPU and GPU kernels' backward has no batching rule, so ``vmap``
+    over classes would fall back to a loop (with a warning), and forward AD
+    has no formula for them. Same values up to rounding.
+    """
+    extra = {"enable_gqa": True} if enable_gqa else {}
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)[0]
+
+
+def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[str, Any, tuple, dict] | None:
+    """The node to run instead in a differentiated stage, when its kernel does not batch."""
+    if node.op == "call_function" and node.target in _SDPA:
+        return "call_function", math_attention, node.args, node.kwargs
+    if node.op == "call_module" and isinstance(captured.owner(node), nn.MultiheadAttention):
+        return "call_module", node.target, node.args, {**node.kwargs, "need_weights": True}
+    return None
+
+
 class Stage:
     """One stage of a split: a ``GraphModule`` over the model's own modules and tensors.
 
@@ -230,15 +310,26 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
             placeholder.meta = dict(value.meta)
             env[value] = placeholder
             by_root.setdefault(root_of.get(value, value), []).append(value)
+        rewrite: dict[torch.fx.Node, Any] = {}  # in-place writes done out of place instead
         for r, values in by_root.items():
-            if r in written_roots:
-                if len(values) > 1:
-                    raise CaptureError(
-                        f"values {[v.name for v in values]} cross a cut, share memory, and are "
-                        "written in place after it; pick another layer"
-                    )
-                # The stage must not write what it was given: copy it first.
-                env[values[0]] = sub.call_method("clone", (env[values[0]],))
+            if r not in written_roots:
+                continue
+            if len(values) > 1:
+                raise CaptureError(
+                    f"values {[v.name for v in values]} cross a cut, share memory, and are "
+                    "written in place after it; pick another layer"
+                )
+            # The stage must not write what it was given. Out of place where every
+            # write is on the value itself and nothing views it (so a batched value
+            # can be written under vmap); else a copy on entry.
+            value = values[0]
+            writes = [n for n in body if any(root_of.get(w, w) is r for w in written(n, captured))]
+            views = [n for n in body if n not in writes and root_of.get(n) is r]
+            twins = {w: out_of_place(w, captured) for w in writes}
+            if not views and all(w.args[0] is value and twins[w] is not None for w in writes):
+                rewrite.update(twins)
+            else:
+                env[value] = sub.call_method("clone", (env[value],))
 
         def value_of(node: torch.fx.Node) -> Any:
             if node in env:
@@ -254,7 +345,20 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
             raise CaptureError(f"stage {k} reads {node.name}, computed in a later stage")
 
         for node in body:
-            env[node] = sub.node_copy(node, value_of)
+            if node in rewrite:  # later readers of the written value see the new one
+                target, op, args, kwargs = rewrite[node]
+                new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
+                                      torch.fx.node.map_arg(kwargs, value_of), name=node.name)
+                new.meta = dict(node.meta)
+                env[node] = env[node.args[0]] = new
+            elif k > 0 and _batchable(node, captured) is not None:  # stages the vjp differentiates
+                op, target, args, kwargs = _batchable(node, captured)
+                new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
+                                      torch.fx.node.map_arg(kwargs, value_of), name=node.name)
+                new.meta = dict(node.meta)
+                env[node] = new
+            else:
+                env[node] = sub.node_copy(node, value_of)
         for node in body:
             if node.op == "call_module":
                 owners[node.target] = captured.root[node.target]

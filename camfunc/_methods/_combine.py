@@ -69,9 +69,13 @@ def check_activations(a: Tensor) -> None:
 
 
 def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
-    """Back to the user's layer order; a single layer gives a tensor, several a list."""
+    """Back to the user's layer order; a single layer gives a tensor, several a list.
+
+    A sample whose maps hold a NaN (non-finite input) gets NaN maps throughout.
+    """
     if split.order:
         maps = tuple(maps[i] for i in split.order)
+    maps = tuple(_validate.nonfinite_maps(m) for m in maps)
     return maps[0] if len(maps) == 1 else list(maps)
 
 

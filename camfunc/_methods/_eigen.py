@@ -15,7 +15,7 @@ from .. import _targets
 from .._split import Split
 from ._combine import activation_cam, channel_terms, gradient_cam
 from ._gradient import gradient_weights
-from ._projection import first_component
+from ._projection import first_component, mark_nonfinite, set_aside_nonfinite
 
 
 def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float) -> Tensor:
@@ -45,8 +45,10 @@ def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: flo
     projection :math:`\sqrt{\lambda}\,\alpha` (what scikit-learn's
     ``KernelPCA.fit_transform`` returns), with its sign rule: the largest
     magnitude is positive. An eigenvalue below 1e-5 N max|K| is rounding noise
-    (features that do not vary), and gives a zero map.
+    (features that do not vary), and gives a zero map. A sample holding NaN or
+    Inf gets a NaN map.
     """
+    features, bad = set_aside_nonfinite(features)
     x = features.flatten(2).transpose(1, 2)
     x = x - x.mean(1, keepdim=True)
     raw = _kernel(x, kernel, gamma, degree, coef0)
@@ -58,7 +60,7 @@ def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: flo
     top = vectors[..., -1] * torch.where(top_value > floor, top_value, 0).sqrt()  # (B, N)
     peak = top.gather(1, top.abs().argmax(1, keepdim=True))
     top = torch.where(peak < 0, -top, top)
-    return top.reshape(features.shape[0], *features.shape[2:])
+    return mark_nonfinite(top.reshape(features.shape[0], *features.shape[2:]), bad)
 
 
 def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = "sigmoid",

@@ -6,6 +6,24 @@ import torch
 from torch import Tensor
 
 
+def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape(-1, *(1,) * (like.ndim - 1))
+
+
+def set_aside_nonfinite(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Samples holding NaN or Inf, and the features with those samples zeroed.
+
+    A decomposition of a batch fails on one non-finite sample; zeroing it keeps
+    the others' results, and :func:`mark_nonfinite` then gives it a NaN map.
+    """
+    bad = ~torch.isfinite(features).flatten(1).all(1)
+    return torch.where(_per_sample(bad, features), torch.zeros_like(features), features), bad
+
+
+def mark_nonfinite(maps: Tensor, bad: Tensor) -> Tensor:
+    return torch.where(_per_sample(bad, maps), torch.full_like(maps, float("nan")), maps)
+
+
 def first_component(features: Tensor) -> Tensor:
     r"""Projection on the first principal direction, with a fixed sign: ``(B, C, *sp) -> (B, *sp)``.
 
@@ -15,7 +33,9 @@ def first_component(features: Tensor) -> Tensor:
     An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
     largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
     2025, Eq. 13); on a tie, :math:`v_1`'s loadings sum to a positive number.
+    A sample holding NaN or Inf gets a NaN map; the others are unaffected.
     """
+    features, bad = set_aside_nonfinite(features)
     centred = features.flatten(2).transpose(1, 2)  # (B, N, C)
     centred = centred - centred.mean(1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
@@ -24,4 +44,5 @@ def first_component(features: Tensor) -> Tensor:
     lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
     key = torch.where(lean != 0, lean, direction.sum(1))
     sign = torch.where(key < 0, -1.0, 1.0).to(projection.dtype)
-    return (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
+    maps = (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
+    return mark_nonfinite(maps, bad)

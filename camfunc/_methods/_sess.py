@@ -408,4 +408,5 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
         cams = _ops.normalize(cams, spatial_dims=2)
     if not keep_k:
         cams = cams[:, 0]
+    cams = _validate.nonfinite_maps(cams)
     return (cams, scores) if return_scores else cams
