@@ -34,9 +34,6 @@ _FORWARD_AD_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _forward_ad_turn():
-    if torch.compiler.is_compiling():
-        yield
-        return
     # The fused CPU attention kernels have no forward-AD formula; the math one has.
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with _FORWARD_AD_LOCK, sdpa_kernel([SDPBackend.MATH]):
@@ -74,7 +71,10 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
         structure["template"] = [None if isinstance(v, Tensor) else (v,) for v in leaves]
         tensors = tuple(v for v in leaves if isinstance(v, Tensor))
         if objective is not None:
-            return objective(out), tensors
+            value = objective(out)
+            if not isinstance(value, Tensor):
+                _targets.objective_rows(value)  # raises the callable cls's type error
+            return value, tensors
         return tuple(o for o in as_tuple(out) if _is_float_tensor(o)), tensors
 
     primals = (a, *(context[i] for i in varying))
@@ -193,22 +193,31 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
     """
     found, scores = carries(split, x)
     objective = objective_for(scores)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():  # torch 2.4 cannot compile the context manager
+            return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores
+        with _forward_ad_turn():
+            return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores
+
+
+def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Callable[[Any], Tensor],
+                      per_class: Callable[[Tensor, Tensor, Tensor], Tensor], chunk_size: int | None,
+                      batch: int) -> tuple[Tensor, ...]:
     maps = []
-    with torch.no_grad(), _forward_ad_turn():
-        for layer, carry in enumerate(found):
-            a, context = carry[0], carry[1:]
+    for layer, carry in enumerate(found):
+        a, context = carry[0], carry[1:]
 
-            def objective_at(v: Tensor, layer: int = layer, context: tuple = context) -> Tensor:
-                return objective(run_from(split, layer, (v, *context)))
+        def objective_at(v: Tensor, layer: int = layer, context: tuple = context) -> Tensor:
+            return objective(run_from(split, layer, (v, *context)))
 
-            cotangents, keep_k = _targets.objective_rows(objective_at(a), x.shape[0])
+        cotangents, keep_k = _targets.objective_rows(objective_at(a), batch)
 
-            def maps_for(cotangent: Tensor, a: Tensor = a, objective_at=objective_at) -> Tensor:
-                def gradient(v: Tensor) -> Tensor:
-                    return torch.func.vjp(objective_at, v)[1](cotangent)[0]
-                g, hvp = torch.func.jvp(gradient, (a,), (a,))
-                return per_class(a, g, hvp)
+        def maps_for(cotangent: Tensor, a: Tensor = a, objective_at=objective_at) -> Tensor:
+            def gradient(v: Tensor) -> Tensor:
+                return torch.func.vjp(objective_at, v)[1](cotangent)[0]
+            g, hvp = torch.func.jvp(gradient, (a,), (a,))
+            return per_class(a, g, hvp)
 
-            layer_maps = over_classes(maps_for, cotangents, chunk_size).movedim(0, 1)
-            maps.append(layer_maps if keep_k else layer_maps.squeeze(1))
-    return tuple(maps), scores
+        layer_maps = over_classes(maps_for, cotangents, chunk_size).movedim(0, 1)
+        maps.append(layer_maps if keep_k else layer_maps.squeeze(1))
+    return tuple(maps)

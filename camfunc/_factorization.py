@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -66,9 +67,15 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
         if a.ndim < 3:
             raise ValueError(f"dff needs (B, C, *spatial) activations, got {tuple(a.shape)}")
         channels = a.shape[1]
+        # A sample with NaN or Inf takes no part: its columns are exact zeros in V and
+        # in H, which multiplicative updates keep at zero, so the others' result is
+        # the one without it; its maps become NaN.
+        bad = ~torch.isfinite(a).flatten(1).all(1)
+        positions = math.prod(a.shape[2:])
+        bad_columns = bad.repeat_interleave(positions)  # (B*N,)
         v = a.transpose(0, 1).reshape(channels, -1)  # (C, B*N)
-        offset = v.amin(1, keepdim=True)
-        v = v - offset
+        offset = torch.where(bad_columns, torch.inf, v).amin(1, keepdim=True)
+        v = torch.where(bad_columns, 0.0, v - offset)
         if init is None:
             if torch.compiler.is_compiling():
                 raise ValueError("dff cannot draw its initialisation inside torch.compile; pass init=")
@@ -77,11 +84,13 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
             w0 = torch.randn((channels, n_components), generator=generator, device=device).abs()
             h0 = torch.randn((n_components, v.shape[1]), generator=generator, device=device).abs()
             init = (scale * w0.to(v.device), scale * h0.to(v.device))
-        w, h = nmf(v, init[0].float(), init[1].float(), iterations)
+        h0 = torch.where(bad_columns, 0.0, init[1].float())
+        w, h = nmf(v, init[0].float(), h0, iterations)
         concepts = (w + offset).T  # (k, C)
         maps = h.reshape(n_components, a.shape[0], *a.shape[2:]).transpose(0, 1)
         if normalize:
             maps = _ops.normalize(maps, spatial_dims=a.ndim - 2)
+        maps = _validate.nonfinite_maps(maps, a)
         scores = None
         if len(carry) == 1 and not split.middle:
             constant = concepts.reshape(n_components, channels, *(1,) * (a.ndim - 2))

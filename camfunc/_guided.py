@@ -122,6 +122,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.guided_backprop(model, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 3, 64, 64])
     """
+    _validate.check_compilable("guided_backprop")
     if not isinstance(model, nn.Module):
         raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
     guided = guided_model(model)
@@ -133,7 +134,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
         return grads
 
     (maps,), scores = _engine.class_maps(split, x, cls, gradients, chunk_size=chunk_size)
-    maps = _validate.nonfinite_maps(maps)
+    maps = _validate.nonfinite_maps(maps, x)  # guided ReLUs turn a NaN gradient into 0
     return (maps, scores) if return_scores else maps
 
 

@@ -224,9 +224,11 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
         prefixes = list(dict.fromkeys([rule.prefix_hint, 0]))  # CaiT-like: tokens join late
     else:
         prefixes = list(range(MAX_PREFIX_TOKENS + 1))
-    found = [(p, g) for p in prefixes if 0 <= p < n for g in _grids(n - p, len(spatial)) if _scaled(g, spatial)]
-    if rule.prefix_tokens is None and rule.prefix_hint is None and found:
-        found = [f for f in found if f[0] == found[0][0]]  # the fewest prefix tokens that fit
+    found: list[tuple[int, tuple[int, ...]]] = []
+    for p in prefixes:  # the model's own count first; then none; the fewest that fit
+        found = [(p, g) for g in _grids(n - p, len(spatial)) if _scaled(g, spatial)] if 0 <= p < n else []
+        if found:
+            break
     if len(found) != 1:
         if not found:
             raise _no_grid(n, prefixes[0] if len(prefixes) == 1 else None, None, spatial)

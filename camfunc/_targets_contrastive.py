@@ -20,10 +20,9 @@ class _PerSampleClasses:
 
     Methods that run the model on many inputs per sample (Score-CAM's masked
     inputs) call ``for_rows(scores, rows)`` to get the same target for a batch
-    whose row r belongs to sample ``rows[r]``.
+    whose row r belongs to sample ``rows[r]``. Subclasses are dataclasses with a
+    ``cls`` field.
     """
-
-    cls: Target
 
     def for_rows(self, scores: Tensor, rows: Tensor):
         index, keep_k = class_indices(self.cls, scores)
@@ -32,7 +31,7 @@ class _PerSampleClasses:
 __all__ = ["Finer", "finer", "ReST", "rest"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass  # not frozen: torch 2.4 cannot compile a frozen one built inside
 class Finer(_PerSampleClasses):
     """Finer-CAM's contrastive target; build it with :func:`finer`."""
 
@@ -97,7 +96,7 @@ def finer(cls: Target, *, gamma: float = 0.6, num_references: int = 3,
     return Finer(cls, float(gamma), num_references, references)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass  # not frozen: torch 2.4 cannot compile a frozen one built inside
 class ReST(_PerSampleClasses):
     """Shapley-CAM's ReST target; build it with :func:`rest`."""
 

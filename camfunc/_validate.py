@@ -6,6 +6,7 @@ They read only types, shapes, dtypes and module flags, so they also run
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from typing import Any
@@ -16,19 +17,45 @@ from torch import Tensor, nn
 from ._split import TRAINING_MESSAGE, Split, unwrap
 
 
+#: The installed torch, as (major, minor).
+TORCH_VERSION = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+
+#: The first torch whose compiler can trace each method, where that is later than
+#: camfunc's floor (measured: torch 2.4's dynamo cannot trace vmap over module calls;
+#: an autograd.Function under functorch transforms compiles only on recent torch).
+COMPILES_SINCE = {"ablationcam": (2, 5), "guided_backprop": (2, 11)}  # guided_gradcam calls guided_backprop
+
+
+@torch._dynamo.assume_constant_result  # runs while dynamo traces, so its message reaches the user
+def _refuse(message: str) -> None:
+    raise NotImplementedError(message)
+
+
+def check_compilable(method: str) -> None:
+    """A clear error while ``torch.compile`` traces ``method`` on a torch whose compiler cannot."""
+    since = COMPILES_SINCE.get(method, (0, 0))
+    if torch.compiler.is_compiling() and TORCH_VERSION < since:
+        _refuse(f"camfunc.{method} cannot be compiled before torch {since[0]}.{since[1]} (this is "
+                f"{torch.__version__}); call it without torch.compile, or use a newer torch")
+
+
 class NonFiniteWarning(UserWarning):
     """Some samples' maps are NaN: their input or the model's activations were not finite."""
 
 
-def nonfinite_maps(maps: Tensor) -> Tensor:
-    """Every map of a sample holding a NaN becomes all NaN, and on the CPU a warning names it.
+def nonfinite_maps(maps: Tensor, inputs: Tensor | None = None) -> Tensor:
+    """Every map of a sample holding a NaN (or whose ``inputs`` are not finite) becomes
+    all NaN, and on the CPU a warning names the samples.
 
     A NaN or Inf in one sample's input reaches its activations and gradients;
-    its map must not read as zeros ("no evidence"). The check reads values, so
-    it warns only where that is free: eagerly on the CPU. On a GPU it would
-    stall the stream; the NaN maps say it there.
+    its map must not read as zeros ("no evidence"). Methods whose maps can lose
+    the NaN on the way (guided ReLUs, SESS's patch filter) pass their input.
+    The check reads values, so it warns only where that is free: eagerly on the
+    CPU. On a GPU it would stall the stream; the NaN maps say it there.
     """
     bad = maps.flatten(1).isnan().any(1)
+    if inputs is not None:
+        bad = bad | ~torch.isfinite(inputs).flatten(1).all(1)
     maps = torch.where(bad.reshape(-1, *(1,) * (maps.ndim - 1)), torch.full_like(maps, float("nan")), maps)
     if maps.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
         samples = bad.nonzero().flatten().tolist()

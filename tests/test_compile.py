@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import camfunc
 from helpers import small_cnn
+
+pytestmark = pytest.mark.core
 
 
 def test_inductor_matches_eager_and_batch_size_changes_recompile_once():

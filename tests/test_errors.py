@@ -8,6 +8,8 @@ import torch
 import camfunc
 from helpers import assert_unchanged, small_cnn, snapshot
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture
 def model():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from hypothesis import given
@@ -9,6 +10,8 @@ from hypothesis import strategies as st
 
 import camfunc
 from camfunc._factorization import nmf
+
+pytestmark = pytest.mark.core
 
 
 def identity(v):

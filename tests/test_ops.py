@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import camfunc
 
+pytestmark = pytest.mark.core
+
 
 def test_normalize_hand_computed():
     cams = torch.tensor([[[1.0, 3.0], [5.0, 2.0]]])

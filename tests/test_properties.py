@@ -15,6 +15,8 @@ from torch import nn
 import camfunc
 from helpers import LinearTail, permute_channels, random_inputs, sample_slice
 
+pytestmark = pytest.mark.core
+
 # CAM needs a pooled-linear tail and has no ReLU; it has its own closed-form test.
 NAMES = sorted(set(camfunc.METHODS) - {"cam"})
 

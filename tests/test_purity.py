@@ -5,10 +5,13 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
 import torch
 
 import camfunc
 from helpers import random_inputs, small_cnn
+
+pytestmark = pytest.mark.core
 
 PACKAGE = pathlib.Path(camfunc.__file__).parent
 FORBIDDEN = [

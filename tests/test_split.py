@@ -14,6 +14,8 @@ from torch import nn
 import camfunc
 from helpers import ResNetish, small_cnn
 
+pytestmark = pytest.mark.core
+
 
 def test_head_returns_the_layers_output_and_tail_finishes_the_model():
     model = small_cnn()

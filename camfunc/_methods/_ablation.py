@@ -35,6 +35,7 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         >>> camfunc.ablationcam(s, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 4, 4])
     """
+    _validate.check_compilable("ablationcam")
     split = _validate.check_call(split, x)
     _targets.check_form(cls, x.shape[0])
     _validate.check_batch_size(batch_size)

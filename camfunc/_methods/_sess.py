@@ -408,5 +408,5 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
         cams = _ops.normalize(cams, spatial_dims=2)
     if not keep_k:
         cams = cams[:, 0]
-    cams = _validate.nonfinite_maps(cams)
+    cams = _validate.nonfinite_maps(cams, x)  # NaN patches fail the score filter and vanish
     return (cams, scores) if return_scores else cams
