@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _targets
+from ._cut.lock import holding_calls
 from ._split import Split, as_tuple
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
@@ -101,12 +102,21 @@ def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: in
     return torch.func.vmap(fn, chunk_size=chunk_size)(cotangents)
 
 
+@holding_calls
+def head(split: Split, x: Tensor) -> tuple[Any, ...]:
+    """What the head hands on, ``(A, *context)``, with no graph."""
+    with torch.no_grad():
+        return as_tuple(split.head(x))
+
+
+@holding_calls
 def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
     """Activations at every cut and the model's output, with no graph."""
     found, out = carries(split, x)
     return tuple(carry[0] for carry in found), out
 
 
+@holding_calls
 def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,
                chunk_size: int | None = None, classes: tuple[Tensor, bool] | None = None,
                context_gradients: bool = False) -> tuple[tuple[Tensor, ...], Any]:
@@ -160,6 +170,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClas
     return maps, scores
 
 
+@holding_calls
 def carries(split: Split, x: Tensor) -> tuple[list[tuple[Any, ...]], Any]:
     """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph."""
     with torch.no_grad():
@@ -171,6 +182,7 @@ def carries(split: Split, x: Tensor) -> tuple[list[tuple[Any, ...]], Any]:
         return found, split.tail(carry[0].clone(), *carry[1:])
 
 
+@holding_calls
 def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
     """The model from cut ``layer`` on: later middles, then the tail."""
     for stage in split.middle[layer:]:
@@ -178,6 +190,7 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
     return split.tail(carry[0].clone(), *carry[1:])
 
 
+@holding_calls
 def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Callable[[Any], Tensor]],
                    per_class: Callable[[Tensor, Tensor, Tensor], Tensor], *,
                    chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:

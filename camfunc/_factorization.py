@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _ops, _validate
-from ._split import Split, as_tuple
+from . import _engine, _ops, _validate
+from ._split import Split
 
 
 class Factorization(NamedTuple):
@@ -62,7 +62,7 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
     if not isinstance(n_components, int) or n_components < 1:
         raise ValueError(f"n_components must be a positive int, got {n_components!r}")
     with torch.no_grad():
-        carry = as_tuple(split.head(x))
+        carry = _engine.head(split, x)
         a = carry[0].float()
         if a.ndim < 3:
             raise ValueError(f"dff needs (B, C, *spatial) activations, got {tuple(a.shape)}")
@@ -95,5 +95,5 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
         if len(carry) == 1 and not split.middle:
             constant = concepts.reshape(n_components, channels, *(1,) * (a.ndim - 2))
             constant = constant.expand(n_components, channels, *a.shape[2:]).to(carry[0].dtype)
-            scores = split.tail(constant.contiguous())
+            scores = _engine.run_from(split, 0, (constant.contiguous(),))
     return Factorization(concepts, maps, scores)

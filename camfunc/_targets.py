@@ -63,10 +63,15 @@ def class_scores(output: Any) -> Tensor:
     if not isinstance(output, Mapping) and isinstance(getattr(output, "logits", None), Tensor):
         return output.logits
     kind = type(output).__name__
-    fields = f" with keys {list(output)}" if isinstance(output, Mapping) else ""
+    if isinstance(output, Mapping):
+        found, pick = f" with keys {list(output)}", f"output={next(iter(output), 'key')!r}"
+    elif isinstance(output, (tuple, list)):
+        found, pick = f" of {len(output)} values", "output=0"
+    else:
+        found, pick = "", "output=..."
     raise ValueError(
-        f"the model returns a {kind}{fields}, and class indices are read from a tensor or from a "
-        "'logits' field. Pick the field when splitting, camfunc.split(model, layer, output='out'), "
+        f"the model returns a {kind}{found}, and class indices are read from a tensor or from a "
+        f"'logits' field. Pick the scores when splitting, camfunc.split(model, layer, {pick}), "
         "or pass a callable cls that maps the output to (B,) scores"
     )
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import camfunc
-import helpers
 from helpers import assert_unchanged, hook_gradcam, logit, small_cnn, snapshot
 
 pytestmark = pytest.mark.core
@@ -152,6 +151,21 @@ def test_dict_output_uses_its_logits_and_check_compares_by_keys(kind):
     torch.testing.assert_close(pooled(x), model(x)["pooled"])
     with pytest.raises(KeyError, match="no field 'nope'.*'logits', 'pooled'"):
         camfunc.split(model, "conv", output="nope")(x)
+
+
+def test_tuple_output_is_picked_by_index():
+    class Pair(DictOut):
+        def forward(self, x):
+            out = super().forward(x)
+            return out["logits"], out["pooled"]
+
+    model = Pair().eval()
+    x = image((2, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"tuple of 2 values.*output=0"):
+        camfunc.gradcam(camfunc.split(model, "conv"), x, 1)
+    s = camfunc.split(model, "conv", output=0)
+    want = hook_gradcam(model, model.conv, x, lambda out: out[0][:, 1], lambda t: t)
+    torch.testing.assert_close(camfunc.gradcam(s, x, 1, normalize=False), want)
 
 
 def test_check_names_a_structure_that_differs():

@@ -133,6 +133,9 @@ def test_segmentation_model_with_a_dict_output():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     with pytest.raises(ValueError, match=r"keys \['out'\].*output='out'.*callable cls"):
         camfunc.gradcam(s, x, 1)
+    with pytest.warns(camfunc.LayerChoiceWarning):  # chosen on the dict output's first tensor
+        auto = camfunc.split(model, example_input=x)
+    assert camfunc.gradcam(auto, x, road, normalize=False).amax() > 0
     picked = camfunc.split(model, "backbone.16", output="out")
     assert isinstance(picked(x), torch.Tensor)
     with pytest.raises(ValueError, match=r"\(B, num_classes\) scores.*callable cls"):

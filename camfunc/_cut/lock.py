@@ -15,12 +15,16 @@ or a model called directly) is outside this lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
-__all__ = ["TRACE_LOCK", "TraceLock"]
+__all__ = ["TRACE_LOCK", "TraceLock", "holding_calls"]
+
+F = TypeVar("F", bound=Callable)
 
 
 class TraceLock:
@@ -95,3 +99,15 @@ class TraceLock:
 
 #: The lock every camfunc trace and every camfunc stage call takes.
 TRACE_LOCK = TraceLock()
+
+
+def holding_calls(fn: F) -> F:
+    """Runs ``fn`` holding :data:`TRACE_LOCK` shared: for code that calls a split's stages,
+    hand-built ones included (camfunc's own stages also hold it themselves)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with TRACE_LOCK.calling():
+            return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]

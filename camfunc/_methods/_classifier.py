@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets, _validate
-from .._split import Split, as_tuple
+from .. import _engine, _targets, _validate
+from .._split import Split
 from ._combine import activation_cam, gradient_cam, spatial_axes, weighted_sum
 
 _PROBE_TOLERANCE = 1e-4
@@ -31,13 +31,13 @@ def _check_pooled_linear_tail(split: Split, x: Tensor) -> None:
     """
     if len(split.middle) > 0:
         raise ValueError("camfunc.cam takes a split at one layer: the one before the pooling")
-    carry = as_tuple(split.head(x))
+    carry = _engine.head(split, x)
     a, context = carry[0], carry[1:]
     if a.ndim < 3:
         return
 
     def tail(v: Tensor) -> Tensor:
-        return split.tail(v.clone(), *context)
+        return _engine.run_from(split, 0, (v, *context))
 
     g = torch.Generator(device=a.device).manual_seed(0)
     step = torch.randn(a.shape, generator=g, device=a.device, dtype=a.dtype) * a.float().std().to(a.dtype)

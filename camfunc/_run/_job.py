@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _split
+from .. import _engine, _split
 from .._atomic import write_json
 from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
 from .._progress import progress_bar
@@ -93,7 +93,7 @@ def probe(split: _split.Split, loaded: LoadedModel, device: torch.device) -> tup
     """``(channels, num_classes, layer spatial size)`` from one blank image."""
     x = loaded.normalise(torch.zeros(1, 3, *loaded.size)).to(device)
     with torch.no_grad():
-        activations = _split.as_tuple(split.head(x))[0]
+        activations = _engine.head(split, x)[0]
         scores = split(x)
     if not isinstance(scores, Tensor) or scores.ndim != 2:
         raise ValueError("a run explains classifiers: the model must return (B, num_classes) "
