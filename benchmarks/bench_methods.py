@@ -36,6 +36,12 @@ top class for its image. Each comparison has its own baseline row,
   channels and the 768 features as positions: it gets a deep copy of the
   model whose block 10 also passes its patch tokens through a module that
   returns them as that grid (and flattens them back), and is pointed at it.
+* ``hf-vit``: Hugging Face's ``ViTForImageClassification`` from its default
+  config (ViT-B/16, random weights) at ``vit.layers.10``, 224x224, batch 4.
+  torch.fx cannot trace it, so ``camfunc.split(model, "vit.layers.10")`` with
+  default arguments captures it with ``torch.export`` (the layout read from
+  geometry); torchcam ``GradCAM`` with the same ``reshape_transform`` as ``vit``,
+  fed the output's ``.logits``.
 
 Hook-based libraries get a private deep copy of the model. Maps are min-max
 normalised in every row (camfunc's ``normalize=True``, torchcam's default,
@@ -292,6 +298,24 @@ def build_pgc_vit(s: Setup):
     return (lambda: cam(input_tensor=s.x, targets=targets)), cam.activations_and_grads.release
 
 
+def build_camfunc_hf_vit(s: Setup):
+    import camfunc
+
+    split = camfunc.split(s.model, s.layer)  # default arguments: torch.export, layout from geometry
+    return (lambda: camfunc.gradcam(split, s.x, s.classes)), None
+
+
+def build_torchcam_hf_vit(s: Setup):
+    from torchcam.methods import GradCAM
+
+    model = copy.deepcopy(s.model)
+    extractor = GradCAM(model, s.layer, input_shape=tuple(s.x.shape[1:]), reshape_transform=patch_grid)
+
+    def call():
+        return extractor(class_idx=s.classes, scores=model(s.x).logits)[0]
+    return call, extractor.remove_hooks
+
+
 class PatchGrid(nn.Module):
     """The patch tokens as a grid: a module whose output a hook-based library can be pointed at."""
 
@@ -393,6 +417,12 @@ COMPARISONS = {c.key: c for c in (
             "grad-cam"),
         Row("captum", "captum {} LayerGradCam ², grid module", build_captum_vit, "captum"),
     )),
+    Comparison("hf-vit", "Grad-CAM on a Hugging Face ViT (captured with torch.export)",
+               "hf_vit_b_16", "vit.layers.10", 4, 224, (
+        FORWARD,
+        Row("camfunc", "camfunc.gradcam, default split", build_camfunc_hf_vit),
+        Row("torchcam", "torchcam {} GradCAM, reshape_transform", build_torchcam_hf_vit, "torchcam"),
+    )),
 )}
 
 
@@ -411,7 +441,8 @@ class Plan:
         return self.comparison.key
 
 
-LAYER_CHANNELS = {"resnet18": 512, "resnet50": 2048, "vit_b_16": 768}  # at the comparisons' layers
+LAYER_CHANNELS = {"resnet18": 512, "resnet50": 2048, "vit_b_16": 768,
+                  "hf_vit_b_16": 768}  # at the comparisons' layers
 
 
 def plan_comparisons(args) -> list[Plan]:
@@ -435,14 +466,20 @@ def make_setup(plan: Plan, device: str) -> Setup:
 
     c = plan.comparison
     torch.manual_seed(SEED)
-    model = getattr(torchvision.models, c.model)(weights=None)
+    if c.model == "hf_vit_b_16":  # Hugging Face's ViT-B/16 from its default config
+        from transformers import ViTConfig, ViTForImageClassification
+
+        model = ViTForImageClassification(ViTConfig(image_size=plan.size, num_labels=1000))
+    else:
+        model = getattr(torchvision.models, c.model)(weights=None)
     if c.model.startswith("vit"):
         nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises it
     model = model.eval().to(device)
     gen = torch.Generator().manual_seed(SEED + plan.batch)
     x = torch.randn(plan.batch, 3, plan.size, plan.size, generator=gen).to(device)
     with torch.no_grad():
-        classes = model(x).argmax(1).tolist()
+        out = model(x)
+        classes = (out.logits if hasattr(out, "logits") else out).argmax(1).tolist()
     return Setup(model, x, classes, c.layer, plan.ablate_channels)
 
 
