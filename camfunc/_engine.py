@@ -75,6 +75,7 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
             value = objective(out)
             if not isinstance(value, Tensor):
                 _targets.objective_rows(value)  # raises the callable cls's type error
+            _check_depends(value)
             return value, tensors
         return tuple(o for o in as_tuple(out) if _is_float_tensor(o)), tensors
 
@@ -83,6 +84,23 @@ def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_
     unwrapped = iter(tensors)
     leaves = [next(unwrapped) if v is None else v[0] for v in structure["template"]]
     return differentiable, pullback, torch.utils._pytree.tree_unflatten(leaves, structure["spec"])
+
+
+def _check_depends(value: Tensor) -> None:
+    """The target must depend on the activations, or the map is silently all zeros.
+
+    Inside the function ``vjp`` differentiates, a value that depends on its
+    input requires grad. Checked eagerly only, as the class range check is.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if not value.requires_grad:
+        raise ValueError(
+            "the target scores do not depend on the layer's activations (a detached tensor, "
+            "or scores from something else than the output given to cls), so no gradient can "
+            "reach the layer; compute the scores from the model's output, and pick a layer the "
+            "output depends on"
+        )
 
 
 # torch.compile of vmap over a vjp's pullback fails before torch 2.5

@@ -105,14 +105,15 @@ def _tanh_scale(cams: Tensor, n: int, gamma: float) -> Tensor:
     return torch.tanh(gamma * flat / safe).reshape(cams.shape)
 
 
-def fuse(cams: Sequence[Tensor], how: Literal["max", "mean"] = "max", *,
+def fuse(cams: Sequence[Tensor], how: Literal["max", "mean", "product"] = "max", *,
          size: Sequence[int] | None = None, tanh_gamma: float | None = None,
          spatial_dims: int | None = None) -> Tensor:
     """Fuses maps from several layers into one, at the finest resolution.
 
     Each map is upsampled to ``size`` (default: the largest one), optionally
     scaled as in Layer-CAM, :math:`\\tanh(\\gamma M / \\max M)`, then reduced by
-    element-wise max (torchcam's choice) or mean (pytorch-grad-cam's).
+    element-wise max (torchcam's choice), mean (pytorch-grad-cam's) or product
+    (Refine-CAM's: a region must light up in every map; give normalised maps).
 
     Layer-CAM: Jiang et al., "LayerCAM: Exploring Hierarchical Class
     Activation Maps for Localization", IEEE TIP 2021 (Eq. 5 uses gamma = 2).
@@ -122,11 +123,18 @@ def fuse(cams: Sequence[Tensor], how: Literal["max", "mean"] = "max", *,
         >>> camfunc.fuse(maps, "max", tanh_gamma=2.0).shape    # at the finer layer's size
         torch.Size([2, 8, 8])
     """
+    if isinstance(cams, Tensor) or not isinstance(cams, Sequence):
+        raise TypeError(
+            f"fuse takes a list of maps, one per layer, got {type(cams).__name__}; a single tensor "
+            "would be read as a list of its samples (pass [maps] for one layer)"
+        )
     cams = list(cams)
     if not cams:
         raise ValueError("fuse needs at least one map")
-    if how not in ("max", "mean"):
-        raise ValueError(f"how must be 'max' or 'mean', got {how!r}")
+    if not all(isinstance(c, Tensor) for c in cams):
+        raise TypeError("fuse takes a list of tensors, one per layer")
+    if how not in ("max", "mean", "product"):
+        raise ValueError(f"how must be 'max', 'mean' or 'product', got {how!r}")
     n = _num_spatial(cams[0], spatial_dims)
     if size is None:
         size = max((tuple(c.shape[-n:]) for c in cams), key=lambda s: torch.Size(s).numel())
@@ -134,4 +142,6 @@ def fuse(cams: Sequence[Tensor], how: Literal["max", "mean"] = "max", *,
     if tanh_gamma is not None:
         resized = [_tanh_scale(c, n, tanh_gamma) for c in resized]
     stacked = torch.stack(resized)
+    if how == "product":
+        return stacked.prod(0)
     return stacked.amax(0) if how == "max" else stacked.mean(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,18 +16,6 @@ from torch import Tensor
 
 from . import _engine, _targets, _validate
 from ._split import Split
-
-
-def _tiled_classes(split: Split, x: Tensor, cls: _targets.Target, copies: int) -> _targets.Target:
-    """``cls`` for a batch of ``copies`` stacked copies of ``x``, with topk fixed on clean ``x``."""
-    if _targets.is_objective(cls) or isinstance(cls, numbers.Integral):
-        return cls  # callables act row-wise
-    if isinstance(cls, _targets.TopK):
-        cls = _targets.class_indices(cls, _engine.forward(split, x)[1])[0]
-    if isinstance(cls, Tensor) and cls.ndim == 0:
-        return cls
-    index = torch.as_tensor(cls)
-    return torch.cat([index] * copies)
 
 
 def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
@@ -42,8 +29,8 @@ def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
     one batched call of ``method`` on all variants instead of one per variant.
     Each variant's map is normalised by ``method`` (when ``normalize=True``)
     and flipped back; the result is their mean, not normalised again, as there.
-    ``topk`` classes are chosen on the clean input; a callable ``cls`` must act
-    row-wise. Random methods must draw with a ``generator`` (explicit noise has
+    ``topk`` classes and ``finer``/``rest`` targets are fixed on the clean input;
+    a callable ``cls`` sees one variant's batch at a time. Random methods must draw with a ``generator`` (explicit noise has
     the clean batch's shape).
 
     Example:
@@ -67,8 +54,8 @@ def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
                                  "pass generator= instead")
         batch = x.shape[0]
         stacked = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in variants])
-        maps, scores = method(split, stacked, _tiled_classes(split, x, cls, len(variants)),
-                              normalize=normalize, return_scores=True, **kwargs)
+        target = _targets.tiled(cls, len(variants), lambda: _engine.forward(split, x)[1])
+        maps, scores = method(split, stacked, target, normalize=normalize, return_scores=True, **kwargs)
         layers = maps if isinstance(maps, list) else [maps]
         averaged = []
         for layer_map in layers:

@@ -99,6 +99,9 @@ def _as_tensor(cls: Any) -> Any:
 def check_form(cls: Target, batch: int) -> None:
     """Eager checks of ``cls`` that need no scores: type, shape, sign."""
     cls = _as_tensor(cls)
+    if is_objective(cls) and hasattr(cls, "check_form"):  # a target holding classes of its own
+        cls.check_form(batch)
+        return
     if isinstance(cls, (TopK,)) or is_objective(cls):
         return
     if isinstance(cls, (bool, str, bytes)) or not isinstance(cls, (numbers.Integral, Tensor, Sequence)):
@@ -227,23 +230,116 @@ def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
     return index.shape[1], keep_k
 
 
-def picker(cls: Target, scores: Tensor) -> tuple[Callable[[Any, Tensor], Tensor], bool]:
+def picker(cls: Target, scores: Tensor) -> tuple[Callable[..., Tensor], bool]:
     """Selects, from a batch of outputs, the target value of each row's own sample.
 
     For methods that run the model on many inputs per sample: ``pick(out, rows)``
     reads row r's target for sample ``rows[r]`` (classes fixed on ``scores``).
-    Targets with per-sample classes are re-indexed; plain callables act row-wise.
+    Targets with per-sample classes are re-indexed. A plain callable was written
+    for the image batch: each row's output is placed, at its sample's position,
+    into a copy of the clean output, and the callable reads that copy. A caller
+    whose rows are ``copies`` whole image batches passes ``copies=`` to skip that
+    (``pick.whole_batches`` says the target would rather have them).
     """
     if is_objective(cls):
         keep_k = objective_rows(cls(scores))[1]
+        batch = any_scores(scores).shape[0]
 
-        def pick(out: Any, rows: Tensor) -> Tensor:
-            target = cls.for_rows(scores, rows) if hasattr(cls, "for_rows") else cls
-            values = target(out)
+        def pick(out: Any, rows: Tensor, copies: int | None = None) -> Tensor:
+            if hasattr(cls, "for_rows"):
+                values = cls.for_rows(scores, rows)(out)
+            elif copies is not None:
+                values = _PerCopy(cls, copies)(out)
+            else:
+                values = _each_row_in_its_batch(cls, scores, out, rows, batch)
             return values.unsqueeze(1) if values.ndim == 1 else values
+        pick.whole_batches = not hasattr(cls, "for_rows")
         return pick, keep_k
     index, keep_k = class_indices(cls, scores)
 
-    def pick_index(out: Any, rows: Tensor) -> Tensor:
+    def pick_index(out: Any, rows: Tensor, copies: int | None = None) -> Tensor:
         return class_scores(out).gather(1, index[rows])
     return pick_index, keep_k
+
+
+def _each_row_in_its_batch(cls: Callable[[Any], Tensor], clean: Any, out: Any, rows: Tensor,
+                           batch: int) -> Tensor:
+    """A plain callable's value for each row: the row's output put into a copy of the clean
+    batch's output at its sample's position, read there."""
+    count = rows.shape[0]
+    positions = torch.arange(count, device=rows.device)
+
+    def embed(clean_leaf: Any, out_leaf: Any) -> Any:
+        if not (isinstance(out_leaf, Tensor) and isinstance(clean_leaf, Tensor) and out_leaf.ndim
+                and out_leaf.shape[0] == count and clean_leaf.shape[:1] == (batch,)):
+            return out_leaf
+        copies = clean_leaf.unsqueeze(0).expand(count, *clean_leaf.shape).clone()
+        copies[positions, rows] = out_leaf.to(copies.dtype)
+        return copies.flatten(0, 1)
+    stacked = torch.utils._pytree.tree_map(embed, clean, out)
+    values = _PerCopy(cls, count)(stacked)  # (count * batch, ...)
+    return values.reshape(count, batch, *values.shape[1:])[positions, rows]
+
+
+@dataclasses.dataclass
+class _PerCopy:
+    """A callable target applied to each image-batch-sized block of a stacked output."""
+
+    cls: Callable[[Any], Tensor]
+    copies: int
+
+    def __call__(self, out: Any) -> Tensor:
+        total = class_scores(out).shape[0] if not isinstance(out, Tensor) else out.shape[0]
+        batch = total // self.copies
+
+        def block(i: int) -> Any:
+            return torch.utils._pytree.tree_map(
+                lambda t: t[i * batch:(i + 1) * batch]
+                if isinstance(t, Tensor) and t.ndim and t.shape[0] == total else t, out)
+        return torch.cat([self.cls(block(i)) for i in range(self.copies)])
+
+
+def tiled(cls: Target, copies: int, clean_scores: Callable[[], Any]) -> Target:
+    """``cls`` for a batch of ``copies`` stacked copies of the image batch (copy-major).
+
+    Class indices repeat; ``topk`` and re-indexable targets (``finer``, ``rest``)
+    are fixed on the clean scores, ``clean_scores()``, called only then; a plain
+    callable reads each copy's block as the image batch it was written for.
+    """
+    cls = _as_tensor(cls)
+    if isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
+        return cls
+    if is_objective(cls):
+        if hasattr(cls, "for_rows"):
+            scores = clean_scores()
+            batch = class_scores(scores).shape[0]
+            return cls.for_rows(scores, torch.arange(batch, device=class_scores(scores).device).repeat(copies))
+        return _PerCopy(cls, copies)
+    if isinstance(cls, TopK):
+        cls = class_indices(cls, clean_scores())[0]
+    index = cls if isinstance(cls, Tensor) else torch.as_tensor(cls)
+    return torch.cat([index] * copies)
+
+
+@dataclasses.dataclass
+class _InTheirBatches:
+    """A plain callable target for a batch whose row r belongs to sample ``rows[r]``."""
+
+    cls: Callable[[Any], Tensor]
+    clean: Any
+    rows: Tensor
+    batch: int
+
+    def __call__(self, out: Any) -> Tensor:
+        return _each_row_in_its_batch(self.cls, self.clean, out, self.rows, self.batch)
+
+
+def for_rows(cls: Target, scores: Any, rows: Tensor) -> Target:
+    """``cls`` for a batch whose row r belongs to sample ``rows[r]`` (classes fixed on ``scores``)."""
+    cls = _as_tensor(cls)
+    if is_objective(cls):
+        if hasattr(cls, "for_rows"):
+            return cls.for_rows(scores, rows)
+        return _InTheirBatches(cls, scores, rows, any_scores(scores).shape[0])
+    index, keep_k = class_indices(cls, scores)
+    return index[rows] if keep_k else index[rows, 0]

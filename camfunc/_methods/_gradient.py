@@ -334,6 +334,8 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
     if not _targets.is_objective(cls):
         index, keep_k = _targets.class_indices(cls, scores)
         classes = (index.repeat(samples, 1), keep_k)
+    else:  # fixed on the clean scores, read block by block on the noisy batch
+        cls = _targets.tiled(cls, samples, lambda: scores)
 
     def per_class(_: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []

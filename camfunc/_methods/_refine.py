@@ -23,7 +23,9 @@ def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
     to ``size`` (default: the input's spatial size, as pytorch-grad-cam's
     ``RefineCAM``, whose default method, Grad-CAM++, is kept). A region must
     light up at every layer to survive, which denoises early layers' maps.
-    Split at several layers: ``camfunc.split(model, ["layer2", "layer3", "layer4"])``.
+    Split at several layers: ``camfunc.split(model, ["layer2", "layer3", "layer4"])``;
+    on a one-layer split the product has one factor, so the result is ``method``'s
+    normalised map at ``size`` (pytorch-grad-cam's gives the same).
 
     pytorch-grad-cam 1.5.7 ``RefineCAM`` (arXiv:2605.14641).
 
@@ -37,10 +39,7 @@ def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
     maps, scores = method(split, x, cls, normalize=True, return_scores=True, **method_kwargs)
     maps = maps if isinstance(maps, list) else [maps]
     size = tuple(x.shape[2:]) if size is None else tuple(size)
-    product = None
-    for layer_map in maps:
-        resized = _ops.upsample(layer_map, size)
-        product = resized if product is None else product * resized
+    product = _ops.fuse(maps, "product", size=size, spatial_dims=len(size))
     if normalize:
         product = _ops.normalize(product, spatial_dims=len(size))
     return (product, scores) if return_scores else product

@@ -40,30 +40,38 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, T
                   flat_shortcut: bool = True) -> Tensor:
     """Target scores of ``x`` masked by each channel: ``(B, C, *sp)`` masks -> ``(B, C, K)``.
 
-    Runs the whole model on ``batch_size`` masked inputs at a time.
+    Runs the whole model on ``batch_size`` masked inputs at a time (whole image
+    batches, at least one, for a plain callable target, which reads them as one).
     """
     batch, channels = masks.shape[:2]
     flat = masks.flatten(0, 1)  # (B*C, *sp)
     size = x.shape[2:]
     total = batch * channels
     todo = torch.arange(total, device=x.device)
+    step = batch_size
+    whole = getattr(pick, "whole_batches", False)
+    if whole:  # a plain callable target: each pass holds whole image batches, channel by channel
+        todo = todo.reshape(batch, channels).t().flatten()
+        step = batch * max(1, batch_size // batch)
     shared = None
-    if flat_shortcut and transform is None and not torch.compiler.is_compiling():
+    if flat_shortcut and not whole and transform is None and not torch.compiler.is_compiling():
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]
             zero = _engine.forward(split, torch.zeros_like(x[:1]))[1]
             shared = (~varying, zero)
     parts = []
-    for start in range(0, todo.numel(), batch_size):
-        flat_index = todo[start:start + batch_size]
+    for start in range(0, todo.numel(), step):
+        flat_index = todo[start:start + step]
         rows = torch.div(flat_index, channels, rounding_mode="floor")
         up = _ops.upsample(flat[flat_index], size).unsqueeze(1).to(x.dtype)
         if transform is not None:
             up = transform(up, flat_index)
         out = _engine.forward(split, x[rows] * up)[1]
-        parts.append(pick(out, rows).float())
+        parts.append(pick(out, rows, copies=flat_index.numel() // batch if whole else None).float())
     values = torch.cat(parts) if parts else None
+    if whole:  # back to sample-major order
+        values = values[torch.argsort(todo)]
     if shared is not None:
         constant, zero_out = shared
         rows = torch.div(torch.arange(total, device=x.device), channels, rounding_mode="floor")

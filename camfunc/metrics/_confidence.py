@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from . import _inputs
+from . import _inputs, _model_calls
 from ._inputs import Classes, Model
 
 
@@ -29,8 +30,8 @@ class ConfidenceChange(NamedTuple):
     score: Tensor
     #: ``(B,)`` :math:`O`, the score on the masked input.
     masked_score: Tensor
-    #: ``(B,)`` the class scored for each image.
-    classes: Tensor
+    #: ``(B,)`` the class scored for each image (None for a callable ``cls``).
+    classes: Tensor | None
 
 
 def relative_drop(score: Tensor, masked_score: Tensor) -> Tensor:
@@ -42,7 +43,7 @@ def relative_drop(score: Tensor, masked_score: Tensor) -> Tensor:
 
 
 def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                      probabilities: bool = True) -> ConfidenceChange:
+                      probabilities: bool | None = None) -> ConfidenceChange:
     r"""Average drop and increase in confidence of each image's class when the image
     is masked by its map.
 
@@ -66,8 +67,11 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
             mode or a ``camfunc.Split``).
         x: the input batch ``(B, C, *spatial)``.
         maps: ``(B, *map_spatial)`` or ``(B, 1, *map_spatial)``, in [0, 1], any resolution.
-        cls: one class per image (int, length-B sequence, ``(B,)`` tensor), or None
-            for each image's top class.
+        cls: one class per image (int, length-B sequence, ``(B,)`` tensor), None
+            for each image's top class, or a callable ``output -> (B,)`` scores
+            written for the image batch (its value is then the score).
+        probabilities: softmax the class scores (default for class indices), or
+            read logits (False); not for a callable ``cls``.
 
     Example:
         >>> cams = camfunc.gradcam(s, x, 3)                   # in [0, 1], any size
@@ -77,20 +81,19 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
     """
     masks = _inputs.checked_maps(model, x, maps, cls, probabilities)
     _inputs.check_unit_interval(masks)
-    scores = _inputs.model_scores(model, x, probabilities)
-    classes = _inputs.chosen_classes(cls, scores)
+    scored = _inputs.scoring_model(model, cls, probabilities)
+    target, score = _model_calls.fix_target(scored, x, cls)
     masked_input = x * masks.unsqueeze(1).to(x.dtype)
-    masked_scores = _inputs.model_scores(model, masked_input, probabilities)
-    score = _inputs.picked(scores, classes)
-    masked_score = _inputs.picked(masked_scores, classes)
+    with torch.no_grad():
+        masked_score = target.values(scored(masked_input), torch.arange(x.shape[0], device=x.device))
     drop = relative_drop(score, masked_score)
     increase = masked_score > score
     return ConfidenceChange(drop, increase, drop.mean(), increase.float().mean(), score,
-                            masked_score, classes)
+                            masked_score, target.index)
 
 
 def average_drop(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                 probabilities: bool = True) -> Tensor:
+                 probabilities: bool | None = None) -> Tensor:
     r"""Average drop: :math:`\frac{1}{B}\sum_i \max(0, Y_i - O_i) / Y_i`, lower is better.
 
     :math:`Y_i` is the class score on the image and :math:`O_i` on the image
@@ -107,7 +110,7 @@ def average_drop(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
 
 
 def increase_in_confidence(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                           probabilities: bool = True) -> Tensor:
+                           probabilities: bool | None = None) -> Tensor:
     r"""Increase in confidence: :math:`\frac{1}{B}\sum_i [O_i > Y_i]`, higher is better.
 
     :math:`Y_i` is the class score on the image and :math:`O_i` on the image

@@ -13,7 +13,7 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
-from . import _inputs
+from . import _inputs, _model_calls
 from .._gaussian import folded_gaussian, separable_filter
 from ._inputs import Classes, Model
 
@@ -36,8 +36,8 @@ class CausalCurve(NamedTuple):
     auc: Tensor
     #: 0-d, mean of ``auc``.
     mean_auc: Tensor
-    #: ``(B,)`` the class scored for each image.
-    classes: Tensor
+    #: ``(B,)`` the class scored for each image (None for a callable ``cls``).
+    classes: Tensor | None
 
 
 def rise_blur(x: Tensor) -> Tensor:
@@ -89,8 +89,8 @@ def moved_counts(num_pixels: int, step: int) -> list[int]:
 
 
 def path_scores(model: Model, start: Tensor, finish: Tensor, ranks: Tensor, counts: list[int],
-                classes: Tensor, *, probabilities: bool, batch_size: int) -> Tensor:
-    """``(B, len(counts))`` scores of ``start`` with its ``counts[i]`` top-ranked pixels
+                target: _model_calls.FixedTarget, *, batch_size: int) -> Tensor:
+    """``(B, len(counts))`` target scores of ``start`` with its ``counts[i]`` top-ranked pixels
     taken from ``finish``; at most ``batch_size`` perturbed inputs per forward."""
     batch, points = start.shape[0], len(counts)
     counts_t = torch.tensor(counts, device=start.device)
@@ -101,13 +101,13 @@ def path_scores(model: Model, start: Tensor, finish: Tensor, ranks: Tensor, coun
         moved = ranks[rows] < counts_t[columns, None]  # (jobs, N)
         moved = moved.reshape(len(jobs), 1, *start.shape[2:])
         inputs = torch.where(moved, finish[rows], start[rows])
-        scores = _inputs.model_scores(model, inputs, probabilities)
-        parts.append(_inputs.picked(scores, classes[rows]))
+        with torch.no_grad():
+            parts.append(target.values(model(inputs), rows))
     return torch.cat(parts).reshape(batch, points)
 
 
 def causal_curve(model: Model, x: Tensor, maps: Tensor, cls: Classes, *, deleting: bool,
-                 step: int | None, substrate: Substrate, probabilities: bool,
+                 step: int | None, substrate: Substrate, probabilities: bool | None,
                  batch_size: int) -> CausalCurve:
     saliency = _inputs.checked_maps(model, x, maps, cls, probabilities)
     num_pixels = saliency[0].numel()
@@ -115,18 +115,19 @@ def causal_curve(model: Model, x: Tensor, maps: Tensor, cls: Classes, *, deletin
     _inputs.check_positive_int(step, "step")
     _inputs.check_positive_int(batch_size, "batch_size")
     other = substrate_of(x, substrate)
-    classes = _inputs.chosen_classes(cls, _inputs.model_scores(model, x, probabilities))
+    scored = _inputs.scoring_model(model, cls, probabilities)
+    target, _ = _model_calls.fix_target(scored, x, cls)
     start, finish = (x, other) if deleting else (other, x)
     counts = moved_counts(num_pixels, step)
-    curves = path_scores(model, start, finish, saliency_ranks(saliency), counts, classes,
-                         probabilities=probabilities, batch_size=batch_size)
+    curves = path_scores(scored, start, finish, saliency_ranks(saliency), counts, target,
+                         batch_size=batch_size)
     fractions = torch.tensor(counts, dtype=torch.float32, device=x.device) / num_pixels
     auc = torch.trapezoid(curves, fractions, dim=1)
-    return CausalCurve(curves, fractions, auc, auc.mean(), classes)
+    return CausalCurve(curves, fractions, auc, auc.mean(), target.index)
 
 
 def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step: int | None = None,
-             substrate: Substrate = "zeros", probabilities: bool = True,
+             substrate: Substrate = "zeros", probabilities: bool | None = None,
              batch_size: int = 32) -> CausalCurve:
     r"""Deletion curve and AUC: the class score as the most salient pixels are removed
     first, ``step`` at a time; lower is better.
@@ -139,7 +140,7 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
     :math:`b` the substrate (RISE's deletion: zeros). ``n = ceil(N / step)``; the
     last step may move fewer pixels, and :math:`t` says so (RISE's code spaces the
     points evenly). :math:`f_c` is the softmax probability of class c, or the
-    logit with ``probabilities=False``. The saliency order is that of the map
+    logit with ``probabilities=False``, or a callable ``cls``'s value on the output. The saliency order is that of the map
     resized to the input (bilinear); ties go in row-major order (stable sort).
     ``B (n + 1) + B`` forwards, ``batch_size`` perturbed inputs at a time.
 
@@ -150,7 +151,8 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
         model: a callable ``x -> (B, num_classes)`` scores (eval-mode module or Split).
         x: the input batch ``(B, C, *spatial)``.
         maps: ``(B, *map_spatial)`` or ``(B, 1, *map_spatial)``, any resolution and scale.
-        cls: one class per image, or None for each image's top class.
+        cls: one class per image, None for each image's top class, or a callable
+            ``output -> (B,)`` scores written for the image batch.
         step: pixels per step (default: the input's last size, RISE's 224 for 224x224).
         substrate: ``"zeros"``, ``"blur"``, a tensor broadcastable to ``x`` or a callable ``x -> tensor``.
 
@@ -165,7 +167,7 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
 
 
 def insertion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step: int | None = None,
-              substrate: Substrate = "blur", probabilities: bool = True,
+              substrate: Substrate = "blur", probabilities: bool | None = None,
               batch_size: int = 32) -> CausalCurve:
     r"""Insertion curve and AUC: the class score as the most salient pixels are put
     back first, ``step`` at a time, into a substrate; higher is better.

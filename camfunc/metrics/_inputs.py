@@ -103,15 +103,17 @@ def check_unit_interval(maps: Tensor) -> None:
 
 
 def check_classes(cls: Classes, batch: int) -> None:
-    """One class per image, before any forward pass."""
+    """One target per image, before any forward pass."""
     if cls is None:
         return
-    if isinstance(cls, _targets.TopK) or _targets.is_objective(cls):
+    if isinstance(cls, _targets.TopK):
         raise TypeError(
-            "the metric needs one class index per image: an int, a length-B sequence, "
-            f"a (B,) tensor or None for the top class; got {type(cls).__name__}"
+            "the metric needs one target per image: an int, a length-B sequence, a (B,) "
+            "tensor, a callable output -> (B,) scores, or None for the top class; got topk"
         )
     _targets.check_form(cls, batch)
+    if _targets.is_objective(cls):
+        return
     if isinstance(cls, Tensor) and cls.ndim == 2:
         raise ValueError(
             f"cls of shape {tuple(cls.shape)} asks for several classes per image; "
@@ -147,8 +149,25 @@ def picked(scores: Tensor, classes: Tensor) -> Tensor:
 
 
 def check_probabilities(probabilities: Any) -> None:
-    if not isinstance(probabilities, bool):
-        raise TypeError(f"probabilities must be True or False, got {probabilities!r}")
+    if probabilities is not None and not isinstance(probabilities, bool):
+        raise TypeError(f"probabilities must be True, False or None, got {probabilities!r}")
+
+
+def scoring_model(model: Model, cls: Classes, probabilities: bool | None) -> Model:
+    """The model as a metric reads it.
+
+    For class indices (or None), ``(B, num_classes)`` scores, softmaxed unless
+    ``probabilities`` is False. A callable ``cls`` reads the raw output, and its
+    value is the score: softmaxing first is not defined, so ``probabilities=True``
+    with it is an error.
+    """
+    if _targets.is_objective(cls):
+        if probabilities:
+            raise ValueError("a callable cls defines its own score from the model's output; "
+                             "probabilities applies to class indices only (leave it unset)")
+        return model
+    softmax = True if probabilities is None else probabilities
+    return lambda v: model_scores(model, v, softmax)
 
 
 def checked_maps(model: Any, x: Any, maps: Any, cls: Classes, probabilities: Any) -> Tensor:

@@ -51,9 +51,7 @@ class FixedTarget:
         """The ``cls`` to give a CAM method for such a batch."""
         if self.index is not None:
             return self.index[rows]
-        if hasattr(self.cls, "for_rows"):
-            return self.cls.for_rows(self.scores, rows)
-        return self.cls
+        return _targets.for_rows(self.cls, self.scores, rows)
 
 
 def fix_target(model: Callable[[Tensor], Any], x: Tensor,
