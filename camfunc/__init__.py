@@ -31,6 +31,7 @@ from ._methods import sscam as sscam
 from ._methods import scorecam as scorecam
 from ._methods import eigencam as eigencam
 from ._methods import eigengradcam as eigengradcam
+from ._methods import segeigencam as segeigencam
 from ._methods import randomcam as randomcam
 from ._methods import gradcam as gradcam
 from ._methods import gradcam_elementwise as gradcam_elementwise
@@ -98,6 +99,7 @@ __all__ = [
     "check",
     "eigencam",
     "eigengradcam",
+    "segeigencam",
     "fuse",
     "gradcam",
     "gradcam_elementwise",

@@ -20,6 +20,7 @@ from . import _engine, _ops, _targets, _validate
 from ._cut.cache import prepared
 from ._cut.capture import traced_copy
 from ._cut.partition import Stage
+from ._methods._projection import first_component
 from ._split import Split
 
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -113,8 +114,20 @@ def _channel_normalised_sum(m: Tensor) -> Tensor:
     return _ops.normalize(m, spatial_dims=m.ndim - 2).sum(1)
 
 
+def _eigen_smoothed(input_terms: Tensor, layer_maps: list[Tensor], size: tuple[int, ...]) -> Tensor:
+    """The maps' first principal component, as pytorch-grad-cam's FullGrad computes it: one
+    map per input channel and one per biased layer, each min-max scaled and shrunk 8-fold
+    (the layers are many), projected, scaled back up."""
+    stacked = torch.cat([input_terms, torch.stack(layer_maps, 1)], 1)  # (B, C_in + L, *size)
+    small = tuple(max(1, s // 8) for s in size)
+    reduced = _ops.upsample(_ops.normalize(stacked, spatial_dims=len(size)), small)
+    projected = first_component(reduced)
+    return _ops.upsample(_ops.normalize(projected, spatial_dims=len(size)), size)
+
+
 def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None) -> Any:
+             return_scores: bool = False, chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Any:
     r"""FullGrad: the input-gradient map plus every biased layer's bias-gradient map.
 
     .. math:: L = \psi\big(|x \odot \nabla_x S|\big) + \sum_{l}\sum_{c}
@@ -130,6 +143,12 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     probes' shapes. To compile, prepare the model once with :func:`fullgrad_model`
     and pass that: tracing cannot run inside ``torch.compile``. Only the shapes
     of the extra pass's outputs are used, so a compiler is free to drop its arithmetic.
+
+    With ``eigen_smooth``, the terms (one map per input channel and one per
+    biased layer, at the input's size) are collapsed by their first principal
+    component instead of summed, as pytorch-grad-cam's option: each min-max
+    scaled and shrunk 8-fold first, the projection scaled back up; camfunc's
+    sign rule (largest magnitude positive) replaces the SVD's arbitrary sign.
 
     Srinivas & Fleuret, "Full-Gradient Representation for Neural Network
     Visualization", NeurIPS 2019.
@@ -161,11 +180,19 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         input_grad, probe_grads = grads[0], grads[1:]
-        total = _channel_normalised_sum((acts[0].float() * input_grad.float()).abs())
+        input_terms = (acts[0].float() * input_grad.float()).abs()  # (B, C_in, *size)
+        input_terms = _ops.normalize(input_terms, spatial_dims=input_terms.ndim - 2)
+        layer_maps = []
         for bias, g in zip(biases, probe_grads):
             shape = (1, -1, *(1,) * (g.ndim - 2))
             layer_map = _channel_normalised_sum((bias.reshape(shape) * g.float()).abs())
-            total = total + _ops.upsample(layer_map, size)
+            layer_maps.append(_ops.upsample(layer_map, size))
+        if eigen_smooth:
+            total = _eigen_smoothed(input_terms, layer_maps, size)
+        else:
+            total = input_terms.sum(1)
+            for layer_map in layer_maps:
+                total = total + layer_map
         return (_ops.normalize(total, spatial_dims=len(size)) if normalize else total,)
 
     (maps,), scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size,

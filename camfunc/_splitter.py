@@ -421,3 +421,23 @@ def check(split: Split, model: nn.Module, x: Tensor, *, rtol: float = 1e-5,
         expected = split.tail.pick(expected)
     _compare(expected, got, rtol, atol)
     return split
+
+
+def module_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> tuple[list[Tensor], Any]:
+    """The tensors entering modules ``names`` (at their last call) for ``x``, and the model's
+    output: one pass, no graph, no hooks. The cut is put before each module instead of after."""
+    from . import _engine  # the engine builds on Split
+
+    captured = trace_fx(model, list(names))
+    entering = []
+    for name in names:
+        calls = captured.calls.get(name)
+        if not calls or not calls[-1].args or not isinstance(calls[-1].args[0], torch.fx.Node):
+            raise ValueError(f"module {name!r} is not called on a tensor in the model's forward")
+        entering.append(calls[-1].args[0])
+    position = {node: i for i, node in enumerate(captured.graph.nodes)}
+    chain = sorted(set(entering), key=position.__getitem__)
+    stages = build_stages(captured, chain, levels(captured, chain))
+    split = Split(head=stages[0], tail=stages[-1], middle=tuple(stages[1:-1]), model=model)
+    found, out = _engine.carries(split, x)
+    return [found[chain.index(node)][0] for node in entering], out

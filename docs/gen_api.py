@@ -67,7 +67,8 @@ those for a split at several layers. Nothing is registered on the model.
         ("Gradient methods", (
             "camfunc.gradcam", "camfunc.gradcampp", "camfunc.smooth_gradcampp", "camfunc.xgradcam",
             "camfunc.layercam", "camfunc.hirescam", "camfunc.gradcam_elementwise",
-            "camfunc.eigengradcam", "camfunc.cam", "camfunc.shapleycam", "camfunc.finercam")),
+            "camfunc.eigengradcam", "camfunc.segeigencam", "camfunc.cam", "camfunc.shapleycam",
+            "camfunc.finercam")),
         ("Activation and perturbation methods", (
             "camfunc.eigencam", "camfunc.kpcacam", "camfunc.fem", "camfunc.randomcam",
             "camfunc.scorecam", "camfunc.sscam", "camfunc.iscam", "camfunc.ablationcam",

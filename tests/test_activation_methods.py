@@ -154,3 +154,63 @@ def test_randomcam_is_reproducible_and_follows_its_weights():
     torch.testing.assert_close(camfunc.randomcam(s, x, weights=w), want)
     with pytest.raises(ValueError, match=r"weights must be \(B, C\)"):
         camfunc.randomcam(s, x, weights=torch.rand(2, 5))
+
+
+def test_segeigencam_matches_pytorch_grad_cam_raw():
+    from pytorch_grad_cam import SegEigenCAM as PgcSegEigenCAM
+
+    model = resnet18()
+    x = image()
+    ref_model = copy.deepcopy(model)
+    extractor = PgcSegEigenCAM(model=ref_model, target_layers=[ref_model.layer4])
+    want = pytorch_grad_cam_raw(extractor, ref_model.layer4, x, CLASSES)  # with its sign rule
+    got = camfunc.segeigencam(camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
+    assert want.flatten(1).amax(1).min() > 0
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
+def test_segeigencam_is_the_signed_first_component_of_abs_gradients_times_activations():
+    model = resnet18()
+    x = image()
+    a, g = layer4_and_grads(model, x, CLASSES)
+    for i in range(2):  # Eq. 10 to 13, written out with numpy's SVD
+        terms = (g[i].abs() * a[i]).double().flatten(1).T.numpy()  # (positions, channels)
+        terms = terms - terms.mean(0)
+        projection = terms @ np.linalg.svd(terms, full_matrices=False)[2][0]
+        if abs(projection.min()) > abs(projection.max()):
+            projection = -projection
+        want = torch.from_numpy(np.maximum(projection, 0)).float().reshape(a.shape[2:])
+        got = camfunc.segeigencam(camfunc.split(model, "layer4"), x[i:i + 1], CLASSES[i], normalize=False)
+        torch.testing.assert_close(got[0], want, atol=1e-4 * float(want.max()), rtol=1e-4)
+
+
+def test_cam_with_an_explicit_classifier():
+    model = resnet18()
+    x = image()
+    s = camfunc.split(model, "layer4")
+    inferred = camfunc.cam(s, x, CLASSES, normalize=False)
+    for classifier in ("fc", model.fc, model.fc.weight):
+        torch.testing.assert_close(camfunc.cam(s, x, CLASSES, classifier=classifier, normalize=False),
+                                   inferred, atol=1e-4, rtol=1e-4)
+
+    class Calibrated(nn.Module):  # a tail that is not pool + linear: the probe refuses it
+        def __init__(self):
+            super().__init__()
+            self.net = resnet18()
+
+        def forward(self, v):
+            return torch.tanh(self.net(v) * 3.0)
+
+    calibrated = Calibrated().eval()
+    s = camfunc.split(calibrated, "net.layer4")
+    with pytest.raises(ValueError, match="global average pool"):
+        camfunc.cam(s, x, CLASSES)
+    got = camfunc.cam(s, x, CLASSES, classifier="net.fc", normalize=False)
+    with torch.no_grad():
+        acts = nn.Sequential(*list(calibrated.net.children())[:-2])(x)
+    want = torch.einsum("bc,bchw->bhw", calibrated.net.fc.weight[CLASSES], acts)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="takes 512 features but the layer has 256"):
+        camfunc.cam(camfunc.split(model, "layer3"), x, 1, classifier="fc")
+    with pytest.raises(ValueError, match="no module 'head'"):
+        camfunc.cam(camfunc.split(model, "layer4"), x, 1, classifier="head")

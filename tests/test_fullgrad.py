@@ -63,3 +63,19 @@ def test_fullgrad_takes_a_split_and_many_classes():
         camfunc.fullgrad(camfunc.Split(model[:4], model[4:]), x, 0)
     with pytest.raises(TypeError, match="takes the model"):
         camfunc.fullgrad(nn.functional.relu, x, 0)
+
+
+def test_eigen_smoothed_fullgrad_matches_pytorch_grad_cam_up_to_its_sign():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    classes = [3, 5]
+    got = camfunc.fullgrad(model, x, classes, eigen_smooth=True)
+    reference = PgcFullGrad(copy.deepcopy(model), [])
+    want = reference(x, [ClassifierOutputTarget(c) for c in classes], eigen_smooth=True)
+    reference.activations_and_grads.release()
+    # pgc keeps the SVD's arbitrary sign, and min-max scaling a negated map gives 1 - map.
+    for i in range(2):
+        errors = [np.abs(got[i].numpy() - w).max() for w in (want[i], 1 - want[i])]
+        assert min(errors) < 1e-4, errors
+    assert not torch.allclose(got, camfunc.fullgrad(model, x, classes), atol=1e-2)

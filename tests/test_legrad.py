@@ -200,7 +200,7 @@ def test_bad_models():
     (image(), 0, {"layers": []}, ValueError, r"layers is empty"),
     (image(), 0, {"layers": [3]}, IndexError, r"block index 3 is out of range.*3 blocks"),
     (image(), 0, {"layers": [0, -3]}, ValueError, r"distinct blocks"),
-    (image(), 0, {"layers": ["encoder.ln"]}, ValueError, r"not one of model.encoder.layers"),
+    (image(), 0, {"layers": ["encoder.ln"]}, ValueError, r"not one of the model.s 3 transformer blocks"),
     (image(), 0, {"layers": ["encoder.layers.block_9"]}, ValueError, r"unknown layer"),
     (image(), 0, {"layers": [nn.Linear(2, 2)]}, ValueError, r"Linear is not one of"),
     (image(), 0, {"layers": [1.0]}, TypeError, r"indices, names or modules, got float"),
@@ -212,3 +212,114 @@ def test_bad_input(x, cls, kwargs, error, message):
     with pytest.raises(error, match=message):
         legrad(model, x, cls, **kwargs)
     assert_unchanged(before, model)
+
+
+# ----------------------------------------------------------------------------
+# Beyond torchvision: timm, Hugging Face, and blocks in torchvision's layout
+
+
+def legrad_oracle(model, blocks, probabilities_of, project, x, classes, prefix, grid):
+    """LeGrad written out: hooks keep each block's real attention probabilities and output,
+    autograd differentiates s^l = project(mean(y^l)) with respect to them."""
+    kept, handles = {}, []
+    for i, block in enumerate(blocks):
+        handles.append(probabilities_of(block).register_forward_hook(
+            lambda m, args, out, i=i: kept.__setitem__(("p", i), out[1] if isinstance(out, tuple) else out)))
+        handles.append(block.register_forward_hook(lambda m, args, out, i=i: kept.__setitem__(("y", i), out)))
+    try:
+        with torch.enable_grad():
+            model(x)
+            maps = []
+            for i in range(len(blocks)):
+                score = project(kept[("y", i)].mean(1)).gather(1, torch.tensor(classes)[:, None]).sum()
+                (g,) = torch.autograd.grad(score, kept[("p", i)], retain_graph=True)
+                maps.append(g.clamp_min(0).mean((1, 2)))
+    finally:
+        for h in handles:
+            h.remove()
+    per_key = torch.stack(maps).mean(0)
+    return per_key[:, prefix:].reshape(x.shape[0], *grid).detach()
+
+
+def test_timm_vit_with_registers_equals_the_written_out_oracle():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(32, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                              num_classes=CLASSES, reg_tokens=2).eval()
+    x, classes = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)), [3, 7]
+    got = legrad(model, x, classes, normalize=False)
+    reference = copy.deepcopy(model)
+    for block in reference.blocks:
+        block.attn.fused_attn = False  # its own softmax path, whose output attn_drop sees
+    want = legrad_oracle(reference, list(reference.blocks), lambda b: b.attn.attn_drop,
+                         lambda t: reference.head(reference.fc_norm(reference.norm(t))),
+                         x, classes, prefix=3, grid=(4, 6))
+    assert_same_map(got, want)
+
+
+def test_hugging_face_vit_equals_the_written_out_oracle():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=2, intermediate_size=64, num_labels=CLASSES)
+    model = ViTForImageClassification(config).eval()
+    x, classes = image(batch=2), [1, 4]
+    got, scores = legrad(model, x, classes, layers=[1, 2], normalize=False, return_scores=True)
+    torch.testing.assert_close(scores, model(x).logits)
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "eager"  # attention weights come out of the attention
+    blocks = list(reference.vit.layers)[1:]
+    want = legrad_oracle(reference, blocks, lambda b: b.attention,
+                         lambda t: reference.classifier(reference.vit.layernorm(t)),
+                         x, classes, prefix=1, grid=(4, 4))
+    assert_same_map(got, want)
+
+
+class OwnViT(nn.Module):
+    """A model of its own whose blocks follow torchvision's layout."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(3, 32, 8, stride=8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.blocks = nn.Sequential(*[EncoderBlock(2, 32, 64, 0.0, 0.0) for _ in range(2)])
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, CLASSES)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1)
+        return self.fc(self.norm(self.blocks(tokens))[:, 0])
+
+
+def test_blocks_in_torchvisions_layout_with_a_score_projection_match_torchcam():
+    model = OwnViT().eval()
+    x, classes = image(batch=2), [2, 5]
+
+    def project(tokens):
+        return model.fc(model.norm(tokens.mean(1)))
+
+    got = legrad(model, x, classes, layers=["blocks.0", "blocks.1"], score_projection=project,
+                 normalize=False)
+    reference = copy.deepcopy(model)
+    with LeGrad(reference, ["blocks.0", "blocks.1"],
+                score_projection=lambda t: reference.fc(reference.norm(t.mean(1)))) as extractor:
+        want = extractor(classes, reference(x), normalized=False)[0].detach()
+    assert_same_map(got, want)
+    with pytest.raises(TypeError, match="score_projection="):
+        legrad(model, x, classes, layers=["blocks.0"])
+
+
+def test_a_block_whose_recomputation_differs_is_an_error():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=CLASSES).eval()
+    model.blocks[1].attn.fused_attn = True  # the fused path ignores .scale, which legrad reads
+    model.blocks[1].attn.scale = model.blocks[1].attn.scale * 3
+    with pytest.raises(ValueError, match="recomputed block 1 of this timm model.*differs"):
+        legrad(model, image(batch=2), 1)

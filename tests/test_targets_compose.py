@@ -200,3 +200,37 @@ def test_overlay_alpha_channels_and_colormap_objects():
     by_object = np.asarray(camfunc.overlay(rgb, cam, colormap=matplotlib.colormaps["viridis"]))
     assert np.array_equal(by_object, np.asarray(camfunc.overlay(rgb, cam, colormap="viridis")))
     assert not np.array_equal(by_object, plain)
+
+
+def test_metrics_can_leave_out_images_whose_maps_are_nan():
+    model = small_cnn()
+    s = camfunc.split(model, "4")
+    x = image((3, 3, 16, 16))
+    cams = camfunc.gradcam(s, x, CLASSES)
+    bad = cams.clone()
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.deletion(s, x, bad, CLASSES)  # refused unless asked
+    kept = [0, 2]
+    for metric, per_image in (
+            (lambda m, xs, c, **kw: metrics.confidence_change(s, xs, m, c, **kw), "drop"),
+            (lambda m, xs, c, **kw: metrics.deletion(s, xs, m, c, step=40, **kw), "auc"),
+            (lambda m, xs, c, **kw: metrics.insertion(s, xs, m, c, step=40, **kw), "auc")):
+        for target, subset in ((CLASSES, [CLASSES[i] for i in kept]), (None, None)):
+            skipped = metric(bad, x, target, skip_nonfinite=True)
+            alone = metric(cams[kept], x[kept], subset)
+            assert torch.isnan(getattr(skipped, per_image)[1])
+            torch.testing.assert_close(getattr(skipped, per_image)[kept], getattr(alone, per_image))
+    # A per-sample callable is read for the kept images in their own batch.
+    skipped = metrics.deletion(s, x, bad, per_sample, step=40, skip_nonfinite=True)
+    torch.testing.assert_close(skipped.auc[kept], metrics.deletion(
+        s, x[kept], cams[kept], [CLASSES[i] for i in kept], step=40, probabilities=False).auc)
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 4:12] = True
+    game = metrics.pointing_game(bad, masks, skip_nonfinite=True)
+    assert not game.hits[1] and game.points[1].tolist() == [-1, -1] and torch.isnan(game.distances[1])
+    torch.testing.assert_close(game.accuracy, metrics.pointing_game(cams[kept], masks[kept]).accuracy)
+    energy = metrics.energy_pointing_game(bad, masks, skip_nonfinite=True)
+    torch.testing.assert_close(energy.mean, metrics.energy_pointing_game(cams[kept], masks[kept]).mean)
+    with pytest.raises(ValueError, match="every map holds NaN"):
+        metrics.pointing_game(torch.full((2, 4, 4), float("nan")), masks[:2], skip_nonfinite=True)

@@ -3,7 +3,7 @@
 from ._ablation import ablationcam
 from ._activation import fem
 from ._classifier import cam, randomcam
-from ._eigen import eigencam, eigengradcam, kpcacam
+from ._eigen import eigencam, eigengradcam, kpcacam, segeigencam
 from ._finer import finercam
 from ._refine import refinecam
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
@@ -23,6 +23,7 @@ METHODS = {
     "hirescam": hirescam,
     "gradcam_elementwise": gradcam_elementwise,
     "eigengradcam": eigengradcam,
+    "segeigencam": segeigencam,
     "cam": cam,
     "eigencam": eigencam,
     "randomcam": randomcam,

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import activation_cam, gradient_cam, spatial_axes, weighted_sum
+from ._combine import (activation_cam, arrange, check_activations, finish, gradient_cam,
+                       spatial_axes, weighted_sum)
 
 _PROBE_TOLERANCE = 1e-4
 
@@ -59,8 +60,54 @@ def _check_pooled_linear_tail(split: Split, x: Tensor) -> None:
         )
 
 
-def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-        return_scores: bool = False, chunk_size: int | None = None,
+def _classifier_weight(classifier: Any, split: Split, channels: int) -> Tensor:
+    """``(num_classes, C)`` from a linear layer, a 1x1 convolution, a module name or a tensor."""
+    if isinstance(classifier, str):
+        if split.model is None:
+            raise ValueError("classifier given by name needs split.model; pass the module itself")
+        try:
+            classifier = split.model.get_submodule(classifier)
+        except AttributeError:
+            raise ValueError(f"no module {classifier!r} in {type(split.model).__name__}; "
+                             "give a name from model.named_modules()") from None
+    if isinstance(classifier, nn.Linear):
+        weight = classifier.weight
+    elif isinstance(classifier, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in classifier.kernel_size):
+        weight = classifier.weight.flatten(1)
+    elif isinstance(classifier, Tensor) and classifier.ndim == 2:
+        weight = classifier
+    else:
+        raise TypeError(f"classifier must be an nn.Linear, a 1x1 convolution, its name, or a "
+                        f"(num_classes, C) tensor, got {type(classifier).__name__}")
+    if weight.shape[1] != channels:
+        raise ValueError(f"the classifier takes {weight.shape[1]} features but the layer has "
+                         f"{channels} channels; give the layer that reads the pooled activations")
+    return weight.detach()
+
+
+def _cam_from_classifier(split: Split, x: Tensor, cls: _targets.Target, classifier: Any, *,
+                         normalize: bool, return_scores: bool, eigen_smooth: bool) -> Any:
+    if _targets.is_objective(cls):
+        raise TypeError("cam with a classifier needs class indices (rows of its weight), not a callable")
+    _targets.check_form(cls, x.shape[0])
+    acts, scores = _engine.forward(split, x)
+    (a,) = acts
+    check_activations(a)
+    weight = _classifier_weight(classifier, split, a.shape[1])
+    # topk ranks the model's scores; other forms are rows of the weight, range-checked against it.
+    ranked = scores if isinstance(cls, _targets.TopK) else torch.zeros(x.shape[0], weight.shape[0])
+    index, keep_k = _targets.class_indices(cls, ranked)
+    index = index.to(a.device)
+    per_class = weight.to(device=a.device, dtype=torch.float32)[index]  # (B, K, C)
+    a = a.float()
+    maps = torch.stack([finish(weighted_sum(a, per_class[:, k], eigen_smooth), relu=False,
+                               normalize=normalize) for k in range(index.shape[1])], 1)
+    cams = arrange(split, (maps if keep_k else maps[:, 0],))
+    return (cams, scores) if return_scores else cams
+
+
+def cam(split: Split, x: Tensor, cls: _targets.Target, *, classifier: Any = None,
+        normalize: bool = True, return_scores: bool = False, chunk_size: int | None = None,
         eigen_smooth: bool = False) -> Any:
     r"""CAM: the feature maps weighted by the classifier's weights for the class.
 
@@ -72,7 +119,11 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
     :math:`\sum_{ij} \partial S_c / \partial A_k(i,j)`, which is exact for such
     a tail and works for any ``cls`` form. A tail of another form raises a
     ``ValueError`` (checked eagerly, at the cost of one more head pass and
-    five tail passes; skipped under ``torch.compile``).
+    five tail passes; skipped under ``torch.compile``). Where the weights cannot
+    be read that way (a tail that ends in more than the linear layer), give
+    ``classifier``: the ``nn.Linear`` or 1x1 convolution that reads the pooled
+    activations, its name in ``split.model`` (as torchcam's ``fc_layer``), or its
+    ``(num_classes, C)`` weight; then :math:`W_{ck}` is read from it, for class indices.
 
     Zhou et al., "Learning Deep Features for Discriminative Localization",
     CVPR 2016.
@@ -83,8 +134,15 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True
         torch.Size([2, 4, 4])
         >>> camfunc.cam(s, x, camfunc.topk(5)).shape
         torch.Size([2, 5, 4, 4])
+        >>> torch.allclose(camfunc.cam(s, x, 3, classifier="fc"), camfunc.cam(s, x, 3))
+        True
     """
     split = _validate.check_call(split, x)  # before the probe runs the model
+    if classifier is not None:
+        if split.num_layers > 1:
+            raise ValueError("camfunc.cam takes a split at one layer: the one before the pooling")
+        return _cam_from_classifier(split, x, cls, classifier, normalize=normalize,
+                                    return_scores=return_scores, eigen_smooth=eigen_smooth)
     if not torch.compiler.is_compiling():
         with torch.no_grad():
             _check_pooled_linear_tail(split, x)

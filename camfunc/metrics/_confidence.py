@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _inputs, _model_calls
+from . import _inputs, _model_calls, _skipping
 from ._inputs import Classes, Model
 
 
@@ -43,7 +43,8 @@ def relative_drop(score: Tensor, masked_score: Tensor) -> Tensor:
 
 
 def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                      probabilities: bool | None = None) -> ConfidenceChange:
+                      probabilities: bool | None = None,
+                      skip_nonfinite: bool = False) -> ConfidenceChange:
     r"""Average drop and increase in confidence of each image's class when the image
     is masked by its map.
 
@@ -72,6 +73,9 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
             written for the image batch (its value is then the score).
         probabilities: softmax the class scores (default for class indices), or
             read logits (False); not for a callable ``cls``.
+        skip_nonfinite: leave out images whose map holds NaN or Inf (their
+            results are NaN, or False, and the averages cover the rest) instead
+            of refusing them.
 
     Example:
         >>> cams = camfunc.gradcam(s, x, 3)                   # in [0, 1], any size
@@ -79,6 +83,12 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
         >>> result.drop.shape, result.average_drop.shape      # per image, and the batch's mean
         (torch.Size([2]), torch.Size([]))
     """
+    keep = _skipping.finite_rows(maps, skip_nonfinite)
+    if keep is not None:
+        kept = confidence_change(model, _skipping.rows_of(x, keep), _skipping.rows_of(maps, keep),
+                                 _skipping.target_rows(cls, keep, model, x), probabilities=probabilities)
+        per_image = ("drop", "increase", "score", "masked_score", "classes")
+        return _skipping.scattered(kept, keep, x.shape[0], per_image)
     masks = _inputs.checked_maps(model, x, maps, cls, probabilities)
     _inputs.check_unit_interval(masks)
     scored = _inputs.scoring_model(model, cls, probabilities)
@@ -93,7 +103,7 @@ def confidence_change(model: Model, x: Tensor, maps: Tensor, cls: Classes = None
 
 
 def average_drop(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                 probabilities: bool | None = None) -> Tensor:
+                 probabilities: bool | None = None, skip_nonfinite: bool = False) -> Tensor:
     r"""Average drop: :math:`\frac{1}{B}\sum_i \max(0, Y_i - O_i) / Y_i`, lower is better.
 
     :math:`Y_i` is the class score on the image and :math:`O_i` on the image
@@ -106,11 +116,12 @@ def average_drop(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
         >>> drop.shape, bool(0 <= drop <= 1)
         (torch.Size([]), True)
     """
-    return confidence_change(model, x, maps, cls, probabilities=probabilities).average_drop
+    return confidence_change(model, x, maps, cls, probabilities=probabilities,
+                             skip_nonfinite=skip_nonfinite).average_drop
 
 
 def increase_in_confidence(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *,
-                           probabilities: bool | None = None) -> Tensor:
+                           probabilities: bool | None = None, skip_nonfinite: bool = False) -> Tensor:
     r"""Increase in confidence: :math:`\frac{1}{B}\sum_i [O_i > Y_i]`, higher is better.
 
     :math:`Y_i` is the class score on the image and :math:`O_i` on the image
@@ -123,4 +134,5 @@ def increase_in_confidence(model: Model, x: Tensor, maps: Tensor, cls: Classes =
         >>> increase.shape, bool(0 <= increase <= 1)
         (torch.Size([]), True)
     """
-    return confidence_change(model, x, maps, cls, probabilities=probabilities).increase_in_confidence
+    return confidence_change(model, x, maps, cls, probabilities=probabilities,
+                             skip_nonfinite=skip_nonfinite).increase_in_confidence

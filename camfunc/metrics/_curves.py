@@ -13,7 +13,7 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
-from . import _inputs, _model_calls
+from . import _inputs, _model_calls, _skipping
 from .._gaussian import folded_gaussian, separable_filter
 from ._inputs import Classes, Model
 
@@ -108,7 +108,15 @@ def path_scores(model: Model, start: Tensor, finish: Tensor, ranks: Tensor, coun
 
 def causal_curve(model: Model, x: Tensor, maps: Tensor, cls: Classes, *, deleting: bool,
                  step: int | None, substrate: Substrate, probabilities: bool | None,
-                 batch_size: int) -> CausalCurve:
+                 batch_size: int, skip_nonfinite: bool = False) -> CausalCurve:
+    keep = _skipping.finite_rows(maps, skip_nonfinite)
+    if keep is not None:
+        if isinstance(substrate, Tensor) and substrate.ndim == x.ndim and substrate.shape[0] == x.shape[0]:
+            substrate = _skipping.rows_of(substrate, keep)
+        kept = causal_curve(model, _skipping.rows_of(x, keep), _skipping.rows_of(maps, keep),
+                            _skipping.target_rows(cls, keep, model, x), deleting=deleting, step=step,
+                            substrate=substrate, probabilities=probabilities, batch_size=batch_size)
+        return _skipping.scattered(kept, keep, x.shape[0], ("curves", "auc", "classes"))
     saliency = _inputs.checked_maps(model, x, maps, cls, probabilities)
     num_pixels = saliency[0].numel()
     step = x.shape[-1] if step is None else step
@@ -128,7 +136,7 @@ def causal_curve(model: Model, x: Tensor, maps: Tensor, cls: Classes, *, deletin
 
 def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step: int | None = None,
              substrate: Substrate = "zeros", probabilities: bool | None = None,
-             batch_size: int = 32) -> CausalCurve:
+             batch_size: int = 32, skip_nonfinite: bool = False) -> CausalCurve:
     r"""Deletion curve and AUC: the class score as the most salient pixels are removed
     first, ``step`` at a time; lower is better.
 
@@ -155,6 +163,8 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
             ``output -> (B,)`` scores written for the image batch.
         step: pixels per step (default: the input's last size, RISE's 224 for 224x224).
         substrate: ``"zeros"``, ``"blur"``, a tensor broadcastable to ``x`` or a callable ``x -> tensor``.
+        skip_nonfinite: leave out images whose map holds NaN or Inf (NaN curves
+            and AUC, the mean over the rest) instead of refusing them.
 
     Example:
         >>> cams = camfunc.gradcam(s, x, 3)
@@ -163,12 +173,13 @@ def deletion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step
         (torch.Size([2, 9]), torch.Size([2]))
     """
     return causal_curve(model, x, maps, cls, deleting=True, step=step, substrate=substrate,
-                        probabilities=probabilities, batch_size=batch_size)
+                        probabilities=probabilities, batch_size=batch_size,
+                        skip_nonfinite=skip_nonfinite)
 
 
 def insertion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, step: int | None = None,
               substrate: Substrate = "blur", probabilities: bool | None = None,
-              batch_size: int = 32) -> CausalCurve:
+              batch_size: int = 32, skip_nonfinite: bool = False) -> CausalCurve:
     r"""Insertion curve and AUC: the class score as the most salient pixels are put
     back first, ``step`` at a time, into a substrate; higher is better.
 
@@ -190,4 +201,5 @@ def insertion(model: Model, x: Tensor, maps: Tensor, cls: Classes = None, *, ste
         (torch.Size([2]), torch.Size([]))
     """
     return causal_curve(model, x, maps, cls, deleting=False, step=step, substrate=substrate,
-                        probabilities=probabilities, batch_size=batch_size)
+                        probabilities=probabilities, batch_size=batch_size,
+                        skip_nonfinite=skip_nonfinite)

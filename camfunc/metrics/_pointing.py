@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import Tensor
 
-from . import _inputs
+from . import _inputs, _skipping
 
 #: Boolean masks (B, H, W), boxes (B, 4), or per image a (n, 4) tensor or list of 4-number boxes.
 GroundTruth = Union[Tensor, Sequence[Any]]
@@ -129,7 +129,7 @@ def _maps_and_masks(maps: Any, target: GroundTruth, size: Any) -> tuple[Tensor, 
 
 
 def pointing_game(maps: Tensor, target: GroundTruth, *, tolerance: float = 15.0,
-                  size: Sequence[int] | None = None) -> PointingGame:
+                  size: Sequence[int] | None = None, skip_nonfinite: bool = False) -> PointingGame:
     r"""Pointing game: a hit when the map's maximum falls within ``tolerance`` pixels
     of the ground truth.
 
@@ -151,6 +151,8 @@ def pointing_game(maps: Tensor, target: GroundTruth, *, tolerance: float = 15.0,
             boxes (``(n, 4)`` tensor or list of ``(x1, y1, x2, y2)``).
         tolerance: positive, in pixels of the ground truth.
         size: ``(H, W)`` of the image the boxes refer to (required with boxes).
+        skip_nonfinite: leave out images whose map holds NaN or Inf (no hit, point
+            (-1, -1), NaN distance; the accuracy over the rest) instead of refusing them.
 
     Example:
         >>> cams = camfunc.gradcam(s, x, 3)                            # (B, 4, 4)
@@ -162,6 +164,11 @@ def pointing_game(maps: Tensor, target: GroundTruth, *, tolerance: float = 15.0,
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
             or not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a positive number of pixels, got {tolerance!r}")
+    keep = _skipping.finite_rows(maps, skip_nonfinite)
+    if keep is not None:
+        kept = pointing_game(_skipping.rows_of(maps, keep), _skipping.rows_of(target, keep),
+                             tolerance=tolerance, size=size)
+        return _skipping.scattered(kept, keep, maps.shape[0], ("hits", "points", "distances"))
     maps, masks = _maps_and_masks(maps, target, size)
     height, width = masks.shape[1:]
     flat_index = maps.flatten(1).argmax(1)
@@ -174,8 +181,8 @@ def pointing_game(maps: Tensor, target: GroundTruth, *, tolerance: float = 15.0,
     return PointingGame(hits, hits.float().mean(), points, nearest.sqrt().float())
 
 
-def energy_pointing_game(maps: Tensor, target: GroundTruth, *,
-                         size: Sequence[int] | None = None) -> EnergyPointingGame:
+def energy_pointing_game(maps: Tensor, target: GroundTruth, *, size: Sequence[int] | None = None,
+                         skip_nonfinite: bool = False) -> EnergyPointingGame:
     r"""Energy-based pointing game: the share of each map's energy inside the ground truth.
 
     .. math:: \mathrm{Proportion} = \frac{\sum_{(i,j) \in G} M(i, j)}
@@ -197,6 +204,11 @@ def energy_pointing_game(maps: Tensor, target: GroundTruth, *,
         >>> result.proportions.shape, result.mean.shape
         (torch.Size([2]), torch.Size([]))
     """
+    keep = _skipping.finite_rows(maps, skip_nonfinite)
+    if keep is not None:  # their proportion is NaN; the mean covers the rest
+        kept = energy_pointing_game(_skipping.rows_of(maps, keep), _skipping.rows_of(target, keep),
+                                    size=size)
+        return _skipping.scattered(kept, keep, maps.shape[0], ("proportions",))
     maps, masks = _maps_and_masks(maps, target, size)
     if bool((maps < 0).any()):
         raise ValueError(
