@@ -229,3 +229,22 @@ def test_all_thousand_classes_in_chunks_match_single_calls():
     assert cams.shape == (3, 1000, 6, 6)
     for c in (0, 137, 999):
         torch.testing.assert_close(cams[:, c], camfunc.gradcam(s, x, c), atol=1e-6, rtol=1e-5)
+
+
+# pytest.warns re-emits the other warnings from its own frame: torch's notice on its first jvp too.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_sample_gets_nan_maps_and_leaves_the_others_alone(name, bad):
+    model = small_cnn()
+    s = camfunc.split(model, "4")
+    x = inputs(2, batch=3)
+    x[1, 0, 2, 2] = bad
+    randomness = random_inputs(name, x)
+    with pytest.warns(camfunc.NonFiniteWarning, match=r"sample\(s\) \[1\]"):
+        cams = camfunc.METHODS[name](s, x, [0, 3, 1], normalize=False, **randomness)
+    assert cams[1].isnan().all()
+    for i in (0, 2):
+        alone = camfunc.METHODS[name](s, x[i:i + 1], [0, 3, 1][i], normalize=False,
+                                      **sample_slice(randomness, i))
+        torch.testing.assert_close(cams[i:i + 1], alone, atol=1e-5, rtol=1e-4)

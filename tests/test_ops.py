@@ -84,5 +84,5 @@ def test_fuse_tanh_scaling_as_in_layercam():
 def test_fuse_errors():
     with pytest.raises(ValueError, match="at least one"):
         camfunc.fuse([])
-    with pytest.raises(ValueError, match="'max' or 'mean'"):
+    with pytest.raises(ValueError, match="'max', 'mean' or 'product'"):
         camfunc.fuse([torch.rand(1, 2, 2)], "median")

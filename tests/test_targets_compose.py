@@ -181,7 +181,6 @@ def test_refinecam_of_one_layer_is_the_methods_normalised_map_at_the_input_size(
 
 
 def test_overlay_alpha_channels_and_colormap_objects():
-    pytest.importorskip("matplotlib")  # the viz extra; installed with camfunc[all]
     import matplotlib
     from PIL import Image
 
