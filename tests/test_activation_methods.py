@@ -156,15 +156,25 @@ def test_randomcam_is_reproducible_and_follows_its_weights():
         camfunc.randomcam(s, x, weights=torch.rand(2, 5))
 
 
+def layer3_and_grads(model: nn.Module, x: torch.Tensor, classes: list[int]):
+    """Activations and gradients at layer3, where the tail (layer4 on) makes gradients vary
+    in sign over positions: there |G| * A and G * A have different principal components."""
+    head = nn.Sequential(*list(model.children())[:-3])
+    a = head(x).detach().requires_grad_()
+    scores = model.fc(torch.flatten(model.avgpool(model.layer4(a)), 1))
+    (g,) = torch.autograd.grad(scores.gather(1, torch.tensor(classes)[:, None]).sum(), a)
+    return a.detach(), g
+
+
 def test_segeigencam_matches_pytorch_grad_cam_raw():
     from pytorch_grad_cam import SegEigenCAM as PgcSegEigenCAM
 
     model = resnet18()
     x = image()
     ref_model = copy.deepcopy(model)
-    extractor = PgcSegEigenCAM(model=ref_model, target_layers=[ref_model.layer4])
-    want = pytorch_grad_cam_raw(extractor, ref_model.layer4, x, CLASSES)  # with its sign rule
-    got = camfunc.segeigencam(camfunc.split(model, "layer4"), x, CLASSES, normalize=False)
+    extractor = PgcSegEigenCAM(model=ref_model, target_layers=[ref_model.layer3])
+    want = pytorch_grad_cam_raw(extractor, ref_model.layer3, x, CLASSES)  # with its sign rule
+    got = camfunc.segeigencam(camfunc.split(model, "layer3"), x, CLASSES, normalize=False)
     assert want.flatten(1).amax(1).min() > 0
     torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
 
@@ -172,7 +182,8 @@ def test_segeigencam_matches_pytorch_grad_cam_raw():
 def test_segeigencam_is_the_signed_first_component_of_abs_gradients_times_activations():
     model = resnet18()
     x = image()
-    a, g = layer4_and_grads(model, x, CLASSES)
+    a, g = layer3_and_grads(model, x, CLASSES)
+    assert ((g > 0).flatten(2).any(2) & (g < 0).flatten(2).any(2)).any()  # signs vary per channel
     for i in range(2):  # Eq. 10 to 13, written out with numpy's SVD
         terms = (g[i].abs() * a[i]).double().flatten(1).T.numpy()  # (positions, channels)
         terms = terms - terms.mean(0)
@@ -180,7 +191,7 @@ def test_segeigencam_is_the_signed_first_component_of_abs_gradients_times_activa
         if abs(projection.min()) > abs(projection.max()):
             projection = -projection
         want = torch.from_numpy(np.maximum(projection, 0)).float().reshape(a.shape[2:])
-        got = camfunc.segeigencam(camfunc.split(model, "layer4"), x[i:i + 1], CLASSES[i], normalize=False)
+        got = camfunc.segeigencam(camfunc.split(model, "layer3"), x[i:i + 1], CLASSES[i], normalize=False)
         torch.testing.assert_close(got[0], want, atol=1e-4 * float(want.max()), rtol=1e-4)
 
 
