@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import _targets
 from ._cut.lock import holding_calls
+from ._layout import LayoutTag
 from ._split import Split, as_tuple
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
@@ -216,6 +217,7 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
 
     ``G`` comes from ``vjp`` and ``H A`` from ``jvp`` of that vjp along ``A``
     (forward-over-reverse), per class under ``vmap``; never a double backward.
+    Tokens a layout set aside from the grid are part of ``A`` in ``H A``.
     ``objective_for(scores)`` builds the objective from the clean forward's
     scores (so classes such as topk are fixed once, without a second forward);
     ``objective(output)`` returns ``(B,)`` or ``(B, K)``. Each layer is
@@ -231,22 +233,36 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
             return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores
 
 
+def _sets_tokens_aside(context: tuple[Any, ...]) -> bool:
+    """A grid's carry: ``(aside, LayoutTag, ...)`` follows it; ``aside`` may hold no tokens."""
+    return len(context) >= 2 and isinstance(context[1], LayoutTag) and isinstance(context[0], Tensor) \
+        and context[0].numel() > 0
+
+
 def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Callable[[Any], Tensor],
                       per_class: Callable[[Tensor, Tensor, Tensor], Tensor], chunk_size: int | None,
                       batch: int) -> tuple[Tensor, ...]:
     maps = []
     for layer, carry in enumerate(found):
         a, context = carry[0], carry[1:]
+        # Tokens set aside from the grid (a class token) are activations of the layer
+        # too: H A moves them along with the grid, as the layer's whole output would.
+        aside = context[0] if _sets_tokens_aside(context) else None
+        rest = context[1:] if aside is not None else context
 
-        def objective_at(v: Tensor, layer: int = layer, context: tuple = context) -> Tensor:
-            return objective(run_from(split, layer, (v, *context)))
+        def objective_at(v: Tensor, w: Tensor | None, layer: int = layer, rest: tuple = rest) -> Tensor:
+            return objective(run_from(split, layer, (v, *((w,) if w is not None else ()), *rest)))
 
-        cotangents, keep_k = _targets.objective_rows(objective_at(a), batch)
+        cotangents, keep_k = _targets.objective_rows(objective_at(a, aside), batch)
 
-        def maps_for(cotangent: Tensor, a: Tensor = a, objective_at=objective_at) -> Tensor:
-            def gradient(v: Tensor) -> Tensor:
-                return torch.func.vjp(objective_at, v)[1](cotangent)[0]
-            g, hvp = torch.func.jvp(gradient, (a,), (a,))
+        def maps_for(cotangent: Tensor, a: Tensor = a, aside: Tensor | None = aside,
+                     objective_at=objective_at) -> Tensor:
+            def gradient(v: Tensor, w: Tensor | None) -> Tensor:
+                return torch.func.vjp(lambda u: objective_at(u, w), v)[1](cotangent)[0]
+            if aside is None:
+                g, hvp = torch.func.jvp(lambda v: gradient(v, None), (a,), (a,))
+            else:
+                g, hvp = torch.func.jvp(gradient, (a, aside), (a, aside))
             return per_class(a, g, hvp)
 
         layer_maps = over_classes(maps_for, cotangents, chunk_size).movedim(0, 1)

@@ -82,6 +82,10 @@ def guided_model(model: nn.Module) -> torch.fx.GraphModule:
     """
     if _is_guided(model):
         return model
+    _validate.refuse_while_compiling(
+        "the guided copy of the model cannot be traced inside torch.compile; prepare it outside: "
+        "guided = camfunc.guided_model(model), then pass guided to guided_backprop, or "
+        "guided=guided to guided_gradcam")
     return prepared("guided", unwrap(model), _rewrite)
 
 

@@ -31,6 +31,12 @@ def _refuse(message: str) -> None:
     raise NotImplementedError(message)
 
 
+def refuse_while_compiling(message: str) -> None:
+    """Raises ``message`` when called inside ``torch.compile``; nothing in eager mode."""
+    if torch.compiler.is_compiling():
+        _refuse(message)
+
+
 def check_compilable(method: str) -> None:
     """A clear error while ``torch.compile`` traces ``method`` on a torch whose compiler cannot."""
     since = COMPILES_SINCE.get(method, (0, 0))

@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 # Tests import their shared helpers as a plain module.
@@ -6,12 +7,36 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import tempfile  # noqa: E402
 
-# Timings on a shared 2-core machine are noise, and CI must be reproducible:
-# no deadline, a fixed search, and a modest number of examples per property.
-settings.register_profile("camfunc", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("camfunc")
+from hypothesis import settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+# Timings on a shared 2-core machine are noise: no deadline in any profile.
+# dev (the default): a fixed, quick search, the same every run.
+# ci (HYPOTHESIS_PROFILE=ci, set by .ci/run): more examples, a new seed each run (printed in
+# the header); a failure also prints the blob that replays it (@reproduce_failure), and the examples it finds
+# are kept in a database outside the repository, so a rerun on that machine tries them first.
+settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True)
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
+    database=DirectoryBasedExampleDatabase(os.path.join(tempfile.gettempdir(), "camfunc-hypothesis")))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin reads the seed
+def pytest_configure(config):
+    """Under the ci profile, one fresh seed for the whole run, unless one is given, so a
+    failure found once can be replayed with ``--hypothesis-seed``."""
+    if settings.get_current_profile_name() == "ci" and config.getoption("hypothesis_seed") is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config):
+    seed = config.getoption("hypothesis_seed")
+    if seed is not None:
+        return f"hypothesis seed {seed}: rerun a failure with --hypothesis-seed={seed}"
+    return None
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from camfunc import metrics
@@ -214,3 +217,46 @@ def test_chance_rate_by_hand_and_against_random_points():
                                                  tolerance=tolerance).hits
             chance = metrics.pointing_game_chance(masks[i:i + 1], tolerance=tolerance)
             assert chance.item() == pytest.approx(hits.float().mean().item())
+
+
+@st.composite
+def boxes_on_a_grid(draw):
+    """A map with one drawn peak, one box drawn in half-pixel steps (so box edges fall on
+    pixel centres), and a tolerance at or next to a pixel distance."""
+    height, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    row, column = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+    x1, x2 = sorted(draw(st.integers(0, 2 * width)) / 2 for _ in range(2))
+    y1, y2 = sorted(draw(st.integers(0, 2 * height)) / 2 for _ in range(2))
+    # Square roots of integers land on pixel distances; a step of one ulp either side
+    # tests the strict comparison itself.
+    root = draw(st.integers(1, 60)) ** 0.5
+    tolerance = draw(st.sampled_from([root, math.nextafter(root, 0), math.nextafter(root, math.inf)]))
+    return (height, width), (row, column), (x1, y1, x2, y2), tolerance
+
+
+@given(case=boxes_on_a_grid())
+@example(case=((1, 5), (0, 0), (3.0, 0.0, 4.0, 1.0), 3.0))  # exactly 3 px away: a miss
+@example(case=((4, 4), (0, 0), (2.5, 2.5, 2.5, 2.5), 8 ** 0.5))  # sqrt(8) rounds up: a hit
+def test_pointing_game_boundary_against_a_loop_over_pixels(case):
+    """The docstring's rule, written out: pixel (i, j) is inside when its centre
+    (j + 0.5, i + 0.5) lies in the box, edges included; a hit when some inside pixel is at
+    Euclidean distance strictly below the tolerance, compared exactly in rationals."""
+    (height, width), (row, column), (x1, y1, x2, y2), tolerance = case
+    inside = [(i, j) for i in range(height) for j in range(width)
+              if x1 <= j + 0.5 <= x2 and y1 <= i + 0.5 <= y2]
+    if not inside:  # no ground truth to point at: refused, not scored as a miss
+        with pytest.raises(ValueError, match="no ground-truth pixel"):
+            metrics.pointing_game(peak_at(row, column, (height, width)), [[[x1, y1, x2, y2]]],
+                                  size=(height, width), tolerance=tolerance)
+        return
+    squared_tolerance = Fraction(tolerance) ** 2  # the float given, not the root it rounds
+    hit = any((i - row) ** 2 + (j - column) ** 2 < squared_tolerance for i, j in inside)
+    result = metrics.pointing_game(peak_at(row, column, (height, width)), [[[x1, y1, x2, y2]]],
+                                   size=(height, width), tolerance=tolerance)
+    assert result.hits.tolist() == [hit]
+    assert result.points.tolist() == [[row, column]]
+    nearest = min(((i - row) ** 2 + (j - column) ** 2) ** 0.5 for i, j in inside)
+    assert result.distances.item() == pytest.approx(nearest)
+    energy = metrics.energy_pointing_game(torch.ones(1, height, width), [[[x1, y1, x2, y2]]],
+                                          size=(height, width))
+    assert energy.proportions.item() == pytest.approx(len(inside) / (height * width))

@@ -6,14 +6,18 @@ activations ``A`` and hypothesis controls them directly.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import camfunc
-from helpers import LinearTail, permute_channels, random_inputs, sample_slice
+from helpers import CONV, permute_channels, random_inputs, sample_slice
 
 pytestmark = pytest.mark.core
 
@@ -26,31 +30,61 @@ def identity(a):
 
 
 class Tail(nn.Module):
-    """1x1 conv -> ReLU -> global average pool -> linear."""
+    """1x1 conv -> ReLU or GELU -> global average pool -> linear, on 1-D, 2-D or 3-D activations.
+    GELU lets negative pre-activations through and has curvature everywhere."""
 
-    def __init__(self, channels: int, hidden: int, classes: int, seed: int):
+    def __init__(self, channels: int, hidden: int, classes: int, seed: int, dims: int = 2,
+                 act: str = "relu"):
         super().__init__()
         torch.manual_seed(seed)
-        self.mix = nn.Conv2d(channels, hidden, 1)
+        self.mix = CONV[dims](channels, hidden, 1)
         self.fc = nn.Linear(hidden, classes)
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
 
     def forward(self, a):
-        return self.fc(torch.relu(self.mix(a)).mean((2, 3)))
+        return self.fc(self.act(self.mix(a)).flatten(2).mean(2))
+
+
+class Problem(NamedTuple):
+    a: torch.Tensor
+    cls: torch.Tensor
+    channels: int
+    classes: int
+    seed: int
+    dims: int
+    act: str
+
+    def tail(self, hidden: int = 4) -> nn.Module:
+        return Tail(self.channels, hidden, self.classes, self.seed, self.dims, self.act).eval()
 
 
 @st.composite
 def problems(draw, nonnegative: bool = False):
+    """Activations drawn value by value (zeros, ties, negatives and extremes included),
+    in 1, 2 or 3 spatial dimensions, with a ReLU or a GELU tail."""
+    dims = draw(st.sampled_from([1, 2, 3]))
     batch = draw(st.integers(1, 3))
     channels = draw(st.integers(1, 5))
-    height, width = draw(st.integers(2, 5)), draw(st.integers(2, 5))
+    spatial = draw(st.lists(st.integers(1 if dims == 3 else 2, 4 if dims == 3 else 5),
+                            min_size=dims, max_size=dims))
     classes = draw(st.integers(2, 4))
     seed = draw(st.integers(0, 2**16))
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn((batch, channels, height, width), generator=g)
-    if nonnegative:
-        a = a.clamp_min(0)
-    cls = torch.randint(0, classes, (batch,), generator=g)
-    return a, cls, channels, classes, seed
+    lowest = 0.0 if nonnegative else -4.0
+    values = hnp.arrays(np.float32, (batch, channels, *spatial),
+                        elements=st.floats(lowest, 4.0, width=32, allow_subnormal=False))
+    a = torch.from_numpy(draw(values).copy())
+    cls = torch.tensor(draw(st.lists(st.integers(0, classes - 1), min_size=batch, max_size=batch)))
+    act = draw(st.sampled_from(["relu", "gelu"]))
+    return Problem(a, cls, channels, classes, seed, dims, act)
+
+
+def well_conditioned(name: str, problem: Problem) -> None:
+    """Ablation-CAM divides by the class score (pytorch-grad-cam's formula): near 0, its
+    weights are float32 rounding amplified, and two summation orders disagree. Not the
+    property's question, so hypothesis looks elsewhere."""
+    if name == "ablationcam":
+        with torch.no_grad():
+            assume(bool((problem.tail()(problem.a).abs() > 1e-2).all()))
 
 
 def call(name, s, a, cls, randomness=None, **kwargs):
@@ -63,8 +97,8 @@ def call(name, s, a, cls, randomness=None, **kwargs):
 @pytest.mark.parametrize("name", NAMES)
 @given(problem=problems())
 def test_maps_are_in_unit_range_and_finite(name, problem):
-    a, cls, channels, classes, seed = problem
-    tail = Tail(channels, 4, classes, seed).eval()
+    a, cls = problem.a, problem.cls
+    tail = problem.tail()
     cams = call(name, camfunc.Split(identity, tail), a, cls)
     raw = call(name, camfunc.Split(identity, tail), a, cls, normalize=False)
     assert torch.isfinite(cams).all() and torch.isfinite(raw).all()
@@ -75,13 +109,13 @@ def test_maps_are_in_unit_range_and_finite(name, problem):
 @pytest.mark.parametrize("name", NAMES)
 @given(problem=problems(), data=st.data())
 def test_invariant_to_a_permutation_of_the_channels(name, problem, data):
-    a, cls, channels, classes, seed = problem
+    well_conditioned(name, problem)
+    a, cls, channels = problem.a, problem.cls, problem.channels
     perm = torch.tensor(data.draw(st.permutations(range(channels))))
-    tail = Tail(channels, 4, classes, seed).eval()
-    permuted = Tail(channels, 4, classes, seed).eval()
+    tail, permuted = problem.tail(), problem.tail()
     with torch.no_grad():
         permuted.mix.weight.copy_(tail.mix.weight[:, perm])
-    randomness = random_inputs(name, a, channels, seed=seed)
+    randomness = random_inputs(name, a, channels, seed=problem.seed)
     want = call(name, camfunc.Split(identity, tail), a, cls, randomness, normalize=False)
     got = call(name, camfunc.Split(identity, permuted), a[:, perm], cls,
                permute_channels(randomness, perm), normalize=False)
@@ -92,9 +126,8 @@ def test_invariant_to_a_permutation_of_the_channels(name, problem, data):
 @given(problem=problems(), scale=st.floats(1e-3, 1e3))
 def test_normalised_map_ignores_a_positive_scaling_of_the_logits(name, problem, scale):
     # Grad-CAM++ is left out on purpose: its alpha = 1/(2 + sum(A) g) depends on g's scale.
-    a, cls, channels, classes, seed = problem
-    tail = Tail(channels, 4, classes, seed).eval()
-    scaled = Tail(channels, 4, classes, seed).eval()
+    a, cls = problem.a, problem.cls
+    tail, scaled = problem.tail(), problem.tail()
     with torch.no_grad():
         scaled.fc.weight.mul_(scale)
         scaled.fc.bias.mul_(scale)
@@ -108,57 +141,65 @@ def test_normalised_map_ignores_a_positive_scaling_of_the_logits(name, problem, 
 def test_on_a_pool_linear_tail_equals_relu_of_the_original_cam(name, problem):
     # With S_c = W_c . mean(A), dS_c/dA_k = W_ck / Z everywhere, so both weightings
     # give W_ck / Z: ReLU(sum_k W_ck A_k) / Z, the CAM of Zhou et al. (2016), up to 1/Z.
-    a, cls, channels, classes, seed = problem
-    tail = LinearTail(channels, classes, seed).eval()
-    got = call(name, camfunc.Split(identity, tail), a, cls)
-    w = tail.fc.weight.detach()[cls]  # (B, C)
-    cam = torch.einsum("bc,bchw->bhw", w, a).clamp_min(0)
+    a, cls = problem.a, problem.cls
+    torch.manual_seed(problem.seed)
+    fc = nn.Linear(problem.channels, problem.classes).eval()
+    got = call(name, camfunc.Split(identity, lambda a: fc(a.flatten(2).mean(2))), a, cls)
+    w = fc.weight.detach()[cls]  # (B, C)
+    cam = torch.einsum("bc,bc...->b...", w, a).clamp_min(0)
     torch.testing.assert_close(got, camfunc.normalize(cam), atol=1e-5, rtol=1e-4)
 
 
 @given(problem=problems())
 def test_gradcampp_weights_follow_eq_19(problem):
     # alpha = g^2 / (2 g^2 + sum_ab(A) g^3), 0 where g = 0 or the denominator <= 0.
-    a, cls, channels, classes, seed = problem
-    tail = Tail(channels, 4, classes, seed).eval()
+    a, cls = problem.a, problem.cls
+    tail = problem.tail()
     a64 = a.double().requires_grad_()
-    tail64 = Tail(channels, 4, classes, seed).double().eval()
-    score = tail64(a64).gather(1, cls[:, None]).sum()
+    score = problem.tail().double()(a64).gather(1, cls[:, None]).sum()
     (g,) = torch.autograd.grad(score, a64)
     a64 = a64.detach()
-    total = a64.sum((2, 3), keepdim=True)
+    spatial = tuple(range(2, a.ndim))
+    total = a64.sum(spatial, keepdim=True)
     den = 2 * g**2 + total * g**3
+    # Near-zero denominators make alpha ill-conditioned in float32: not the formula's question.
+    assume(bool((den.abs() > 1e-3 * g**2)[g > 0].all()))
     alpha = torch.where((g != 0) & (den > 0), g**2 / torch.where(den > 0, den, 1.0), 0.0)
-    w = (alpha * g.clamp_min(0)).sum((2, 3))
-    cam = torch.einsum("bc,bchw->bhw", w, a64).clamp_min(0).float()
+    w = (alpha * g.clamp_min(0)).sum(spatial)
+    cam = torch.einsum("bc,bc...->b...", w, a64).clamp_min(0).float()
     got = camfunc.gradcampp(camfunc.Split(identity, tail), a, cls)
     torch.testing.assert_close(got, camfunc.normalize(cam), atol=1e-5, rtol=1e-4)
 
 
 @given(problem=problems())
 def test_smooth_gradcampp_with_zero_std_is_gradcampp(problem):
-    a, cls, channels, classes, seed = problem
-    s = camfunc.Split(identity, Tail(channels, 4, classes, seed).eval())
-    got = camfunc.smooth_gradcampp(s, a, cls, std=0.0, generator=torch.Generator().manual_seed(seed))
+    a, cls = problem.a, problem.cls
+    s = camfunc.Split(identity, problem.tail())
+    got = camfunc.smooth_gradcampp(s, a, cls, std=0.0, generator=torch.Generator().manual_seed(problem.seed))
     torch.testing.assert_close(got, camfunc.gradcampp(s, a, cls), atol=1e-5, rtol=1e-4)
 
 
-@given(problem=problems(), seed=st.integers(0, 100))
-def test_smooth_gradcampp_is_deterministic_under_a_fixed_generator(problem, seed):
-    a, cls, channels, classes, tail_seed = problem
-    s = camfunc.Split(identity, Tail(channels, 4, classes, tail_seed).eval())
-    first = camfunc.smooth_gradcampp(s, a, cls, std=0.5, generator=torch.Generator().manual_seed(seed))
-    second = camfunc.smooth_gradcampp(s, a, cls, std=0.5, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(first, second)
+@given(problem=problems(), seed=st.integers(0, 100), samples=st.integers(1, 4))
+def test_smooth_gradcampp_draws_standard_normal_noise_of_the_inputs_shape_from_the_generator(
+        problem, seed, samples):
+    # The documented draw: num_samples standard-normal tensors shaped like x, scaled by std.
+    a, cls = problem.a, problem.cls
+    s = camfunc.Split(identity, problem.tail())
+    drawn = camfunc.smooth_gradcampp(s, a, cls, std=0.5, num_samples=samples,
+                                     generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((samples, *a.shape), generator=torch.Generator().manual_seed(seed))
+    given_noise = camfunc.smooth_gradcampp(s, a, cls, std=0.5, num_samples=samples, noise=noise)
+    assert torch.equal(drawn, given_noise)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @given(problem=problems(), k=st.integers(1, 3))
 def test_class_axis_equals_k_separate_calls(name, problem, k):
-    a, _, channels, classes, seed = problem
-    s = camfunc.Split(identity, Tail(channels, 4, classes, seed).eval())
-    g = torch.Generator().manual_seed(seed)
-    many = torch.randint(0, classes, (a.shape[0], k), generator=g)
+    well_conditioned(name, problem)
+    a = problem.a
+    s = camfunc.Split(identity, problem.tail())
+    g = torch.Generator().manual_seed(problem.seed)
+    many = torch.randint(0, problem.classes, (a.shape[0], k), generator=g)
     together = call(name, s, a, many)
     for j in range(k):
         torch.testing.assert_close(together[:, j], call(name, s, a, many[:, j]), atol=1e-6, rtol=1e-5)
@@ -167,10 +208,23 @@ def test_class_axis_equals_k_separate_calls(name, problem, k):
 @pytest.mark.parametrize("name", NAMES)
 @given(problem=problems())
 def test_a_sample_in_a_batch_gets_its_map_alone(name, problem):
-    a, cls, channels, classes, seed = problem
-    s = camfunc.Split(identity, Tail(channels, 4, classes, seed).eval())
-    randomness = random_inputs(name, a, channels, seed=seed)
+    well_conditioned(name, problem)
+    a, cls = problem.a, problem.cls
+    s = camfunc.Split(identity, problem.tail())
+    randomness = random_inputs(name, a, problem.channels, seed=problem.seed)
     batched = call(name, s, a, cls, randomness, normalize=False)
     for i in range(a.shape[0]):
         alone = call(name, s, a[i:i + 1], cls[i:i + 1], sample_slice(randomness, i), normalize=False)
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@given(problem=problems(), value=st.floats(-4.0, 4.0, width=32), k=st.integers(1, 3))
+def test_flat_activations_give_a_zero_map(name, problem, value, k):
+    # Every position alike: no position is more relevant than another. A method that
+    # shows contrast here is showing rounding (an SVD of gradients that vmap over classes
+    # left a few ulps apart did).
+    a = torch.full_like(problem.a, value)
+    classes = (torch.arange(k) % problem.classes).expand(a.shape[0], k)
+    cams = call(name, camfunc.Split(identity, problem.tail()), a, classes)
+    assert torch.equal(cams, torch.zeros_like(cams))

@@ -252,8 +252,13 @@ def test_method_options_are_passed_on():
     x = image(batch=2)
     chunked = sess(s, x, torch.tensor([[0, 1], [2, 3]]), num_scales=2, chunk_size=1)
     torch.testing.assert_close(chunked, sess(s, x, torch.tensor([[0, 1], [2, 3]]), num_scales=2))
-    scored = sess(s, x, 1, num_scales=2, method=camfunc.scorecam)
-    assert scored.shape == (2, 12, 16) and torch.isfinite(scored).all()
+    # One scale, one window (the image itself): SESS is its base method's map at the
+    # input's size, so Score-CAM's values, not Grad-CAM's, must come out.
+    square = image(batch=2, height=10, width=10)
+    scored = sess(s, square, 1, scales=[10], smooth=False, method=camfunc.scorecam, batch_size=3)
+    want = camfunc.normalize(camfunc.upsample(camfunc.scorecam(s, square, 1), (10, 10)))
+    assert not torch.allclose(want, camfunc.normalize(camfunc.upsample(camfunc.gradcam(s, square, 1), (10, 10))))
+    torch.testing.assert_close(scored, want, atol=ATOL, rtol=0)
 
 
 def test_flat_activations_give_zeros_not_nan():

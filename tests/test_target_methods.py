@@ -54,12 +54,25 @@ def test_finer_target_formula():
     torch.testing.assert_close(grad, want)
 
 
-def test_finer_target_works_with_perturbation_methods_too():
+def test_finercam_with_a_perturbation_method_is_that_method_on_the_finer_score_written_out():
     model = small_cnn()
     s = camfunc.split(model, "4")
     x = image()
-    cams = camfunc.finercam(s, x, [1, 2], method=camfunc.scorecam)
-    assert cams.shape == (2, 8, 8) and torch.isfinite(cams).all()
+    classes = [1, 2]
+
+    def finer_by_hand(out):  # y_c - 0.6 * mean of the 3 logits nearest y_c (chosen on the clean output)
+        rows = []
+        for b, c in enumerate(classes):
+            gaps = (out[b] - out[b, c]).abs().detach()
+            gaps[c] = float("inf")
+            nearest = gaps.topk(3, largest=False).indices
+            rows.append(out[b, c] - 0.6 * out[b, nearest].mean())
+        return torch.stack(rows)
+
+    got = camfunc.finercam(s, x, classes, method=camfunc.scorecam, normalize=False)
+    want = camfunc.scorecam(s, x, finer_by_hand, normalize=False)
+    assert want.amax() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad, message", [({"gamma": -1.0}, "gamma"), ({"num_references": 0}, "num_references")])

@@ -10,9 +10,10 @@ import torch
 import torchvision
 from pytorch_grad_cam import GradCAM as PgcGradCAM
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import camfunc
-from helpers import pytorch_grad_cam_raw
+from helpers import pytorch_grad_cam_raw, tokens_to_grid
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
                     "gradcam_elementwise", "eigengradcam", "shapleycam", "finercam"]
@@ -51,12 +52,85 @@ def _embedded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens + model.encoder.pos_embedding
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
-def test_every_gradient_method_works_on_vit(name):
-    s = camfunc.split(tiny_vit(), "encoder.layers.encoder_layer_1")
-    cams = camfunc.METHODS[name](s, image(), [1, 3])
-    assert cams.shape == (2, 4, 4)
-    assert torch.isfinite(cams).all() and cams.amax() > 0
+def _first_component(terms: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) -> (h, w): centred projection on the first right singular vector,
+    signed so that its largest magnitude is positive (Eigen-CAM's sign rule)."""
+    x = terms.flatten(1).T
+    x = x - x.mean(0)
+    _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    assert sv[0] - sv[1] > 1e-3 * sv[0]  # a well-defined direction on this model
+    projection = x @ vh[0]
+    lean = projection.max() + projection.min()
+    assert lean.abs() > 1e-3 * projection.abs().max()  # no tie: the sign rule decides
+    return (projection if lean > 0 else -projection).reshape(terms.shape[1:])
+
+
+def _gradcampp(a, g):
+    """Chattopadhyay et al. Eq. 19 (exponential of the score). The docstring's rule for
+    negative activations: alpha = 0 where the denominator is not positive."""
+    den = 2 * g ** 2 + a.sum((2, 3), keepdim=True) * g ** 3
+    alpha = torch.where(den > 0, g ** 2 / torch.where(den > 0, den, 1), 0)
+    return ((alpha * g.clamp_min(0)).sum((2, 3), keepdim=True) * a).sum(1).clamp_min(0)
+
+
+VIT_FORMULAS = {  # (a, g) -> map, a and g as (B, C, h, w) grids in float64
+    "gradcam": lambda a, g: (g.mean((2, 3), keepdim=True) * a).sum(1).clamp_min(0),
+    "gradcampp": _gradcampp,
+    "xgradcam": lambda a, g: (((a * g).sum((2, 3), keepdim=True) / a.sum((2, 3), keepdim=True)) * a
+                              ).sum(1).clamp_min(0),
+    "layercam": lambda a, g: (g.clamp_min(0) * a).sum(1).clamp_min(0),
+    "hirescam": lambda a, g: (g * a).sum(1).clamp_min(0),
+    "gradcam_elementwise": lambda a, g: (g * a).clamp_min(0).sum(1),
+    "eigengradcam": lambda a, g: torch.stack([_first_component(t) for t in g * a]).clamp_min(0),
+}
+
+
+def _finer_score(out, classes, gamma=0.6, references=3):
+    """Finer-CAM's target: y_c - gamma * mean of the nearest logits, chosen on the clean output."""
+    rows = []
+    for b, c in enumerate(classes):
+        gaps = (out[b] - out[b, c]).abs().detach()
+        gaps[c] = float("inf")
+        rows.append(out[b, c] - gamma * out[b, gaps.topk(references, largest=False).indices].mean())
+    return torch.stack(rows)
+
+
+def _shapley_weights(a, out, classes):
+    """Shapley-CAM: mean over positions of g - H a / 2 for the ReST target, logit - cross entropy."""
+    target = out.gather(1, classes[:, None]).squeeze(1) - nn.functional.cross_entropy(out, classes, reduction="none")
+    (g,) = torch.autograd.grad(target.sum(), a, create_graph=True)
+    (hvp,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    assert (hvp.abs() > 0).any()  # the second-order term is really there
+    return g - 0.5 * hvp
+
+
+def test_every_gradient_method_on_vit_has_its_formulas_raw_values():
+    # Block 0, not the last-but-one: there patch tokens reach the class token only through
+    # LayerNorm, which is scale invariant, so sum_k g_k a_k (HiResCAM) is rounding noise.
+    model, x, classes = tiny_vit(), image(), torch.tensor([1, 3])
+    layer = model.encoder.layers.encoder_layer_0
+    kept = {}
+    handle = layer.register_forward_hook(lambda m, i, o: kept.__setitem__("a", o))
+    # The math kernel: CPU's flash attention has no double backward, which Shapley-CAM needs.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        out = model(x)
+        tokens = kept["a"]
+        (g,) = torch.autograd.grad(out.gather(1, classes[:, None]).sum(), tokens, retain_graph=True)
+        (g_finer,) = torch.autograd.grad(_finer_score(out, classes.tolist()).sum(), tokens, retain_graph=True)
+        w_shapley = _shapley_weights(tokens, out, classes)
+    handle.remove()
+    to_grid = tokens_to_grid(1, (4, 4))
+    a = to_grid(tokens.detach()).double()
+    want = {name: formula(a, to_grid(g).double()) for name, formula in VIT_FORMULAS.items()}
+    want["finercam"] = VIT_FORMULAS["gradcam"](a, to_grid(g_finer).double())
+    want["shapleycam"] = VIT_FORMULAS["gradcam"](a, to_grid(w_shapley.detach()).double())
+    assert set(want) == set(GRADIENT_METHODS)
+    s = camfunc.split(model, "encoder.layers.encoder_layer_0")
+    for name in GRADIENT_METHODS:
+        got = camfunc.METHODS[name](s, x, classes, normalize=False)
+        assert want[name].amax() > 0, name
+        torch.testing.assert_close(got.double(), want[name], rtol=1e-4,
+                                   atol=1e-5 * float(want[name].abs().max()), msg=name)
 
 
 def test_vit_gradcam_matches_pytorch_grad_cam_with_its_reshape_transform():

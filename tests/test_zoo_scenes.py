@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from camfunc import zoo
-from camfunc.zoo._scenes import shape_masks
+from camfunc.zoo._scenes import SHAPE_REACH, shape_masks
 
 
 def test_a_seed_names_a_scene_set_exactly():
@@ -19,6 +19,7 @@ def test_a_seed_names_a_scene_set_exactly():
 
 
 @given(st.integers(0, 2**31 - 1), st.integers(1, 6))
+@example(31845339, 2)  # a rotated square's corner reached the border when margins counted r only
 def test_masks_are_exactly_the_objects_visible_pixels(seed, n):
     data = zoo.scenes(n, seed=seed)
     assert data.images.shape == (n, 3, 64, 64) and data.masks.shape == (n, 64, 64)
@@ -33,6 +34,21 @@ def test_masks_are_exactly_the_objects_visible_pixels(seed, n):
         ys, xs = torch.nonzero(mask, as_tuple=True)
         # Never touching the border: the object lies wholly inside the image.
         assert ys.min() > 0 and xs.min() > 0 and ys.max() < 63 and xs.max() < 63
+
+
+@given(angle=st.floats(0, 2 * math.pi))
+def test_no_shape_reaches_past_its_margin_and_the_square_reaches_it(angle):
+    r = 20.0
+    coords = torch.arange(-40, 40, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    u = math.cos(angle) * x + math.sin(angle) * y
+    v = -math.sin(angle) * x + math.cos(angle) * y
+    masks = shape_masks(u[None], v[None], torch.tensor([r]))[0]
+    distance = torch.sqrt(x * x + y * y)
+    reach = [float(distance[m].max()) for m in masks]
+    assert max(reach) <= SHAPE_REACH * r
+    # The square's corner, 0.8 r * sqrt(2), is within a pixel's diagonal of the bound.
+    assert reach[zoo.CLASSES.index("square")] > SHAPE_REACH * r - math.sqrt(2)
 
 
 def test_classes_are_roughly_balanced():

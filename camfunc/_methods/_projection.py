@@ -32,17 +32,26 @@ def first_component(features: Tensor) -> Tensor:
 
     An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
     largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
-    2025, Eq. 13); on a tie, :math:`v_1`'s loadings sum to a positive number.
+    2025, Eq. 13); on a tie (equal up to rounding), :math:`v_1`'s loadings sum
+    to a positive number. A sample whose positions are all equal (up to the
+    rounding of their mean) gets a zero map.
     A sample holding NaN or Inf gets a NaN map; the others are unaffected.
     """
     features, bad = set_aside_nonfinite(features)
     centred = features.flatten(2).transpose(1, 2)  # (B, N, C)
     centred = centred - centred.mean(1, keepdim=True)
+    # Positions that differ only by the mean's rounding are flat: their principal direction
+    # would be the rounding's, a map of pure noise at full contrast. They get a zero map.
+    flat = centred.abs().flatten(1).amax(1) <= 16 * torch.finfo(centred.dtype).eps * features.abs().flatten(1).amax(1)
+    centred = torch.where(_per_sample(flat, centred), torch.zeros_like(centred), centred)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     direction = vh[:, 0, :]  # (B, C)
     projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # (B, N)
     lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
-    key = torch.where(lean != 0, lean, direction.sum(1))
+    # Two sides equal up to rounding are a tie, which the loadings settle; the rounding
+    # noise's sign would be arbitrary.
+    tie = lean.abs() <= 16 * torch.finfo(projection.dtype).eps * projection.abs().amax(1)
+    key = torch.where(tie, direction.sum(1), lean)
     sign = torch.where(key < 0, -1.0, 1.0).to(projection.dtype)
     maps = (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
     return mark_nonfinite(maps, bad)

@@ -32,7 +32,10 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     Hessian is exactly zero on a piecewise-linear tail, where Shapley-CAM would
     collapse to Grad-CAM (``target="logit"`` shows it). A callable ``cls`` is
     used as the target as it is. The Hessian-vector product is forward-over-
-    reverse: ``jvp`` of the ``vjp``, per class under ``vmap``.
+    reverse: ``jvp`` of the ``vjp``, per class under ``vmap``. At a token layer,
+    ``A`` in the product is the layer's whole output: the class and register
+    tokens set aside from the grid move with it (as in pytorch-grad-cam, whose
+    hooks see every token), while the weights and the map use the grid.
 
     Cai et al., "CAMs as Shapley Value-based Explainers", The Visual
     Computer, 2025 (arXiv:2501.06261).

@@ -27,6 +27,10 @@ class Scenes(NamedTuple):
     masks: Tensor
 
 
+#: The farthest any shape reaches from its centre, in radii: the square's corner.
+SHAPE_REACH = 0.8 * math.sqrt(2)
+
+
 def _uniform(generator: torch.Generator, *shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
     return low + (high - low) * torch.rand(*shape, generator=generator)
 
@@ -124,8 +128,10 @@ def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(len(CLASSES), (n,), generator=generator)
     radius = _uniform(generator, n, low=0.15 * size, high=0.25 * size)
-    # A one-pixel margin: the object never touches the border, so it is never clipped.
-    centres = radius[:, None] + 1 + _uniform(generator, n, 2) * (size - 2 * radius[:, None] - 2)
+    # A one-pixel margin beyond the farthest point of any shape (a rotated square's corner,
+    # 0.8 * sqrt(2) * radius): the object never touches the border, so it is never clipped.
+    reach = SHAPE_REACH * radius[:, None]
+    centres = reach + 1 + _uniform(generator, n, 2) * (size - 2 * reach - 2)
     angles = _uniform(generator, n, high=2 * math.pi)
     object_colour = _uniform(generator, n, 1, 3, low=0.0, high=1.0)
     # Saturate: push the strongest channel up and the weakest down, so objects stand out.
