@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, Tensor) and value.is_floating_point()
 
 
-def _vjp_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_constant: bool,
+def stage_vjp(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_constant: bool,
                objective: Callable[[Any], Any] | None = None):
     """vjp of one stage with respect to ``A`` (and floating context that depends on it).
 
@@ -135,58 +135,73 @@ def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
     return tuple(carry[0] for carry in found), out
 
 
-@holding_calls
-def class_maps(split: Split, x: Tensor, cls: _targets.Target, per_class: PerClass, *,
-               chunk_size: int | None = None, classes: tuple[Tensor, bool] | None = None,
-               context_gradients: bool = False) -> tuple[tuple[Tensor, ...], Any]:
-    """Maps for every requested class, one tuple entry per layer, and the scores.
+class Pulled(NamedTuple):
+    """One forward pass, ready to be pulled back: what :func:`pullback` returns."""
 
-    Each map is ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample
-    (a ``(B, K)`` tensor, ``topk``, or a callable returning ``(B, K)``), else
-    ``(B, *spatial)``. ``classes`` overrides ``cls`` with ready ``(index, keep_k)``
-    from :func:`camfunc._targets.class_indices` (classes chosen on another pass).
-    ``context_gradients`` (one layer only) also differentiates the floating
-    context the head passes on, and hands ``per_class`` all the tail's
-    gradients, ``(G_A, *G_context)``: FullGrad's probes are such context.
+    acts: tuple[Tensor, ...]                        # A at every cut, chain order
+    out: Tensor                                     # the differentiated value: scores or objective
+    scores: Any                                     # the model's output
+    pull: Callable[[Tensor], tuple[Tensor, ...]]    # cotangent of ``out`` -> G at every cut
+
+
+@holding_calls
+def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None = None) -> Pulled:
+    """The model's forward with each stage under ``vjp``: ``vjp`` of ``(split, x)``.
+
+    ``out`` is the model's class scores ``(B, classes)``, or ``objective(output)``
+    when given; ``pull(cotangent)`` returns the gradient of ``<cotangent, out>``
+    with respect to the activations at every cut. The head runs without a graph.
     """
-    objective = cls if classes is None and _targets.is_objective(cls) else None
     with torch.no_grad():
         carry = as_tuple(split.head(x))
         acts = [carry[0]]
         pullbacks = []
         for i, stage in enumerate(split.middle):
-            _, pullback, carry = _vjp_stage(stage, carry, context_is_constant=(i == 0))
-            pullbacks.append(pullback)
+            _, stage_pullback, carry = stage_vjp(stage, carry, context_is_constant=(i == 0))
+            pullbacks.append(stage_pullback)
             acts.append(carry[0])
-        if context_gradients and len(split.middle) > 0:
-            raise ValueError("context gradients are for single-layer splits")
-        out, pull_tail, scores = _vjp_stage(
-            split.tail, carry, context_is_constant=len(split.middle) == 0 and not context_gradients,
+        out, pull_tail, scores = stage_vjp(
+            split.tail, carry, context_is_constant=len(split.middle) == 0,
             objective=objective if objective is not None else _targets.class_scores)
 
-        if objective is not None:
-            cotangents, keep_k = _targets.objective_rows(out, x.shape[0])
-        else:
-            index, keep_k = classes if classes is not None else _targets.class_indices(cls, scores)
-            cotangents = _targets.one_hot_rows(index, out)
+    # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
+    # cannot call a pullback held in a closure cell.
+    def pull(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks)) -> tuple[Tensor, ...]:
+        grads = pull_tail(cotangent)
+        layer_grads = [grads[0]]
+        for stage_pullback in reversed(pullbacks):
+            grads = stage_pullback(grads)
+            layer_grads.append(grads[0])
+        return tuple(reversed(layer_grads))
 
-        # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
-        # cannot call a pullback held in a closure cell.
-        def maps_for(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks),
-                     acts=tuple(acts)) -> tuple[Tensor, ...]:
-            grads = pull_tail(cotangent)
-            if context_gradients:
-                return per_class(tuple(acts), tuple(grads))
-            layer_grads = [grads[0]]
-            for pullback in reversed(pullbacks):
-                grads = pullback(grads)
-                layer_grads.append(grads[0])
-            return per_class(tuple(acts), tuple(reversed(layer_grads)))
+    return Pulled(tuple(acts), out, scores, pull)
 
-        maps = tuple(m.movedim(0, 1) for m in over_classes(maps_for, cotangents, chunk_size))
-        if not keep_k:
-            maps = tuple(m.squeeze(1) for m in maps)
-    return maps, scores
+
+def layer_maps(maps: tuple[Tensor, ...], keep_k: bool) -> tuple[Tensor, ...]:
+    """:func:`over_classes`' ``(K, B, *sp)`` maps, one per layer, as ``(B, K, *sp)``, or
+    ``(B, *sp)`` when the caller asked for one class per sample."""
+    maps = tuple(m.movedim(0, 1) for m in maps)
+    return maps if keep_k else tuple(m.squeeze(1) for m in maps)
+
+
+@holding_calls
+def class_maps(split: Split, x: Tensor, cls: _targets.Target,
+               per_class: PerClass, *, chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:
+    """Maps for every requested class, one tuple entry per layer, and the scores.
+
+    :func:`pullback`, the cotangents ``cls`` asks for, and ``per_class(acts, grads)``
+    of each class's gradients under :func:`over_classes`. Each map is
+    ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample (a ``(B, K)``
+    tensor, ``topk``, or a callable returning ``(B, K)``), else ``(B, *spatial)``.
+    """
+    with torch.no_grad():
+        pulled = pullback(split, x, cls if _targets.is_objective(cls) else None)
+        cotangents, keep_k = _targets.cotangents_for(cls, pulled.out, pulled.scores, x.shape[0])
+
+        def maps_for(cotangent: Tensor, pull=pulled.pull, acts=pulled.acts) -> tuple[Tensor, ...]:
+            return per_class(acts, pull(cotangent))
+
+        return layer_maps(over_classes(maps_for, cotangents, chunk_size), keep_k), pulled.scores
 
 
 @holding_calls
@@ -265,6 +280,5 @@ def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Cal
                 g, hvp = torch.func.jvp(gradient, (a, aside), (a, aside))
             return per_class(a, g, hvp)
 
-        layer_maps = over_classes(maps_for, cotangents, chunk_size).movedim(0, 1)
-        maps.append(layer_maps if keep_k else layer_maps.squeeze(1))
+        maps.extend(layer_maps((over_classes(maps_for, cotangents, chunk_size),), keep_k))
     return tuple(maps)

@@ -168,15 +168,10 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
         probes = [torch.zeros_like(z) for z in Stage(prepared.layer_outputs)(x)]
         biases = [effective_bias(layer).float() for layer in prepared.layers]
 
-    def head(v: Tensor) -> tuple[Tensor, ...]:
-        return (v, *probes)
-
     probed = Stage(gm)  # runs under the trace lock
 
     def tail(v: Tensor, *zs: Tensor) -> Tensor:
         return probed(v, *zs)
-
-    split = Split(head, tail, model=model)
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         input_grad, probe_grads = grads[0], grads[1:]
@@ -195,7 +190,16 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
                 total = total + layer_map
         return (_ops.normalize(total, spatial_dims=len(size)) if normalize else total,)
 
-    (maps,), scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size,
-                                         context_gradients=True)
+    # One vjp of the whole probed model, with respect to the input and every probe.
+    with torch.no_grad():
+        out, pull, scores = _engine.stage_vjp(
+            tail, (x, *probes), context_is_constant=False,
+            objective=cls if _targets.is_objective(cls) else _targets.class_scores)
+        cotangents, keep_k = _targets.cotangents_for(cls, out, scores, x.shape[0])
+
+        def maps_for(cotangent: Tensor, pull=pull) -> tuple[Tensor, ...]:
+            return per_class((x,), tuple(pull(cotangent)))
+
+        (maps,) = _engine.layer_maps(_engine.over_classes(maps_for, cotangents, chunk_size), keep_k)
     maps = _validate.nonfinite_maps(maps)
     return (maps, scores) if return_scores else maps

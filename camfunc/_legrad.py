@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import _engine, _layout, _ops, _targets, _validate
 from ._cut.lock import holding_calls
 from ._split import Split
-from ._splitter import _layer_name
+from ._splitter import layer_name
 
 _UNSUPPORTED = (
     "legrad supports torchvision's VisionTransformer (torchvision.models.vit_b_16 and "
@@ -235,7 +235,7 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
     items = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else [layers]
     if not items:
         raise ValueError("layers is empty; give at least one block, or None for all of them")
-    names = [_layer_name(model, item) for item in items]  # modules or names; no indices here
+    names = [layer_name(model, item) for item in items]  # modules or names; no indices here
     for name in names:
         block = model.get_submodule(name)
         if not all(hasattr(block, part) for part in ("ln_1", "self_attention", "ln_2", "mlp")):
@@ -297,7 +297,7 @@ def _block_indices(model: nn.Module, blocks: list[nn.Module], layers: Layers) ->
         if not isinstance(item, (str, nn.Module)):
             raise TypeError(
                 f"layers holds block indices, names or modules, got {type(item).__name__}")
-        block = model.get_submodule(_layer_name(model, item)) if isinstance(item, str) else item
+        block = model.get_submodule(layer_name(model, item)) if isinstance(item, str) else item
         position = next((i for i, b in enumerate(blocks) if b is block), None)
         if position is None:
             raise ValueError(

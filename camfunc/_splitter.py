@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from . import _layout
+from . import _engine, _layout, _targets
 from ._cut import evidence as _evidence
 from ._cut.capture import Captured, CaptureError, example_for, export_graph, trace_fx
 from ._cut.lock import TRACE_LOCK
@@ -37,7 +37,7 @@ class RepeatedLayerWarning(UserWarning):
     """A target layer is called more than once; the cut is at its last call."""
 
 
-def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
     names = dict(model.named_modules())
     if isinstance(layer, nn.Module):
         for name, module in names.items():
@@ -218,7 +218,7 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
         raise ValueError("split needs at least one layer")
-    names = [_layer_name(model, item) for item in layers]
+    names = [layer_name(model, item) for item in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
@@ -356,8 +356,6 @@ def _spatial_layers(model: nn.Module, example_input: Tensor) -> tuple[Captured, 
 
 
 def _gets_gradient(candidate: Split, x: Tensor) -> bool:
-    from . import _engine, _targets  # the engine builds on Split
-
     def largest_gradient(acts, grads):  # a map needs more than one position
         return tuple(g.abs().flatten(1).amax(1) * (math.prod(g.shape[2:]) > 1) for g in grads)
 
@@ -426,8 +424,6 @@ def check(split: Split, model: nn.Module, x: Tensor, *, rtol: float = 1e-5,
 def module_inputs(model: nn.Module, names: Sequence[str], x: Tensor) -> tuple[list[Tensor], Any]:
     """The tensors entering modules ``names`` (at their last call) for ``x``, and the model's
     output: one pass, no graph, no hooks. The cut is put before each module instead of after."""
-    from . import _engine  # the engine builds on Split
-
     captured = trace_fx(model, list(names))
     entering = []
     for name in names:

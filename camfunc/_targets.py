@@ -217,6 +217,19 @@ def objective_rows(values: Tensor, batch: int | None = None) -> tuple[Tensor, bo
     )
 
 
+def cotangents_for(cls: Target, out: Tensor, scores: Any, batch: int) -> tuple[Tensor, bool]:
+    """The cotangents ``(K, B, ...)`` that pull back ``cls``'s classes through ``out``.
+
+    ``out`` is the differentiated value: a callable ``cls``'s own ``(B,)`` or
+    ``(B, K)`` output, or the ``(B, classes)`` class scores, in which case the
+    classes are chosen on ``scores`` (topk, say). Also whether K is the caller's axis.
+    """
+    if is_objective(cls):
+        return objective_rows(out, batch)
+    index, keep_k = class_indices(cls, scores)
+    return one_hot_rows(index, out), keep_k
+
+
 def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
     """How many classes ``cls`` asks for per sample, and whether maps keep a class axis.
 

@@ -1,4 +1,4 @@
-"""camfunc in one screen: explain a tiny "bright square" detector with five methods.
+"""camfunc in one screen: explain a tiny "bright square" detector with every registered method.
 
 The model is built by hand so that its answer is known without training:
 a 3x3 averaging conv responds to bright pixels, global pooling and a linear

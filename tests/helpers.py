@@ -99,16 +99,21 @@ def fresh(model: nn.Module) -> nn.Module:
 
 
 def random_inputs(name: str, x: torch.Tensor, channels: int, samples: int = 2, seed: int = 0) -> dict:
-    """Explicit noise or weights for the random methods, so their results are comparable."""
+    """Explicit draws for the random methods (as each method's ``draws`` says), so that
+    their results are comparable; {} for the others."""
+    import camfunc
+
+    draws = camfunc.METHODS[name].draws if name in camfunc.METHODS else None
+    if draws is None:
+        return {}
     g = torch.Generator().manual_seed(seed)
-    if name == "smooth_gradcampp":
-        return {"num_samples": samples, "noise": torch.randn((samples, *x.shape), generator=g).to(x.dtype)}
-    if name == "sscam":
-        draws = torch.randn((samples, x.shape[0], channels, *x.shape[2:]), generator=g)
-        return {"num_samples": samples, "noise": draws}
-    if name == "randomcam":
-        return {"weights": torch.rand((x.shape[0], channels), generator=g) * 2 - 1}
-    return {}
+    if draws.kind == "input":
+        value = torch.randn((samples, *x.shape), generator=g).to(x.dtype)
+    elif draws.kind == "layer_noise":
+        value = torch.randn((samples, x.shape[0], channels, *x.shape[2:]), generator=g)
+    else:
+        return {draws.keyword: torch.rand((x.shape[0], channels), generator=g) * 2 - 1}
+    return {"num_samples": samples, draws.keyword: value}
 
 
 def sample_slice(randomness: dict, i: int) -> dict:

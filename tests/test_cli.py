@@ -140,15 +140,34 @@ def test_demo_writes_figures_and_scores_and_prints_a_table(tmp_path):
                          "--method", "gradcam", "--method", "layercam")
     assert result.returncode == 0, result.stderr
     scores = json.loads((out / "scores.json").read_text())
-    assert {"accuracy", "methods", "figures", "held_out_scenes", "chance_pointing_game"} <= set(scores)
-    assert 0 <= scores["accuracy"] <= 1 and 0 < scores["chance_pointing_game"] < 1
+    assert {"accuracy", "methods", "figures", "held_out_scenes", "chance_pointing_game_15px"} <= set(scores)
+    assert 0 <= scores["accuracy"] <= 1 and 0 < scores["chance_pointing_game_15px"] < 1
     assert [row["method"] for row in scores["methods"]] == ["gradcam", "layercam"]
     for row in scores["methods"]:
-        assert 0 <= row["pointing_game"] <= 1 and 0 <= row["energy_pointing_game"] <= 1
+        assert 0 <= row["pointing_game_15px"] <= 1 and 0 <= row["energy_pointing_game"] <= 1
     assert len(scores["figures"]) == 2
     for figure in scores["figures"]:
-        assert png_size(figure)[0] == "PNG"
-    assert "gradcam" in result.stdout and "pointing_game" in result.stdout
+        kind, (width, height) = png_size(figure)
+        assert kind == "PNG" and height >= 200  # panels shown at 256 px, not 64 px blown up
+    # Each scene is also saved as itself, at the model's size, and explains without a warning.
+    assert [png_size(scene) for scene in scores["scenes"]] == [("PNG", (64, 64))] * 2
+    assert "gradcam" in result.stdout and "pointing_game_15px" in result.stdout
+    explained = camfunc_cli("explain", scores["scenes"][0], "--out", tmp_path / "explained")
+    assert explained.returncode == 0 and "warning" not in explained.stderr, explained.stderr
+
+
+def test_demo_defaults_include_score_cam():
+    from camfunc.cli._demo import DEMO_METHODS
+
+    assert "scorecam" in DEMO_METHODS
+
+
+def test_explain_warns_when_resizing_squashes_an_image(tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((220, 1760, 3), np.uint8)).save(strip)
+    result = camfunc_cli("explain", strip, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "1760x220" in result.stderr and "squashed" in result.stderr
 
 
 def test_evaluate_on_generated_scenes_writes_json_and_csv(tmp_path):
@@ -159,7 +178,7 @@ def test_evaluate_on_generated_scenes_writes_json_and_csv(tmp_path):
     payload = json.loads((out / "metrics.json").read_text())
     assert [row["method"] for row in payload["summary"]] == ["gradcam", "scorecam"]
     assert len(payload["images"]) == 12
-    columns = {"drop", "increase", "deletion_auc", "insertion_auc", "pointing_game", "energy_pointing_game"}
+    columns = {"drop", "increase", "deletion_auc", "insertion_auc", "pointing_game_15px", "energy_pointing_game"}
     for row in payload["images"]:
         assert columns <= set(row)
         assert all(0 <= row[c] <= 1 for c in columns)
@@ -177,9 +196,14 @@ def test_evaluate_image_files_records_failures(images, tmp_path):
     assert [f["path"] for f in payload["failed"]] == [str(images["corrupt"])]
     assert len(payload["images"]) == 2
     for row in payload["images"]:
-        assert {"road", "arcc", "infidelity", "sensitivity_max"} <= set(row)
-        assert math.isfinite(row["road"]) and 0 <= row["arcc"] <= 1  # ROAD: a logit change
+        assert {"road_logit_change", "arcc", "infidelity", "sensitivity_max"} <= set(row)
+        assert math.isfinite(row["road_logit_change"]) and 0 <= row["arcc"] <= 1
         assert row["infidelity"] >= 0 and row["sensitivity_max"] >= 0
+
+
+def test_evaluate_with_nothing_to_evaluate_says_so(tmp_path):
+    result = camfunc_cli("evaluate", "--out", tmp_path / "e")
+    assert result.returncode == 2 and "nothing to evaluate" in result.stderr and "not both" not in result.stderr
 
 
 def test_evaluate_refuses_the_pointing_game_without_masks(images, tmp_path):
@@ -207,7 +231,7 @@ def test_random_metrics_do_not_depend_on_the_batch_size(tmp_path):
         assert result.returncode == 0, result.stderr
         payloads.append(json.loads((out / "metrics.json").read_text())["images"])
     for one, three in zip(*payloads):
-        assert one["road"] == pytest.approx(three["road"], abs=1e-5)
+        assert one["road_logit_change"] == pytest.approx(three["road_logit_change"], abs=1e-5)
         assert one["infidelity"] == pytest.approx(three["infidelity"], rel=1e-4, abs=1e-6)
 
 

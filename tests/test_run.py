@@ -355,6 +355,7 @@ def test_resuming_with_other_settings_is_refused(weights, tmp_path):
                          progress=False)
     assert (result.written, result.skipped) == (0, 1)
     assert shard_files(tmp_path / "out") == before
+    assert "nothing left to compute" in str(result) and "img/s" not in str(result)
 
 
 def test_a_module_model_is_used_as_given_and_never_moved_or_changed(tmp_path):

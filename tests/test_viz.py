@@ -103,11 +103,27 @@ def test_figure_has_a_panel_per_method_and_class_and_writes_a_png(tmp_path):
     maps = {"a": torch.rand(2, 4, 4), "b": torch.rand(2, 8, 8)}
     path = tmp_path / "sub" / "fig.png"
     fig = figure(image, maps, classes=["cat", "dog"], path=path, panel_inches=1.0, dpi=50)
-    assert len(fig.axes) == 2 * 3
+    assert len(fig.axes) == 2 * 3 + 1  # and the colour bar
     assert [ax.get_title() for ax in fig.axes[:3]] == ["input: cat", "a", "b"]
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.size == (150, 100)
+    assert fig.axes[-1].get_ylabel() == "relevance (each map scaled to [0, 1])"
+    with Image.open(path) as png:  # 3 panels of 1 inch and the colour bar's 0.7, at 50 dpi
+        assert png.format == "PNG" and png.size == (185, 100)
     assert [p.name for p in path.parent.iterdir()] == ["fig.png"]  # no temporary left behind
+
+
+def test_small_inputs_are_shown_smooth_at_the_display_size():
+    image = torch.zeros(3, 8, 16)
+    image[:, :, 8:] = 1.0  # a sharp edge: bicubic upsampling keeps it, blurred, in [0, 1]
+    fig = figure(image, {"m": torch.rand(2, 4)}, display_size=64, colorbar=False)
+    shown = [ax.get_images()[0].get_array() for ax in fig.axes]
+    assert [a.shape[:2] for a in shown] == [(32, 64), (32, 64)]
+    assert 0.0 <= shown[0].min() and shown[0].max() <= 1.0
+    middle = np.asarray(shown[0])[0, :, 0]
+    assert 0.0 < middle[31] < 1.0 or 0.0 < middle[32] < 1.0  # no blocky step of 4 pixels
+    own = figure(image, {"m": torch.rand(2, 4)}, display_size=None, colorbar=False)
+    assert own.axes[0].get_images()[0].get_array().shape[:2] == (8, 16)
+    with pytest.raises(ValueError, match="display_size"):
+        figure(image, {"m": torch.rand(2, 4)}, display_size=0)
 
 
 def test_figure_rejects_mismatched_class_counts():

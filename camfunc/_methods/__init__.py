@@ -1,44 +1,26 @@
-"""CAM methods: one small weights function per method, one shared combine step."""
+"""CAM methods: each is its paper's maths in one module, registered by :func:`cam_method`.
 
-from ._ablation import ablationcam
-from ._activation import fem
-from ._classifier import cam, randomcam
-from ._eigen import eigencam, eigengradcam, kpcacam, segeigencam
-from ._finer import finercam
-from ._refine import refinecam
+Adding a method is one new module here and one import line below: the
+registry (``METHODS``), the package's namespace, the API docs, dataset runs and
+the conformance suite all read what is imported here.
+"""
+
+from ._method import REGISTRY, CamMethod, Draws, cam_method
 from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
                         smooth_gradcampp, xgradcam)
+from ._eigen import eigencam, eigengradcam, kpcacam, segeigencam
+from ._classifier import cam, randomcam
 from ._score import iscam, scorecam, sscam
-from ._sess import sess
+from ._ablation import ablationcam
 from ._shapley import shapleycam
+from ._finer import finercam
+from ._activation import fem
+from ._refine import refinecam
+from ._sess import sess  # not registered: its maps are at the input's size, 2-D only
 
-#: Every method by name. Each takes ``(split, x, cls, *, normalize, return_scores)``;
-#: gradient methods add ``chunk_size``, random ones their noise or weights.
-METHODS = {
-    "gradcam": gradcam,
-    "gradcampp": gradcampp,
-    "smooth_gradcampp": smooth_gradcampp,
-    "xgradcam": xgradcam,
-    "layercam": layercam,
-    "hirescam": hirescam,
-    "gradcam_elementwise": gradcam_elementwise,
-    "eigengradcam": eigengradcam,
-    "segeigencam": segeigencam,
-    "cam": cam,
-    "eigencam": eigencam,
-    "randomcam": randomcam,
-    "scorecam": scorecam,
-    "sscam": sscam,
-    "iscam": iscam,
-    "ablationcam": ablationcam,
-    "shapleycam": shapleycam,
-    "finercam": finercam,
-    "kpcacam": kpcacam,
-    "fem": fem,
-    "refinecam": refinecam,
-}
+#: Every registered method by name, in the order the modules above define them. Each takes
+#: ``(split, x, cls, *, normalize, return_scores)``; gradient methods add ``chunk_size``,
+#: random ones the argument their ``draws`` attribute names.
+METHODS: dict[str, CamMethod] = dict(REGISTRY)
 
-# sess is exported but not registered: its maps are at the input's resolution,
-# not the layer's, and it takes 2-D images only (the conformance suite's
-# contract is layer-resolution maps for 1-D, 2-D and 3-D activations).
-__all__ = ["METHODS", "sess", *METHODS]
+__all__ = ["METHODS", "CamMethod", "Draws", "cam_method", "sess", *METHODS]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import arrange, check_activations, maps_from_class_weights, safe_reciprocal
+from ._combine import Computed, check_activations, maps_from_class_weights, safe_reciprocal
+from ._method import cam_method
 
 
+@cam_method()
 def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
-                ablation_value: float = 0.0, normalize: bool = True,
-                return_scores: bool = False, eigen_smooth: bool = False) -> Any:
+                ablation_value: float = 0.0, normalize: bool = True, eigen_smooth: bool = False) -> Computed:
     r"""Ablation-CAM: channels weighted by the relative score drop when each is ablated.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}, \quad L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
@@ -35,9 +34,6 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         >>> camfunc.ablationcam(s, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 4, 4])
     """
-    _validate.check_compilable("ablationcam")
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
     _validate.check_batch_size(batch_size)
     found, scores = _engine.carries(split, x)
     pick, keep_k = _targets.picker(cls, scores)
@@ -62,5 +58,4 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         weights = (drop * safe_reciprocal(base, base != 0).unsqueeze(0)).permute(1, 0, 2)  # (B, C, K)
         maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
                                             eigen_smooth=eigen_smooth))
-    cams = arrange(split, tuple(maps))
-    return (cams, scores) if return_scores else cams
+    return tuple(maps), scores

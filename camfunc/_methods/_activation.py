@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from .. import _targets
 from .._split import Split
-from ._combine import activation_cam, spatial_axes, weighted_sum
+from ._combine import Computed, activation_cam, spatial_axes, weighted_sum
+from ._method import cam_method
 
 
 def fem_weights(a: Tensor, k: float) -> Tensor:
@@ -18,8 +17,9 @@ def fem_weights(a: Tensor, k: float) -> Tensor:
     return (a > threshold).to(a.dtype).mean(axes)
 
 
+@cam_method()
 def fem(split: Split, x: Tensor, cls: _targets.Target = 0, *, k: float = 2.0,
-        normalize: bool = True, return_scores: bool = False, eigen_smooth: bool = False) -> Any:
+        normalize: bool = True, eigen_smooth: bool = False) -> Computed:
     r"""FEM: channels weighted by how often they fire far above their own mean.
 
     .. math:: w_c = \frac{1}{Z}\sum_{i,j} \big[A_c(i,j) > \mu_c + k\,\sigma_c\big],
@@ -40,4 +40,4 @@ def fem(split: Split, x: Tensor, cls: _targets.Target = 0, *, k: float = 2.0,
         torch.Size([2, 4, 4])
     """
     return activation_cam(split, x, cls, lambda a: weighted_sum(a, fem_weights(a, k), eigen_smooth),
-                          normalize=normalize, return_scores=return_scores)
+                          normalize=normalize)

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from .. import _engine, _targets, _validate
 from .._split import Split
-from ._combine import (activation_cam, arrange, check_activations, finish, gradient_cam,
+from ._combine import (Computed, activation_cam, check_activations, finish, gradient_cam,
                        spatial_axes, weighted_sum)
+from ._method import Draws, cam_method
 
 _PROBE_TOLERANCE = 1e-4
 
@@ -86,10 +87,9 @@ def _classifier_weight(classifier: Any, split: Split, channels: int) -> Tensor:
 
 
 def _cam_from_classifier(split: Split, x: Tensor, cls: _targets.Target, classifier: Any, *,
-                         normalize: bool, return_scores: bool, eigen_smooth: bool) -> Any:
+                         normalize: bool, eigen_smooth: bool) -> Computed:
     if _targets.is_objective(cls):
         raise TypeError("cam with a classifier needs class indices (rows of its weight), not a callable")
-    _targets.check_form(cls, x.shape[0])
     acts, scores = _engine.forward(split, x)
     (a,) = acts
     check_activations(a)
@@ -102,13 +102,13 @@ def _cam_from_classifier(split: Split, x: Tensor, cls: _targets.Target, classifi
     a = a.float()
     maps = torch.stack([finish(weighted_sum(a, per_class[:, k], eigen_smooth), relu=False,
                                normalize=normalize) for k in range(index.shape[1])], 1)
-    cams = arrange(split, (maps if keep_k else maps[:, 0],))
-    return (cams, scores) if return_scores else cams
+    return (maps if keep_k else maps[:, 0],), scores
 
 
+@cam_method()
 def cam(split: Split, x: Tensor, cls: _targets.Target, *, classifier: Any = None,
-        normalize: bool = True, return_scores: bool = False, chunk_size: int | None = None,
-        eigen_smooth: bool = False) -> Any:
+        normalize: bool = True, chunk_size: int | None = None,
+        eigen_smooth: bool = False) -> Computed:
     r"""CAM: the feature maps weighted by the classifier's weights for the class.
 
     .. math:: L_c = \sum_k W_{ck} A_k
@@ -137,23 +137,23 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, classifier: Any = None
         >>> torch.allclose(camfunc.cam(s, x, 3, classifier="fc"), camfunc.cam(s, x, 3))
         True
     """
-    split = _validate.check_call(split, x)  # before the probe runs the model
     if classifier is not None:
         if split.num_layers > 1:
             raise ValueError("camfunc.cam takes a split at one layer: the one before the pooling")
         return _cam_from_classifier(split, x, cls, classifier, normalize=normalize,
-                                    return_scores=return_scores, eigen_smooth=eigen_smooth)
+                                    eigen_smooth=eigen_smooth)
     if not torch.compiler.is_compiling():
         with torch.no_grad():
             _check_pooled_linear_tail(split, x)
-    return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size, relu=False,
+    return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize, chunk_size=chunk_size,
+                        relu=False,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method(draws=Draws("weights", "channel_weights"))
 def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Tensor | None = None,
               generator: torch.Generator | None = None, normalize: bool = True,
-              return_scores: bool = False, eigen_smooth: bool = False) -> Any:
+              eigen_smooth: bool = False) -> Computed:
     r"""Random-CAM: channels weighted by uniform random numbers, the baseline of evaluations.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big), \quad w_k \sim U(-1, 1)
@@ -182,4 +182,4 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
             raise ValueError(f"weights must be (B, C) = {tuple(a.shape[:2])}, got {tuple(w.shape)}")
         return weighted_sum(a, w.to(a), eigen_smooth)
 
-    return activation_cam(split, x, cls, raw_map, normalize=normalize, return_scores=return_scores)
+    return activation_cam(split, x, cls, raw_map, normalize=normalize)

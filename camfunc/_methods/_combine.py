@@ -19,6 +19,8 @@ from .._split import Split
 from ._projection import first_component
 
 Weights = Callable[[Tensor, Tensor], Tensor]
+#: A compute step's result: one map tensor per cut (chain order), and the scores.
+Computed = tuple[tuple[Tensor, ...], Any]
 Combine = Callable[[Tensor, Tensor], Tensor]  # (A, weights) -> per-channel terms
 
 
@@ -80,12 +82,9 @@ def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
 
 
 def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,
-                 normalize: bool, return_scores: bool, chunk_size: int | None,
-                 relu: bool = True, combine: Combine = channel_terms,
-                 eigen_smooth: bool = False) -> Any:
-    """Runs a gradient method given its ``weights(A, G)`` function."""
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
+                 normalize: bool, chunk_size: int | None, relu: bool = True,
+                 combine: Combine = channel_terms, eigen_smooth: bool = False) -> Computed:
+    """A gradient method's maps from its ``weights(A, G)`` function, and the scores."""
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
@@ -96,9 +95,7 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
                                normalize=normalize))
         return tuple(maps)
 
-    maps, scores = _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)
-    cams = arrange(split, maps)
-    return (cams, scores) if return_scores else cams
+    return _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)
 
 
 def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normalize: bool,
@@ -114,14 +111,11 @@ def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normali
 
 def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
                    raw_map: Callable[[Tensor], Tensor], *, normalize: bool,
-                   return_scores: bool, relu: bool = True) -> Any:
-    """Runs a method whose map depends on the activations alone (one forward, no vjp).
+                   relu: bool = True) -> Computed:
+    """Maps that depend on the activations alone (one forward, no vjp), and the scores.
 
-    ``cls`` is still checked, and the maps get the class axis it asks for, so
-    every method answers in the same shape.
+    The maps get the class axis ``cls`` asks for, so every method answers in the same shape.
     """
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
     acts, scores = _engine.forward(split, x)
     k, keep_k = _targets.class_count(cls, scores)
     maps = []
@@ -129,8 +123,7 @@ def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
         check_activations(a)
         cam = finish(raw_map(a.float()), relu=relu, normalize=normalize)
         maps.append(cam.unsqueeze(1).expand(cam.shape[0], k, *cam.shape[1:]) if keep_k else cam)
-    cams = arrange(split, tuple(maps))
-    return (cams, scores) if return_scores else cams
+    return tuple(maps), scores
 
 
 def safe_reciprocal(den: Tensor, valid: Tensor) -> Tensor:

@@ -6,14 +6,13 @@ first principal direction of the layer's features, found with torch's SVD.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .. import _targets
 from .._split import Split
-from ._combine import activation_cam, channel_terms, gradient_cam
+from ._combine import Computed, activation_cam, channel_terms, gradient_cam
+from ._method import cam_method
 from ._gradient import gradient_weights
 from ._projection import first_component, mark_nonfinite, set_aside_nonfinite
 
@@ -67,9 +66,10 @@ def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: flo
     return mark_nonfinite(top.reshape(features.shape[0], *features.shape[2:]).to(dtype), bad)
 
 
+@cam_method()
 def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = "sigmoid",
             gamma: float | None = None, degree: int = 3, coef0: float = 1.0,
-            normalize: bool = True, return_scores: bool = False) -> Any:
+            normalize: bool = True) -> Computed:
     r"""KPCA-CAM: Eigen-CAM with kernel PCA, done in torch.
 
     .. math:: L = \mathrm{ReLU}\big(\sqrt{\lambda_1}\,\alpha_1\big), \quad
@@ -94,11 +94,11 @@ def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = 
     def raw_map(a: Tensor) -> Tensor:
         return first_kernel_component(a, kernel, gamma, degree, coef0)
 
-    return activation_cam(split, x, cls, raw_map, normalize=normalize, return_scores=return_scores)
+    return activation_cam(split, x, cls, raw_map, normalize=normalize)
 
 
-def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bool = True,
-             return_scores: bool = False) -> Any:
+@cam_method()
+def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bool = True) -> Computed:
     r"""Eigen-CAM: the activations' first principal component, class-agnostic.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = A^T - \bar A, \ X = U\Sigma V^T
@@ -117,12 +117,11 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
         >>> maps.shape, torch.equal(maps[:, 0], maps[:, 1])
         (torch.Size([2, 2, 4, 4]), True)
     """
-    return activation_cam(split, x, cls, first_component, normalize=normalize,
-                          return_scores=return_scores)
+    return activation_cam(split, x, cls, first_component, normalize=normalize)
 
 
-def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-                 return_scores: bool = False, chunk_size: int | None = None) -> Any:
+@cam_method()
+def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None) -> Computed:
     r"""Eigen-Grad-CAM: the first principal component of activations times gradients.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = (A \odot G)^T - \overline{A \odot G}
@@ -138,8 +137,7 @@ def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bo
         torch.Size([2, 3, 4, 4])
     """
     # HiResCAM's terms g * A, collapsed by their first principal component.
-    return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+    return gradient_cam(split, x, cls, gradient_weights, normalize=normalize, chunk_size=chunk_size,
                         combine=channel_terms, eigen_smooth=True)
 
 
@@ -148,8 +146,8 @@ def absolute_gradient_weights(a: Tensor, g: Tensor) -> Tensor:
     return g.abs()
 
 
-def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-                return_scores: bool = False, chunk_size: int | None = None) -> Any:
+@cam_method()
+def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None) -> Computed:
     r"""Seg-Eigen-CAM: the first principal component of activations times absolute gradients.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = (|G| \odot A)^T - \overline{|G| \odot A}
@@ -170,6 +168,5 @@ def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: boo
         >>> camfunc.segeigencam(s, x, lambda out: out[:, 3]).shape    # any target, e.g. a mask's sum
         torch.Size([2, 4, 4])
     """
-    return gradient_cam(split, x, cls, absolute_gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+    return gradient_cam(split, x, cls, absolute_gradient_weights, normalize=normalize, chunk_size=chunk_size,
                         combine=channel_terms, eigen_smooth=True)

@@ -11,8 +11,10 @@ from .. import _targets
 from .._split import Split
 from .._targets_contrastive import finer
 from ._gradient import gradcam
+from ._method import cam_method
 
 
+@cam_method(arranged=True)
 def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
              method: Callable[..., Any] = gradcam, gamma: float = 0.6, num_references: int = 3,
              references: Tensor | Sequence[int] | None = None, **method_kwargs: Any) -> Any:
@@ -35,4 +37,4 @@ def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
         torch.Size([2, 4, 4])
     """
     target = finer(cls, gamma=gamma, num_references=num_references, references=references)
-    return method(split, x, target, **method_kwargs)
+    return method(split, x, target, return_scores=True, **method_kwargs)

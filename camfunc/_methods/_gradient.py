@@ -9,15 +9,14 @@ when ``normalize=True``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .. import _engine, _targets, _validate
+from .. import _engine, _targets
 from .._split import Split
-from ._combine import (arrange, check_activations, finish, gradient_cam, rectified_terms,
+from ._combine import (Computed, check_activations, finish, gradient_cam, rectified_terms,
                        safe_reciprocal, spatial_axes, weighted_sum)
+from ._method import Draws, cam_method
 
 # ----------------------------------------------------------------------------
 # Weights: the paper-specific part of each method
@@ -90,9 +89,10 @@ def smooth_gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
 # Public methods
 
 
+@cam_method()
 def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-            return_scores: bool = False, chunk_size: int | None = None,
-            eigen_smooth: bool = False) -> Any:
+            chunk_size: int | None = None,
+            eigen_smooth: bool = False) -> Computed:
     """Grad-CAM: channels weighted by their average gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k w_k A_k\\Big), \\quad
@@ -124,13 +124,14 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
         torch.Size([2, 2, 4, 4])
     """
     return gradient_cam(split, x, cls, gradcam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+                        chunk_size=chunk_size,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-              return_scores: bool = False, chunk_size: int | None = None,
-              eigen_smooth: bool = False) -> Any:
+              chunk_size: int | None = None,
+              eigen_smooth: bool = False) -> Computed:
     """Grad-CAM++: positive gradients weighted by higher-order terms (Eq. 19).
 
     .. math:: w_k = \\sum_{i,j} \\alpha_k(i,j)\\,\\mathrm{ReLU}(g_k(i,j)), \\quad
@@ -156,13 +157,14 @@ def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool 
         (torch.Size([2, 4, 4]), tensor([1., 1.]))
     """
     return gradient_cam(split, x, cls, gradcampp_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+                        chunk_size=chunk_size,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Any:
+             chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Computed:
     """XGrad-CAM: gradients weighted by normalised activations.
 
     .. math:: w_k = \\sum_{i,j} \\frac{A_k(i,j)}{\\sum_{a,b} A_k(a,b)}
@@ -181,13 +183,14 @@ def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         torch.Size([2, 4, 4])
     """
     return gradient_cam(split, x, cls, xgradcam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+                        chunk_size=chunk_size,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Any:
+             chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Computed:
     """Layer-CAM: each position weighted by its own positive gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k \\mathrm{ReLU}(g_k(i,j))\\, A_k(i,j)\\Big)
@@ -208,13 +211,14 @@ def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         torch.Size([2, 8, 8])
     """
     return gradient_cam(split, x, cls, layercam_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+                        chunk_size=chunk_size,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-             return_scores: bool = False, chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Any:
+             chunk_size: int | None = None,
+             eigen_smooth: bool = False) -> Computed:
     r"""HiResCAM: activations times their own gradient, summed over channels.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k g_k(i,j)\, A_k(i,j)\Big)
@@ -234,13 +238,14 @@ def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
         torch.Size([2, 2, 4, 4])
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size,
+                        chunk_size=chunk_size,
                         eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
-                        return_scores: bool = False, chunk_size: int | None = None,
-                        eigen_smooth: bool = False) -> Any:
+                        chunk_size: int | None = None,
+                        eigen_smooth: bool = False) -> Computed:
     r"""Element-wise Grad-CAM: HiResCAM with each channel's contribution rectified first.
 
     .. math:: L = \sum_k \mathrm{ReLU}\big(g_k(i,j)\, A_k(i,j)\big)
@@ -258,7 +263,7 @@ def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normal
         (torch.Size([2, 4, 4]), True)
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
-                        return_scores=return_scores, chunk_size=chunk_size, combine=rectified_terms,
+                        chunk_size=chunk_size, combine=rectified_terms,
                         eigen_smooth=eigen_smooth)
 
 
@@ -284,11 +289,11 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
     return drawn.to(x.device)
 
 
+@cam_method(draws=Draws("noise", "input"))
 def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 4,
                      std: float = 0.3, noise: Tensor | None = None,
                      generator: torch.Generator | None = None, normalize: bool = True,
-                     return_scores: bool = False, chunk_size: int | None = None,
-                     eigen_smooth: bool = False) -> Any:
+                     chunk_size: int | None = None, eigen_smooth: bool = False) -> Computed:
     """Smooth Grad-CAM++: Grad-CAM++ with derivatives averaged over noisy inputs.
 
     For samples :math:`x_s = x + \\sigma\\,\\epsilon_s`, with
@@ -323,21 +328,12 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
         >>> torch.allclose(camfunc.smooth_gradcampp(s, x, 3, std=0.0), camfunc.gradcampp(s, x, 3))
         True
     """
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
     noise = _draw_noise(x, num_samples, noise, generator)
     samples = noise.shape[0]
     noisy = (x.unsqueeze(0) + std * noise).reshape(samples * x.shape[0], *x.shape[1:])
-
     clean_acts, scores = _engine.forward(split, x)
-    classes = None
-    if not _targets.is_objective(cls):
-        index, keep_k = _targets.class_indices(cls, scores)
-        classes = (index.repeat(samples, 1), keep_k)
-    else:  # fixed on the clean scores, read block by block on the noisy batch
-        cls = _targets.tiled(cls, samples, lambda: scores)
 
-    def per_class(_: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def per_class(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
         for a, g in zip(clean_acts, grads):
             check_activations(a)
@@ -347,7 +343,18 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
                                relu=True, normalize=normalize))
         return tuple(maps)
 
-    maps, _ = _engine.class_maps(split, noisy, cls, per_class, chunk_size=chunk_size,
-                                 classes=classes)
-    cams = arrange(split, maps)
-    return (cams, scores) if return_scores else cams
+    # The classes are fixed on the clean scores, then asked of every noisy copy.
+    if _targets.is_objective(cls):  # read block by block on the noisy batch
+        pulled = _engine.pullback(split, noisy, _targets.tiled(cls, samples, lambda: scores))
+        cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
+    else:
+        pulled = _engine.pullback(split, noisy)
+        index, keep_k = _targets.class_indices(cls, scores)
+        cotangents = _targets.one_hot_rows(index.repeat(samples, 1), pulled.out)
+
+    def maps_for(cotangent: Tensor, pull=pulled.pull) -> tuple[Tensor, ...]:
+        return per_class(pull(cotangent))
+
+    with torch.no_grad():
+        maps = _engine.over_classes(maps_for, cotangents, chunk_size)
+    return _engine.layer_maps(maps, keep_k), scores

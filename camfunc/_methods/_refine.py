@@ -10,11 +10,13 @@ from torch import Tensor
 from .. import _ops, _targets
 from .._split import Split
 from ._gradient import gradcampp
+from ._method import cam_method
 
 
+@cam_method(arranged=True)
 def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
               method: Callable[..., Any] = gradcampp, size: Sequence[int] | None = None,
-              normalize: bool = True, return_scores: bool = False, **method_kwargs: Any) -> Any:
+              normalize: bool = True, **method_kwargs: Any) -> tuple[Tensor, Any]:
     r"""Refine-CAM: multiply one method's normalised maps over several layers.
 
     .. math:: L = \prod_{l} \mathrm{up}\big(\hat L^{(l)}\big)
@@ -42,4 +44,4 @@ def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
     product = _ops.fuse(maps, "product", size=size, spatial_dims=len(size))
     if normalize:
         product = _ops.normalize(product, spatial_dims=len(size))
-    return (product, scores) if return_scores else product
+    return product, scores

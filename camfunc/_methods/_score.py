@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import _engine, _ops, _targets, _validate
 from .._split import Split
-from ._combine import arrange, check_activations, maps_from_class_weights
+from ._combine import Computed, check_activations, maps_from_class_weights
+from ._method import Draws, cam_method
 
 # A mask transform gets the upsampled masks of one chunk and the chunk's flat
 # (sample * channel) indices, and returns the masks to multiply the input by.
@@ -83,10 +84,8 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, T
 
 
 def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores, *,
-                   normalize: bool, return_scores: bool, eigen_smooth: bool = False) -> Any:
+                   normalize: bool, eigen_smooth: bool = False) -> Computed:
     """Shared driver: ``channel_scores(layer, a, pick) -> (B, C, K)`` becomes softmax weights."""
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
     acts, scores = _engine.forward(split, x)
     pick, keep_k = _targets.picker(cls, scores)
     maps = []
@@ -95,13 +94,13 @@ def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores
         weights = torch.softmax(channel_scores(layer, a, pick), dim=1)  # (B, C, K)
         maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
                                             eigen_smooth=eigen_smooth))
-    cams = arrange(split, tuple(maps))
-    return (cams, scores) if return_scores else cams
+    return tuple(maps), scores
 
 
+@cam_method()
 def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
-             normalize: bool = True, return_scores: bool = False,
-             eigen_smooth: bool = False) -> Any:
+             normalize: bool = True,
+             eigen_smooth: bool = False) -> Computed:
     r"""Score-CAM: each channel weighted by the score of the input it masks.
 
     .. math:: w_k = \mathrm{softmax}_k\big(Y^c(X \odot M_k) - Y^c(X)\big), \quad
@@ -127,13 +126,13 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         return masked_scores(split, x, channel_masks(a), pick, batch_size)
 
-    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores, eigen_smooth=eigen_smooth)
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize, eigen_smooth=eigen_smooth)
 
 
+@cam_method()
 def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 10,
-          batch_size: int = 32, normalize: bool = True, return_scores: bool = False,
-          eigen_smooth: bool = False) -> Any:
+          batch_size: int = 32, normalize: bool = True,
+          eigen_smooth: bool = False) -> Computed:
     r"""IS-CAM: Score-CAM with scores averaged along a path of growing masks.
 
     .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
@@ -162,14 +161,14 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
             total = total + masked_scores(split, x, coefficient * masks, pick, batch_size)
         return total / num_samples
 
-    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores, eigen_smooth=eigen_smooth)
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize, eigen_smooth=eigen_smooth)
 
 
+@cam_method(draws=Draws("noise", "layer_noise"))
 def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 35,
           std: float = 2.0, noise: Tensor | None = None, generator: torch.Generator | None = None,
-          batch_size: int = 32, normalize: bool = True, return_scores: bool = False,
-          eigen_smooth: bool = False) -> Any:
+          batch_size: int = 32, normalize: bool = True,
+          eigen_smooth: bool = False) -> Computed:
     r"""SS-CAM: Score-CAM with scores averaged over noisy masks.
 
     .. math:: w_k = \mathrm{softmax}_k\Big(\frac{1}{N}\sum_{i=1}^N
@@ -216,5 +215,4 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
             total = total + masked_scores(split, x, masks, pick, batch_size, transform=add_noise)
         return total / num_samples
 
-    return score_cam_from(split, x, cls, channel_scores, normalize=normalize,
-                          return_scores=return_scores, eigen_smooth=eigen_smooth)
+    return score_cam_from(split, x, cls, channel_scores, normalize=normalize, eigen_smooth=eigen_smooth)

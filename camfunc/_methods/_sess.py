@@ -23,6 +23,7 @@ from .. import _engine, _ops, _targets, _validate
 from .._gaussian import sampled_gaussian
 from .._split import Split
 from ._gradient import gradcam
+from ._method import cam_method
 
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
@@ -294,13 +295,14 @@ def _check_options(x: Tensor, method: Any, cls: Any, scales: Any, num_scales: An
 # ---------------------------------------------------------------- the method
 
 
+@cam_method(register=False, arranged=True)
 def sess(split: Split, x: Tensor, cls: _targets.Target, *,
          method: Callable[..., Any] = gradcam, scales: Sequence[int] | None = None,
          num_scales: int = 12, scale_step_ratio: float = 2.0 / 7.0,
          window_size: int | None = None, step_size: int | None = None,
          pre_filter_ratio: float = 0.0, theta: float = 0.0, pool: str = "mean",
          smooth: bool = True, use_softmax_scores: bool = True, batch_size: int = 32,
-         normalize: bool = True, return_scores: bool = False, **method_kwargs: Any) -> Any:
+         normalize: bool = True, **method_kwargs: Any) -> tuple[Tensor, Any]:
     r"""SESS: ``method`` on sliding windows at several scales, fused by patch score.
 
     For each scale :math:`s` the input is resized (bilinear, antialiased) so its
@@ -361,9 +363,7 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.sess(s, x, camfunc.topk(2), method=camfunc.layercam, num_scales=2).shape
         torch.Size([2, 2, 64, 64])
     """
-    split = _validate.check_call(split, x)
     _validate.check_batch_size(batch_size)
-    _targets.check_form(cls, x.shape[0])
     _check_options(x, method, cls, scales, num_scales, window_size, step_size,
                    pre_filter_ratio, theta, pool)
     height, width = (int(v) for v in x.shape[-2:])
@@ -409,4 +409,4 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
     if not keep_k:
         cams = cams[:, 0]
     cams = _validate.nonfinite_maps(cams, x)  # NaN patches fail the score filter and vanish
-    return (cams, scores) if return_scores else cams
+    return cams, scores

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor
 
-from .. import _engine, _targets, _validate
+from .. import _engine, _targets
 from .._split import Split
 from .._targets_contrastive import rest
-from ._combine import arrange, check_activations, finish, spatial_axes, weighted_sum
+from ._combine import Computed, check_activations, finish, spatial_axes, weighted_sum
+from ._method import cam_method
 
 
 def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
@@ -17,10 +18,10 @@ def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
     return (g - 0.5 * hvp).mean(spatial_axes(g))
 
 
+@cam_method()
 def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
-               target: Literal["rest", "logit"] = "rest", normalize: bool = True,
-               return_scores: bool = False, chunk_size: int | None = None,
-               eigen_smooth: bool = False) -> Any:
+               target: Literal["rest", "logit"] = "rest", normalize: bool = True, chunk_size: int | None = None,
+               eigen_smooth: bool = False) -> Computed:
     r"""Shapley-CAM: channel weights from the gradient and the Hessian-vector product.
 
     .. math:: w_k = \frac{1}{Z}\sum_{i,j}\Big(\frac{\partial S}{\partial A}
@@ -47,8 +48,6 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.shapleycam(s, x, camfunc.topk(3)).shape
         torch.Size([2, 3, 4, 4])
     """
-    split = _validate.check_call(split, x)
-    _targets.check_form(cls, x.shape[0])
     if target not in ("rest", "logit"):
         raise ValueError(f"target must be 'rest' or 'logit', got {target!r}")
 
@@ -70,6 +69,4 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
         return finish(weighted_sum(a, shapley_weights(a, g, hvp), eigen_smooth), relu=True,
                       normalize=normalize)
 
-    maps, scores = _engine.curvature_maps(split, x, objective_for, per_class, chunk_size=chunk_size)
-    cams = arrange(split, maps)
-    return (cams, scores) if return_scores else cams
+    return _engine.curvature_maps(split, x, objective_for, per_class, chunk_size=chunk_size)

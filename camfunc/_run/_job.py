@@ -41,9 +41,12 @@ class RunResult:
     images_per_second: float
 
     def __str__(self) -> str:
+        # A call that found every shard done computed nothing: no rate to report.
+        speed = (f"{self.seconds:.1f} s, {self.images_per_second:.3g} img/s" if self.written
+                 else "nothing left to compute")
         return (f"camfunc run: {self.images} image(s) explained, {self.failed} failed, "
                 f"{self.shards} shard(s) ({self.written} written, {self.skipped} already done), "
-                f"{self.seconds:.1f} s, {self.images_per_second:.3g} img/s; wrote {self.manifest}")
+                f"{speed}; wrote {self.manifest}")
 
 
 def _user_error(call: Callable[[], Any]) -> Any:

@@ -18,20 +18,11 @@ import torch
 from torch import Tensor
 
 from .. import _ops, _split, _targets
+from .._methods import METHODS
 from ._dataset import Batch
 from ._shards import encode_maps
 
 POINTING_TOLERANCE = 15.0  # pixels, the pointing game's usual tolerance
-
-#: Random methods: the keyword their draws go to, and what one image's draw is.
-#: "input": standard normal (num_samples, C, H, W); "layer_noise": standard
-#: normal (num_samples, channels, H, W); "channel_weights": U(-1, 1) (channels,).
-RANDOM_METHODS = {
-    "smooth_gradcampp": ("noise", "input"),
-    "sscam": ("noise", "layer_noise"),
-    "randomcam": ("weights", "channel_weights"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Work:
@@ -94,16 +85,21 @@ def padded(values: Tensor, size: int, dim: int) -> Tensor:
 
 def random_inputs(work: Work, name: str, method: Callable[..., Any], indices: list[int],
                   image_shape: tuple[int, ...], batch: int) -> dict[str, Tensor]:
-    """The keyword argument carrying a random method's per-image draws, stacked; {} otherwise."""
-    if name not in RANDOM_METHODS:
+    """The keyword argument carrying a random method's per-image draws, stacked; {} otherwise.
+
+    What a method draws is recorded on it (``METHODS[name].draws``): "input", standard
+    normal (num_samples, C, H, W) per image; "layer_noise", standard normal
+    (num_samples, channels, H, W); "channel_weights", U(-1, 1) (channels,).
+    """
+    draws = getattr(METHODS.get(name), "draws", None)
+    if draws is None:
         return {}
-    keyword, kind = RANDOM_METHODS[name]
-    samples = default_samples(method) if kind != "channel_weights" else 0
-    draws = [one_draw(kind, image_generator(work.seed, name, i), samples, image_shape,
-                      work.layer_channels) for i in indices]
-    dim = 0 if kind == "channel_weights" else 1
-    stacked = padded(torch.stack(draws, dim), batch, dim)
-    return {keyword: stacked.to(work.device)}
+    samples = default_samples(METHODS[name]) if draws.kind != "channel_weights" else 0
+    per_image = [one_draw(draws.kind, image_generator(work.seed, name, i), samples, image_shape,
+                          work.layer_channels) for i in indices]
+    dim = 0 if draws.kind == "channel_weights" else 1
+    stacked = padded(torch.stack(per_image, dim), batch, dim)
+    return {draws.keyword: stacked.to(work.device)}
 
 
 # Methods whose full noise tensor is too large to stack (SS-CAM's is (samples, C, H, W) per

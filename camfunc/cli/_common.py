@@ -23,21 +23,46 @@ def error_line(message: str) -> None:
     print(f"camfunc: error: {message}", file=sys.stderr)
 
 
+def warning_line(message: str) -> None:
+    print(f"camfunc: warning: {message}", file=sys.stderr)
+
+
+#: Beyond this ratio between an image's aspect and the model's, resizing squashes it.
+ASPECT_TOLERANCE = 1.5
+
+
+def squash_warning(path: Path, stored: Tensor, size: tuple[int, int]) -> str | None:
+    """A one-line warning when resizing ``stored`` (3, H, W) to ``size`` distorts its shape."""
+    height, width = stored.shape[1:]
+    ratio = (width / height) / (size[1] / size[0])
+    if max(ratio, 1 / ratio) <= ASPECT_TOLERANCE:
+        return None
+    return (f"{path} is {width}x{height} and is squashed to the model's {size[1]}x{size[0]} "
+            f"(aspect {width / height:.2f} vs {size[1] / size[0]:.2f}), so the model sees a "
+            "distorted image; crop it to the model's aspect first")
+
+
 def read_batches(paths: list[Path], size: tuple[int, int], batch_size: int,
                  failed: list[dict[str, str]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
     """``(index, as stored, resized)`` of each readable image, ``batch_size`` paths at a time.
 
     Read a batch at a time, so a folder of large photos never sits in memory at once; an
-    unreadable file is reported on stderr and appended to ``failed``, and the rest go on.
+    unreadable file is reported on stderr and appended to ``failed``, and the rest go on; an
+    image whose aspect differs from the model's by more than 1.5x is read, with a warning.
     """
     for start in range(0, len(paths), batch_size):
         batch = []
         for index in range(start, min(start + batch_size, len(paths))):
             try:
-                batch.append((index, *read_image(paths[index], size)))
+                stored, resized = read_image(paths[index], size)
             except (OSError, ValueError) as error:
                 error_line(str(error))
                 failed.append({"path": str(paths[index]), "reason": str(error)})
+                continue
+            warning = squash_warning(paths[index], stored, size)
+            if warning is not None:
+                warning_line(warning)
+            batch.append((index, stored, resized))
         if batch:
             yield batch
 

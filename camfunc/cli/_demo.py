@@ -10,14 +10,12 @@ import torch
 
 from .. import zoo
 from ..viz import figure
-from .._atomic import write_json
+from .._atomic import write_atomic, write_json
 from .._loading import UsageError, load_model, make_split, resolve_methods
 from ._common import table
 
-# Score-CAM is left out of the default only for time (64 masked forwards per scene): add it
-# with --method scorecam.
-DEMO_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "ablationcam",
-                "eigencam"]
+DEMO_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam",
+                "ablationcam", "eigencam"]
 # Tolerance 1 px (strict): the maximum must fall on the object itself. The usual
 # 15 px is a quarter of these 64 px scenes, where a random point hits half the time.
 STRICT = 1.0
@@ -36,7 +34,7 @@ def localisation_scores(method, split, data, batch_size: int) -> dict[str, float
         hits.append(metrics.pointing_game(maps, masks).hits.float())
         inside.append(metrics.pointing_game(maps, masks, tolerance=STRICT).hits.float())
         energy.append(metrics.energy_pointing_game(maps, masks).proportions.float())
-    return {"pointing_game": torch.cat(hits).mean().item(),
+    return {"pointing_game_15px": torch.cat(hits).mean().item(),
             "pointing_game_strict": torch.cat(inside).mean().item(),
             "energy_pointing_game": torch.cat(energy).mean().item()}
 
@@ -54,14 +52,17 @@ def demo(args: argparse.Namespace) -> int:
     shown = zoo.scenes(args.scenes, seed=DEMO_SEED)
     with torch.no_grad():
         predicted = loaded.model(shown.images).argmax(1)
-    figures = []
+    figures, scenes = [], []
     for i in range(args.scenes):
         truth, guess = zoo.CLASSES[shown.labels[i]], zoo.CLASSES[predicted[i]]
         maps = {name: method(split, shown.images[i:i + 1], shown.labels[i:i + 1])[0]
                 for name, method in methods.items()}
-        path = out / f"scene-{i:02d}.png"
+        # The scene itself, at the model's size: what `camfunc explain` should be given.
+        scene = save_image(shown.images[i], out / f"scene-{i:02d}.png")
+        path = out / f"scene-{i:02d}-maps.png"
         figure(shown.images[i], maps, classes=[f"{truth} (predicted {guess})"], path=path)
         figures.append(str(path))
+        scenes.append(str(scene))
 
     held_out = zoo.scenes(args.eval, seed=HELD_OUT_SEED)
     with torch.no_grad():
@@ -73,18 +74,31 @@ def demo(args: argparse.Namespace) -> int:
         rows.append({"method": name, **scores, "seconds": time.perf_counter() - start})
     payload = {"model": "builtin", "layer": zoo.LAYER, "accuracy": accuracy,
                "held_out_scenes": args.eval, "held_out_seed": HELD_OUT_SEED,
-               "chance_pointing_game": chance_pointing(held_out),
+               "chance_pointing_game_15px": chance_pointing(held_out),
                "chance_pointing_game_strict": chance_pointing(held_out, STRICT),
                "chance_energy_pointing_game": held_out.masks.float().mean().item(),
-               "methods": rows, "figures": figures}
+               "methods": rows, "scenes": scenes, "figures": figures}
     write_json(out / "scores.json", payload)
     print(f"embedded model accuracy on {args.eval} held-out scenes: {accuracy:.3f}")
-    print(f"chance: pointing game {payload['chance_pointing_game']:.3f}, strict "
+    print(f"chance: pointing game (15 px) {payload['chance_pointing_game_15px']:.3f}, strict "
           f"{payload['chance_pointing_game_strict']:.3f}, energy {payload['chance_energy_pointing_game']:.3f}")
-    print(table(rows, ["method", "pointing_game", "pointing_game_strict", "energy_pointing_game",
+    print(table(rows, ["method", "pointing_game_15px", "pointing_game_strict", "energy_pointing_game",
                        "seconds"]))
-    print(f"wrote {len(figures)} figure(s) and {out / 'scores.json'}")
+    print(f"wrote {len(scenes)} scene(s) (scene-NN.png, try: camfunc explain {scenes[0] if scenes else 'IMAGE'}), "
+          f"{len(figures)} figure(s) (scene-NN-maps.png) and {out / 'scores.json'}")
     return 0
+
+
+def save_image(image: torch.Tensor, path: Path) -> Path:
+    """A (3, H, W) float image in [0, 1] as an 8-bit PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    pixels = (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return write_atomic(path, lambda file: file.write(buffer.getvalue()))
 
 
 def chance_pointing(data, tolerance: float = 15.0) -> float:

@@ -48,10 +48,10 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
         curve = getattr(metrics, name)(model, x, maps, cls, step=args.step, batch_size=args.batch_size)
         return {f"{name}_auc": curve.auc}
     if name == "pointing":
-        return {"pointing_game": metrics.pointing_game(maps, masks).hits.float(),
+        return {"pointing_game_15px": metrics.pointing_game(maps, masks).hits.float(),
                 "energy_pointing_game": metrics.energy_pointing_game(maps, masks).proportions}
     if name == "road":
-        return {"road": metrics.road(model, x, maps, cls, generator=generator,
+        return {"road_logit_change": metrics.road(model, x, maps, cls, generator=generator,
                                      batch_size=args.batch_size)}
     if name == "arcc":
         return {"arcc": metrics.arcc(method, model, x, cls, maps=maps, generator=generator,
@@ -84,8 +84,11 @@ def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dic
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    if bool(args.images) == bool(args.generated):
+    if args.images and args.generated:
         raise UsageError("give image files or folders, or --generated N (the embedded model's scenes), not both")
+    if not args.images and not args.generated:
+        raise UsageError("nothing to evaluate: give image files or folders, or --generated N "
+                         "(the embedded model's scenes)")
     if args.generated and args.model != "builtin":
         raise UsageError("--generated scenes are for the builtin model; drop --model or give images")
     chosen = args.metric or list(DEFAULT_METRICS) + (["pointing"] if args.generated else [])

@@ -61,7 +61,7 @@ def arcc(method: _model_calls.Method, split: Any, x: Tensor, cls: _targets.Targe
         (torch.Size([2]), True)
     """
     _model_calls.checked(split, x, batch_size)
-    _road._check_images(x)
+    _road.check_images(x)
     target, _ = _model_calls.fix_target(split, x, cls)
     cls_rows = target.for_rows(torch.arange(x.shape[0], device=x.device))
     if maps is None:

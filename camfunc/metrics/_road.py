@@ -44,7 +44,7 @@ DEFAULT_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 Order = Literal["morf", "lerf", "combined"]
 
 
-def _check_images(x: Any) -> None:
+def check_images(x: Any) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
@@ -136,7 +136,7 @@ def road_impute(x: Tensor, removed: Tensor, *, noise_std: float = 0.01, noise: T
         >>> torch.equal(filled[..., :24, :], x[..., :24, :])  # kept pixels are unchanged
         True
     """
-    _check_images(x)
+    check_images(x)
     _check_removed(removed, x)
     _model_calls.check_non_negative(noise_std, "noise_std")
     if noise is not None and (not isinstance(noise, Tensor) or noise.shape != x.shape):
@@ -208,7 +208,7 @@ def road_curve(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
     percentiles = _check_percentiles(percentiles)
     _model_calls.check_non_negative(noise_std, "noise_std")
     _model_calls.checked(model, x, batch_size)
-    _check_images(x)
+    check_images(x)
     maps = _inputs.input_maps(maps, x)
     orders = ("lerf", "morf") if order == "combined" else (order,)
     removed = torch.cat([removed_at(maps, percentiles, o) for o in orders])  # (S, B, H, W)

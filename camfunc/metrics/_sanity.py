@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import _ops
 from .._methods import METHODS
-from .._splitter import _layer_name
+from .._splitter import layer_name
 from .._splitter import split as split_model
 from . import _inputs
 from .._gaussian import sampled_gaussian, separable_filter
@@ -263,7 +263,7 @@ def model_randomisation(model: nn.Module, layer: str | nn.Module, method: Any, x
     _inputs.check_model_and_images(model, x)
     _inputs.check_classes(cls, x.shape[0])
     method = _method_of(method)
-    layer = _layer_name(model, layer)
+    layer = layer_name(model, layer)
     order = _cascade(model, modules, steps)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

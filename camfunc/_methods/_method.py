@@ -1,0 +1,135 @@
+"""The skeleton every CAM method shares: checks first, maps in the user's layer order, scores.
+
+A method is written as its paper's maths, ``compute(split, x, cls, **options)``,
+returning ``(maps, scores)`` with one map tensor per cut, in the split's chain
+order. :func:`cam_method` turns it into the public function
+``method(split, x, cls, ..., return_scores=False)``, which
+
+1. checks the split, the input and the class form before any work (and refuses,
+   with a clear message, to be compiled on a torch too old for it);
+2. puts the maps back in the user's layer order (a tensor for one layer, a
+   list for several), NaN for samples whose input was not finite;
+3. returns ``(maps, scores)`` only when asked.
+
+Registered methods are collected in ``camfunc.METHODS`` in the order their
+modules are imported, which is how the docs, the dataset runs and the
+conformance suite find them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar, cast, overload
+
+from torch import Tensor
+
+from .. import _targets, _validate
+from .._split import Split
+from ._combine import arrange
+
+MapsT = TypeVar("MapsT", covariant=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws:
+    """The random numbers a method draws, so that runs and tests can hand it fixed ones.
+
+    ``keyword`` names the argument that takes them; ``kind`` says what they are:
+    ``"input"``, standard normal ``(num_samples, *x.shape)``; ``"layer_noise"``,
+    standard normal ``(num_samples, B, C, *x.shape[2:])``; ``"channel_weights"``,
+    uniform in [-1, 1) ``(B, C)``.
+    """
+
+    keyword: str
+    kind: Literal["input", "layer_noise", "channel_weights"]
+
+
+class CamMethod(Protocol[MapsT]):
+    """A CAM method: ``method(split, x, cls, **options)``.
+
+    Returns the maps, ``(B, *spatial)`` or ``(B, K, *spatial)`` for one layer and a
+    list of those for several; with ``return_scores=True``, ``(maps, scores)``.
+    """
+
+    __name__: str
+    draws: Draws | None
+
+    @overload
+    def __call__(self, split: Split[MapsT], x: Tensor, cls: _targets.Target = ..., *,
+                 return_scores: Literal[False] = False, **options: Any) -> MapsT: ...
+
+    @overload
+    def __call__(self, split: Split[MapsT], x: Tensor, cls: _targets.Target = ..., *,
+                 return_scores: Literal[True], **options: Any) -> tuple[MapsT, Tensor]: ...
+
+    def __call__(self, split: Split[MapsT], x: Tensor, cls: _targets.Target = ..., *,
+                 return_scores: bool = False, **options: Any) -> Any: ...
+
+
+_REQUIRED = object()  # stands for "no default" in a method's cls
+
+#: Every registered method by name, in registration order.
+REGISTRY: dict[str, CamMethod[Any]] = {}
+
+
+def _with_return_scores(signature: inspect.Signature) -> inspect.Signature:
+    """``compute``'s signature with ``return_scores`` added, for help() and the docs."""
+    flag = inspect.Parameter("return_scores", inspect.Parameter.KEYWORD_ONLY, default=False,
+                             annotation="bool")
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD),
+              len(parameters))
+    return signature.replace(parameters=[*parameters[:at], flag, *parameters[at:]],
+                             return_annotation="Any")
+
+
+def cam_method(*, draws: Draws | None = None, register: bool = True,
+               arranged: bool = False) -> Callable[[Callable[..., Any]], CamMethod[Any]]:
+    """Turns ``compute(split, x, cls, **options) -> (maps, scores)`` into a public method.
+
+    ``draws`` records the random numbers the method takes (see :class:`Draws`);
+    ``register=False`` keeps it out of ``METHODS`` (for methods whose maps are not
+    at the layer's resolution); ``arranged=True`` is for a method that calls
+    another and returns its maps already in the user's order.
+    """
+
+    def decorate(compute: Callable[..., Any]) -> CamMethod[Any]:
+        name = compute.__name__
+        signature = inspect.signature(compute)
+        if list(signature.parameters)[:3] != ["split", "x", "cls"]:
+            raise TypeError(f"{name}: a method's compute step takes (split, x, cls, ...)")
+        cls_default = signature.parameters["cls"].default
+        if cls_default is inspect.Parameter.empty:
+            cls_default = _REQUIRED
+
+        # Plain Python, no signature read at call time, so that torch.compile traces it.
+        def method(split: Any, x: Any, cls: Any = cls_default, *, return_scores: bool = False,
+                   **options: Any) -> Any:
+            if cls is _REQUIRED:
+                raise TypeError(f"{name}() missing its class argument: cls (an int, a class per "
+                                "sample, a (B, K) tensor, camfunc.topk(k) or a callable)")
+            _validate.check_compilable(name)
+            split = _validate.check_call(split, x)
+            _targets.check_form(cls, x.shape[0])
+            maps, scores = compute(split, x, cls, **options)
+            if not arranged:
+                maps = arrange(split, maps)
+            return (maps, scores) if return_scores else maps
+
+        # A code object of its own per method: torch.compile caches compiled code per code
+        # object, and every method sharing one would exhaust its recompile limit.
+        method.__code__ = method.__code__.replace(co_name=name)
+        functools.update_wrapper(method, compute)
+        setattr(method, "__signature__", _with_return_scores(signature))
+        setattr(method, "draws", draws)
+        public = cast(CamMethod[Any], method)
+        if register:
+            if name in REGISTRY:
+                raise ValueError(f"a method named {name!r} is already registered")
+            REGISTRY[name] = public
+        return public
+
+    return decorate
