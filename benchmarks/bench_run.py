@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput of ``camfunc.run`` (Grad-CAM) against a plain forward over the same loader.
+"""Throughput of ``camfunc.runs.run`` (Grad-CAM) against a plain forward over the same loader.
 
 Setup
 -----
@@ -11,7 +11,7 @@ normalisation. Rows, measured in this one process, interleaved:
 * ``forward``: a ``DataLoader`` over the run's own dataset class, batch
   sampler and collate function (``--workers`` workers), images normalised,
   then ``with torch.no_grad(): model(x)``. The baseline.
-* ``camfunc.run``: ``camfunc.run(folder, tmp, methods=["gradcam"])`` with
+* ``camfunc.runs.run``: ``camfunc.runs.run(folder, tmp, methods=["gradcam"])`` with
   predicted classes, float16 maps, one shard per ``--shard-size`` images,
   into a fresh folder each time. Its time is the run loop the manifest
   reports (loader start to last shard written), so model loading, the
@@ -51,7 +51,7 @@ def write_folder(root: Path, count: int, size: int = 256, seed: int = 0) -> Path
 
 
 def forward_throughput(model, loaded, folder: Path, args, device) -> float:
-    from camfunc._run._dataset import ImageFolderData, collate
+    from camfunc.runs._dataset import ImageFolderData, collate
 
     data = ImageFolderData(folder, loaded.size)
     batches = [list(range(i, min(i + args.batch_size, len(data))))
@@ -68,8 +68,8 @@ def forward_throughput(model, loaded, folder: Path, args, device) -> float:
 
 
 def run_throughput(model, folder: Path, args, device) -> tuple[float, float]:
-    from camfunc._loading import IMAGENET_MEAN, IMAGENET_STD
-    from camfunc import run
+    from camfunc.runs._loading import IMAGENET_MEAN, IMAGENET_STD
+    from camfunc.runs import run
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import torchvision
 
-    from camfunc._loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+    from camfunc.runs._loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(device)
     loaded = LoadedModel(model, "layer4", (args.size, args.size), IMAGENET_MEAN, IMAGENET_STD)
-    rows: dict[str, list[float]] = {"forward": [], "camfunc.run": []}
+    rows: dict[str, list[float]] = {"forward": [], "camfunc.runs.run": []}
     totals: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_folder(Path(tmp) / "images", args.images)
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             rows["forward"].append(forward_throughput(model, loaded, folder, args, device))
             speed, total = run_throughput(model, folder, args, device)
-            rows["camfunc.run"].append(speed)
+            rows["camfunc.runs.run"].append(speed)
             totals.append(total)
     best = {name: max(values) for name, values in rows.items()}
-    ratio = best["camfunc.run"] / best["forward"]
+    ratio = best["camfunc.runs.run"] / best["forward"]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{args.images} images {args.size}x{args.size}, batch {args.batch_size}, "
           f"workers {args.workers}, shard {args.shard_size}")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in rows.items():
         print(f"{name:<14}{best[name]:>14.2f}{'  '.join(f'{v:.2f}' for v in values):>36}")
     print(f"ratio run / forward: {ratio:.2f} (target >= 0.90: {'PASS' if ratio >= 0.9 else 'FAIL'})")
-    print(f"camfunc.run whole call (model hash, folder check, merge included): "
+    print(f"camfunc.runs.run whole call (model hash, folder check, merge included): "
           f"{min(totals):.2f} s for {args.images} images")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "best": best, "ratio": ratio,

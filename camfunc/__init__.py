@@ -4,126 +4,60 @@ A model is cut at a layer into ``head: x -> A`` and ``tail: A -> scores``.
 Each method runs the head without an autograd graph, differentiates only the
 tail with ``torch.func.vjp`` with respect to ``A``, and answers many classes in
 one pass with ``torch.func.vmap``. Nothing is registered on the model.
+
+The package is layered; each layer imports only from those above it here:
+``_util`` (files, images, progress), ``_core`` (the split, targets, the
+gradients engine), ``_methods`` (one module per CAM method), ``_tools``
+(whole-model methods and wrappers), ``metrics`` and ``viz``, ``runs``
+(dataset-scale runs), ``cli``.
 """
+# ruff: noqa: F403, F405 (the methods come from their registry, camfunc._methods)
 
-from ._factorization import Factorization as Factorization
-from ._factorization import dff as dff
-from ._fullgrad import FullGradModel as FullGradModel
-from ._fullgrad import fullgrad as fullgrad
-from ._fullgrad import fullgrad_model as fullgrad_model
-from ._guided import guided_backprop as guided_backprop
-from ._guided import guided_gradcam as guided_gradcam
-from ._guided import guided_model as guided_model
-from ._layout import Layout as Layout
-from ._legrad import legrad as legrad
-from ._layout import with_layout as with_layout
-from ._methods import METHODS as METHODS
-from ._methods import cam as cam
-from ._methods import refinecam as refinecam
-from ._methods import sess as sess
-from ._methods import fem as fem
-from ._methods import kpcacam as kpcacam
-from ._methods import finercam as finercam
-from ._methods import shapleycam as shapleycam
-from ._methods import ablationcam as ablationcam
-from ._methods import iscam as iscam
-from ._methods import sscam as sscam
-from ._methods import scorecam as scorecam
-from ._methods import eigencam as eigencam
-from ._methods import eigengradcam as eigengradcam
-from ._methods import segeigencam as segeigencam
-from ._methods import randomcam as randomcam
-from ._methods import gradcam as gradcam
-from ._methods import gradcam_elementwise as gradcam_elementwise
-from ._methods import gradcampp as gradcampp
-from ._methods import hirescam as hirescam
-from ._methods import layercam as layercam
-from ._methods import smooth_gradcampp as smooth_gradcampp
-from ._methods import xgradcam as xgradcam
-from ._ops import fuse as fuse
-from ._run import RunResult as RunResult
-from ._run import read_maps as read_maps
-from ._run import read_shard as read_shard
-from ._run import run as run
-from .viz._overlay import overlay as overlay
-from . import metrics as metrics
-from . import viz as viz
-from . import zoo as zoo
-from ._smoothing import aug_smooth as aug_smooth
-from ._ops import normalize as normalize
-from ._ops import upsample as upsample
-from ._split import Split as Split
-from ._validate import NonFiniteWarning as NonFiniteWarning
-from ._splitter import LayerChoiceWarning as LayerChoiceWarning
-from ._splitter import RepeatedLayerWarning as RepeatedLayerWarning
-from ._splitter import check as check
-from ._splitter import split as split
-from ._targets import TopK as TopK
-from ._targets_contrastive import Finer as Finer
-from ._targets_contrastive import ReST as ReST
-from ._targets_contrastive import finer as finer
-from ._targets_contrastive import rest as rest
-from ._targets import topk as topk
+# Splitting a model
+# Subpackages: metrics, figures, dataset-scale runs, the embedded model
+from camfunc import metrics as metrics, runs as runs, viz as viz, zoo as zoo
 
-__version__ = "0.1.0"
+# Targets: which class, or which function of the scores, a map explains
+from camfunc._core.contrastive import Finer as Finer, ReST as ReST, finer as finer, rest as rest
+from camfunc._core.layout import Layout as Layout, with_layout as with_layout
 
-__all__ = [
-    "METHODS",
-    "cam",
-    "dff",
-    "Factorization",
-    "fullgrad",
-    "fullgrad_model",
-    "FullGradModel",
-    "guided_backprop",
-    "guided_gradcam",
-    "guided_model",
-    "refinecam",
-    "sess",
-    "aug_smooth",
-    "fem",
-    "kpcacam",
-    "finercam",
-    "shapleycam",
-    "Finer",
-    "Layout",
-    "legrad",
-    "with_layout",
-    "finer",
-    "ReST",
-    "rest",
-    "ablationcam",
-    "iscam",
-    "sscam",
-    "scorecam",
-    "check",
-    "eigencam",
-    "eigengradcam",
-    "segeigencam",
-    "fuse",
-    "gradcam",
-    "gradcam_elementwise",
-    "gradcampp",
-    "hirescam",
-    "layercam",
-    "LayerChoiceWarning",
-    "NonFiniteWarning",
-    "normalize",
-    "overlay",
-    "metrics",
-    "viz",
-    "zoo",
-    "randomcam",
-    "read_maps",
-    "read_shard",
-    "run",
-    "RunResult",
-    "RepeatedLayerWarning",
-    "smooth_gradcampp",
-    "Split",
-    "split",
-    "TopK",
-    "topk",
-    "upsample",
-    "xgradcam",
-]
+# Operations on maps
+from camfunc._core.ops import fuse as fuse, normalize as normalize, upsample as upsample
+from camfunc._core.split import Split as Split
+from camfunc._core.splitter import (
+    LayerChoiceWarning as LayerChoiceWarning,
+    RepeatedLayerWarning as RepeatedLayerWarning,
+    check as check,
+    split as split,
+)
+from camfunc._core.targets import TopK as TopK, topk as topk
+from camfunc._core.validate import NonFiniteWarning as NonFiniteWarning
+
+# Methods on a split: every registered one (METHODS), sess, and cam_method to add one
+from camfunc._methods import *
+
+# Whole-model methods and wrappers
+from camfunc._tools.factorization import Factorization as Factorization, dff as dff
+from camfunc._tools.fullgrad import (
+    FullGradModel as FullGradModel,
+    fullgrad as fullgrad,
+    fullgrad_model as fullgrad_model,
+)
+from camfunc._tools.guided import (
+    guided_backprop as guided_backprop,
+    guided_gradcam as guided_gradcam,
+    guided_model as guided_model,
+)
+from camfunc._tools.legrad import legrad as legrad
+from camfunc._tools.smoothing import aug_smooth as aug_smooth
+from camfunc._version import __version__ as __version__
+
+__all__ = sorted([
+    "Split", "split", "check", "Layout", "with_layout", "LayerChoiceWarning", "RepeatedLayerWarning",
+    "TopK", "topk", "Finer", "finer", "ReST", "rest",
+    "METHODS", "CamMethod", "Draws", "cam_method", "sess", *METHODS,
+    "Factorization", "dff", "FullGradModel", "fullgrad", "fullgrad_model", "guided_backprop",
+    "guided_gradcam", "guided_model", "legrad", "aug_smooth",
+    "fuse", "normalize", "upsample", "NonFiniteWarning",
+    "metrics", "runs", "viz", "zoo",
+], key=str.lower)

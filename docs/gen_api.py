@@ -129,7 +129,7 @@ localisation metrics, offline.
 CAM methods over a whole dataset, in resumable shards, in one process or under
 `torchrun`; and reading the results back.
 """, (
-        ("Runs", ("camfunc.run", "camfunc.RunResult", "camfunc.read_maps", "camfunc.read_shard")),
+        ("Runs", ("camfunc.runs.run", "camfunc.runs.RunResult", "camfunc.runs.read_maps", "camfunc.runs.read_shard")),
     )),
 )
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from camfunc._atomic import write_atomic, write_text_atomic
+from camfunc._util.atomic import write_atomic, write_text_atomic
 
 
 def test_write_replaces_the_file(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import camfunc
-from camfunc._validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
 from helpers import random_inputs, small_cnn
 
 pytestmark = [pytest.mark.core, pytest.mark.slow]

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.testing
 
 import camfunc
-from camfunc._validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
 from helpers import assert_unchanged, small_cnn, snapshot
 
 pytestmark = pytest.mark.core

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import camfunc
 import helpers
-from camfunc._validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
 from helpers import assert_unchanged, sample_slice, small_cnn, snapshot
 
 pytestmark = pytest.mark.core

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import camfunc
-from camfunc._factorization import nmf
+from camfunc._tools.factorization import nmf
 
 pytestmark = pytest.mark.core
 

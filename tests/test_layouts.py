@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import camfunc
-from camfunc._layout import LayoutRule, _grids, _scaled, resolve
+from camfunc._core.layout import LayoutRule, _grids, _scaled, resolve
 from helpers import hook_gradcam, logit
 
 pytestmark = pytest.mark.core

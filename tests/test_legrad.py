@@ -15,7 +15,7 @@ from torchcam.methods import LeGrad
 from torchvision.models.vision_transformer import EncoderBlock
 
 import camfunc
-from camfunc._legrad import attention_probabilities, legrad
+from camfunc._tools.legrad import attention_probabilities, legrad
 from helpers import assert_unchanged, small_cnn, snapshot
 
 CLASSES = 10

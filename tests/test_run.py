@@ -1,4 +1,4 @@
-"""camfunc.run: dataset runs in shards, checked against direct computation, torchrun, resume.
+"""camfunc.runs.run: dataset runs in shards, checked against direct computation, torchrun, resume.
 
 The embedded network with random (seeded) weights stands in for a trained
 model; images are generated scenes written as PNG files in ImageFolder layout.
@@ -27,8 +27,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import camfunc
 from camfunc import zoo
 from camfunc.cli._run import main as run_main
-from camfunc import read_maps, read_shard
-from camfunc import run as run_dataset
+from camfunc.runs import read_maps, read_shard
+from camfunc.runs import run as run_dataset
 
 ATOL = 1e-5
 NUM_IMAGES = 16

@@ -186,18 +186,18 @@ def test_overlay_alpha_channels_and_colormap_objects():
 
     rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
     cam = torch.rand(3, 3)
-    plain = np.asarray(camfunc.overlay(rgb, cam))
+    plain = np.asarray(camfunc.viz.overlay(rgb, cam))
     opaque = np.concatenate([rgb, np.full((6, 5, 1), 255, np.uint8)], -1)
-    assert np.array_equal(np.asarray(camfunc.overlay(opaque, cam)), plain)
-    assert np.array_equal(np.asarray(camfunc.overlay(Image.fromarray(opaque, "RGBA"), cam)), plain)
+    assert np.array_equal(np.asarray(camfunc.viz.overlay(opaque, cam)), plain)
+    assert np.array_equal(np.asarray(camfunc.viz.overlay(Image.fromarray(opaque, "RGBA"), cam)), plain)
     translucent = opaque.copy()
     translucent[0, 0, 3] = 10
     with pytest.raises(ValueError, match="translucent alpha.*alpha_composite"):
-        camfunc.overlay(translucent, cam)
+        camfunc.viz.overlay(translucent, cam)
     with pytest.raises(ValueError, match="translucent alpha"):
-        camfunc.overlay(Image.fromarray(translucent, "RGBA"), cam)
-    by_object = np.asarray(camfunc.overlay(rgb, cam, colormap=matplotlib.colormaps["viridis"]))
-    assert np.array_equal(by_object, np.asarray(camfunc.overlay(rgb, cam, colormap="viridis")))
+        camfunc.viz.overlay(Image.fromarray(translucent, "RGBA"), cam)
+    by_object = np.asarray(camfunc.viz.overlay(rgb, cam, colormap=matplotlib.colormaps["viridis"]))
+    assert np.array_equal(by_object, np.asarray(camfunc.viz.overlay(rgb, cam, colormap="viridis")))
     assert not np.array_equal(by_object, plain)
 
 

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import camfunc
-from camfunc._cut import cache
+from camfunc._core.cut import cache
 from helpers import small_cnn
 
 pytestmark = pytest.mark.core

@@ -94,8 +94,9 @@ def test_bad_colormap_and_alpha():
         overlay(image, torch.rand(2, 2), alpha=1.5)
 
 
-def test_overlay_is_exported_at_the_top_level():
-    assert camfunc.overlay is overlay
+def test_there_is_one_overlay_in_viz():
+    assert camfunc.viz.overlay is overlay
+    assert not hasattr(camfunc, "overlay")
 
 
 def test_figure_has_a_panel_per_method_and_class_and_writes_a_png(tmp_path):

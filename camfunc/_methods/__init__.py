@@ -1,26 +1,31 @@
-"""CAM methods: each is its paper's maths in one module, registered by :func:`cam_method`.
+"""CAM methods on a split: each is its paper's maths in one module, registered by :func:`cam_method`.
 
-Adding a method is one new module here and one import line below: the
-registry (``METHODS``), the package's namespace, the API docs, dataset runs and
-the conformance suite all read what is imported here.
+Adding a method is one new module here and one import line below. The registry
+(``METHODS``), camfunc's namespace (``from camfunc._methods import *``), the API
+docs, dataset runs and the conformance suite all read what is imported here.
+Names without a leading underscore are exported, so helpers are imported under
+private names.
 """
+# ruff: noqa: I001 (the lines below are the registration order)
 
-from ._method import REGISTRY, CamMethod, Draws, cam_method
-from ._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam, layercam,
-                        smooth_gradcampp, xgradcam)
-from ._eigen import eigencam, eigengradcam, kpcacam, segeigencam
-from ._classifier import cam, randomcam
-from ._score import iscam, scorecam, sscam
-from ._ablation import ablationcam
-from ._shapley import shapleycam
-from ._finer import finercam
-from ._activation import fem
-from ._refine import refinecam
-from ._sess import sess  # not registered: its maps are at the input's size, 2-D only
+from typing import Any as _Any
 
-#: Every registered method by name, in the order the modules above define them. Each takes
+from camfunc._methods._method import REGISTRY as _REGISTRY, CamMethod, Draws, cam_method
+
+# One line per method module; METHODS keeps this order.
+from camfunc._methods._gradient import (gradcam, gradcam_elementwise, gradcampp, hirescam,
+                                        layercam, smooth_gradcampp, xgradcam)
+from camfunc._methods._eigen import eigencam, eigengradcam, kpcacam, segeigencam
+from camfunc._methods._classifier import cam, randomcam
+from camfunc._methods._score import iscam, scorecam, sscam
+from camfunc._methods._ablation import ablationcam
+from camfunc._methods._shapley import shapleycam
+from camfunc._methods._finer import finercam
+from camfunc._methods._activation import fem
+from camfunc._methods._refine import refinecam
+from camfunc._methods._sess import sess  # not registered: maps at the input's size, 2-D only
+
+#: Every registered method by name, in the order the lines above import them. Each takes
 #: ``(split, x, cls, *, normalize, return_scores)``; gradient methods add ``chunk_size``,
 #: random ones the argument their ``draws`` attribute names.
-METHODS: dict[str, CamMethod] = dict(REGISTRY)
-
-__all__ = ["METHODS", "CamMethod", "Draws", "cam_method", "sess", *METHODS]
+METHODS: dict[str, CamMethod[_Any]] = dict(_REGISTRY)

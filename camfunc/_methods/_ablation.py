@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _engine, _targets, _validate
-from .._split import Split
-from ._combine import Computed, check_activations, maps_from_class_weights, safe_reciprocal
-from ._method import cam_method
+from camfunc._core import engine as _engine, targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._combine import (
+    Computed,
+    check_activations,
+    maps_from_class_weights,
+    safe_reciprocal,
+)
+from camfunc._methods._method import cam_method
 
 
 @cam_method()
@@ -34,7 +39,7 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         >>> camfunc.ablationcam(s, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 4, 4])
     """
-    _validate.check_batch_size(batch_size)
+    _validate.check_count(batch_size, "batch_size")
     found, scores = _engine.carries(split, x)
     pick, keep_k = _targets.picker(cls, scores)
     rows = torch.arange(x.shape[0], device=x.device)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import _targets
-from .._split import Split
-from ._combine import Computed, activation_cam, spatial_axes, weighted_sum
-from ._method import cam_method
+from camfunc._core import targets as _targets
+from camfunc._core.split import Split
+from camfunc._methods._combine import Computed, activation_cam, spatial_axes, weighted_sum
+from camfunc._methods._method import cam_method
 
 
 def fem_weights(a: Tensor, k: float) -> Tensor:

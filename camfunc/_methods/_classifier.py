@@ -7,11 +7,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _engine, _targets, _validate
-from .._split import Split
-from ._combine import (Computed, activation_cam, check_activations, finish, gradient_cam,
-                       spatial_axes, weighted_sum)
-from ._method import Draws, cam_method
+from camfunc._core import engine as _engine, targets as _targets
+from camfunc._core.split import Split
+from camfunc._methods._combine import (
+    Computed,
+    activation_cam,
+    check_activations,
+    finish,
+    gradient_cam,
+    spatial_axes,
+    weighted_sum,
+)
+from camfunc._methods._method import Draws, cam_method
 
 _PROBE_TOLERANCE = 1e-4
 

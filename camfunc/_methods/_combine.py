@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _engine, _ops, _targets, _validate
-from .._split import Split
-from ._projection import first_component
+from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._projection import first_component
 
 Weights = Callable[[Tensor, Tensor], Tensor]
 #: A compute step's result: one map tensor per cut (chain order), and the scores.
@@ -70,15 +70,16 @@ def check_activations(a: Tensor) -> None:
         )
 
 
-def arrange(split: Split, maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
-    """Back to the user's layer order; a single layer gives a tensor, several a list.
+def arrange(split: Split[Any], maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
+    """Back to the user's layer order; a single layer gives a tensor, several (or a split
+    made from a list of layers) a list.
 
     A sample whose maps hold a NaN (non-finite input) gets NaN maps throughout.
     """
     if split.order:
         maps = tuple(maps[i] for i in split.order)
     maps = tuple(_validate.nonfinite_maps(m) for m in maps)
-    return maps[0] if len(maps) == 1 else list(maps)
+    return list(maps) if split.listed or len(maps) > 1 else maps[0]
 
 
 def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _targets
-from .._split import Split
-from ._combine import Computed, activation_cam, channel_terms, gradient_cam
-from ._method import cam_method
-from ._gradient import gradient_weights
-from ._projection import first_component, mark_nonfinite, set_aside_nonfinite
+from camfunc._core import targets as _targets
+from camfunc._core.split import Split
+from camfunc._methods._combine import Computed, activation_cam, channel_terms, gradient_cam
+from camfunc._methods._gradient import gradient_weights
+from camfunc._methods._method import cam_method
+from camfunc._methods._projection import first_component, mark_nonfinite, set_aside_nonfinite
 
 
 def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float) -> Tensor:

@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import _targets
-from .._split import Split
-from .._targets_contrastive import finer
-from ._gradient import gradcam
-from ._method import cam_method
+from camfunc._core import targets as _targets
+from camfunc._core.contrastive import finer
+from camfunc._core.split import Split
+from camfunc._methods._gradient import gradcam
+from camfunc._methods._method import cam_method
 
 
 @cam_method(arranged=True)

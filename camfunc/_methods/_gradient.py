@@ -12,11 +12,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _engine, _targets
-from .._split import Split
-from ._combine import (Computed, check_activations, finish, gradient_cam, rectified_terms,
-                       safe_reciprocal, spatial_axes, weighted_sum)
-from ._method import Draws, cam_method
+from camfunc._core import engine as _engine, targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._combine import (
+    Computed,
+    check_activations,
+    finish,
+    gradient_cam,
+    rectified_terms,
+    safe_reciprocal,
+    spatial_axes,
+    weighted_sum,
+)
+from camfunc._methods._method import Draws, cam_method
 
 # ----------------------------------------------------------------------------
 # Weights: the paper-specific part of each method
@@ -277,8 +285,7 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
                 f"got {shape}; pass num_samples=noise.shape[0] if you meant another count"
             )
         return noise.to(device=x.device, dtype=x.dtype)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    _validate.check_count(num_samples, "num_samples")
     if torch.compiler.is_compiling():
         raise ValueError(
             "smooth_gradcampp cannot draw noise inside torch.compile (inductor's random "

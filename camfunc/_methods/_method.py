@@ -26,9 +26,9 @@ from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 from torch import Tensor
 
-from .. import _targets, _validate
-from .._split import Split
-from ._combine import arrange
+from camfunc._core import targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._combine import arrange
 
 MapsT = TypeVar("MapsT", covariant=True)
 

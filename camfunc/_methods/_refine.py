@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import _ops, _targets
-from .._split import Split
-from ._gradient import gradcampp
-from ._method import cam_method
+from camfunc._core import ops as _ops, targets as _targets
+from camfunc._core.split import Split
+from camfunc._methods._gradient import gradcampp
+from camfunc._methods._method import cam_method
 
 
 @cam_method(arranged=True)

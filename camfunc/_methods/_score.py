@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _engine, _ops, _targets, _validate
-from .._split import Split
-from ._combine import Computed, check_activations, maps_from_class_weights
-from ._method import Draws, cam_method
+from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._combine import Computed, check_activations, maps_from_class_weights
+from camfunc._methods._method import Draws, cam_method
 
 # A mask transform gets the upsampled masks of one chunk and the chunk's flat
 # (sample * channel) indices, and returns the masks to multiply the input by.
@@ -121,7 +121,7 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
         >>> camfunc.scorecam(s, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 4, 4])
     """
-    _validate.check_batch_size(batch_size)
+    _validate.check_count(batch_size, "batch_size")
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         return masked_scores(split, x, channel_masks(a), pick, batch_size)
@@ -148,9 +148,8 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
         >>> camfunc.iscam(s, x, [1, 2], num_samples=2).shape     # one class per image
         torch.Size([2, 4, 4])
     """
-    _validate.check_batch_size(batch_size)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    _validate.check_count(batch_size, "batch_size")
+    _validate.check_count(num_samples, "num_samples")
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         masks = channel_masks(a)
@@ -191,9 +190,8 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
         >>> torch.allclose(camfunc.sscam(s, x, 3, num_samples=1, std=0.0), camfunc.scorecam(s, x, 3))
         True
     """
-    _validate.check_batch_size(batch_size)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    _validate.check_count(batch_size, "batch_size")
+    _validate.check_count(num_samples, "num_samples")
     if noise is None and torch.compiler.is_compiling():
         raise ValueError("sscam cannot draw noise inside torch.compile; pass noise=")
 

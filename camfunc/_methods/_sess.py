@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _engine, _ops, _targets, _validate
-from .._gaussian import sampled_gaussian
-from .._split import Split
-from ._gradient import gradcam
-from ._method import cam_method
+from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.split import Split
+from camfunc._methods._gradient import gradcam
+from camfunc._methods._method import cam_method
+from camfunc._util.gaussian import sampled_gaussian
 
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
@@ -254,11 +254,6 @@ def fused(total: Tensor, count: Tensor, pool: str) -> Tensor:
 # ---------------------------------------------------------------- checks
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_options(x: Tensor, method: Any, cls: Any, scales: Any, num_scales: Any,
                    window_size: Any, step_size: Any, pre_filter_ratio: Any, theta: Any,
                    pool: Any) -> None:
@@ -272,10 +267,10 @@ def _check_options(x: Tensor, method: Any, cls: Any, scales: Any, num_scales: An
         raise TypeError("sess needs class indices (an int, one per sample, a (B, K) tensor or "
                         "camfunc.topk(k)): a callable target cannot be read on the patches' "
                         "softmax scores; pass the class indices it targets")
-    _positive_int("num_scales", num_scales)
+    _validate.check_count(num_scales, "num_scales")
     for name, value in (("window_size", window_size), ("step_size", step_size)):
         if value is not None:
-            _positive_int(name, value)
+            _validate.check_count(value, name)
     window = min(x.shape[-2:]) if window_size is None else window_size
     if scales is not None:
         if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or not scales:
@@ -363,7 +358,7 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.sess(s, x, camfunc.topk(2), method=camfunc.layercam, num_scales=2).shape
         torch.Size([2, 2, 64, 64])
     """
-    _validate.check_batch_size(batch_size)
+    _validate.check_count(batch_size, "batch_size")
     _check_options(x, method, cls, scales, num_scales, window_size, step_size,
                    pre_filter_ratio, theta, pool)
     height, width = (int(v) for v in x.shape[-2:])

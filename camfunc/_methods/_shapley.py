@@ -6,11 +6,17 @@ from typing import Literal
 
 from torch import Tensor
 
-from .. import _engine, _targets
-from .._split import Split
-from .._targets_contrastive import rest
-from ._combine import Computed, check_activations, finish, spatial_axes, weighted_sum
-from ._method import cam_method
+from camfunc._core import engine as _engine, targets as _targets
+from camfunc._core.contrastive import rest
+from camfunc._core.split import Split
+from camfunc._methods._combine import (
+    Computed,
+    check_activations,
+    finish,
+    spatial_axes,
+    weighted_sum,
+)
+from camfunc._methods._method import cam_method
 
 
 def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:

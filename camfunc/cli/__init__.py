@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import call_handler
+from camfunc.cli._common import call_handler
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,13 +22,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _subcommands():
-    from . import _demo, _evaluate, _explain, _run
+    from camfunc.cli import _demo, _evaluate, _explain, _run
 
     return [_demo, _explain, _evaluate, _run]
 
 
 def _version() -> str:
-    from .. import __version__
+    from camfunc._version import __version__
 
     return f"camfunc {__version__}"
 

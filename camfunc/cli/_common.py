@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .._images import read_image
-from .._loading import UsageError
+from camfunc._util.images import read_image
+from camfunc.runs._loading import UsageError
 
 
 def safe_name(text: str) -> str:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .. import zoo
-from ..viz import figure
-from .._atomic import write_atomic, write_json
-from .._loading import UsageError, load_model, make_split, resolve_methods
-from ._common import table
+from camfunc import zoo
+from camfunc._util.atomic import write_atomic, write_json
+from camfunc.cli._common import table
+from camfunc.runs._loading import UsageError, load_model, make_split, resolve_methods
+from camfunc.viz import figure
 
 DEMO_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam",
                 "ablationcam", "eigencam"]
@@ -24,7 +24,7 @@ DEMO_SEED = 7  # the scenes drawn for figures; scores use the held-out seed the 
 
 def localisation_scores(method, split, data, batch_size: int) -> dict[str, float]:
     """Pointing-game and energy-pointing-game means of one method on ``data``, true classes."""
-    from .. import metrics
+    from camfunc import metrics
 
     hits, inside, energy = [], [], []
     for start in range(0, len(data.labels), batch_size):
@@ -40,7 +40,7 @@ def localisation_scores(method, split, data, batch_size: int) -> dict[str, float
 
 
 def demo(args: argparse.Namespace) -> int:
-    from ..zoo.train import HELD_OUT_SEED
+    from camfunc.zoo.train import HELD_OUT_SEED
 
     if args.scenes < 1 or args.eval < 1 or args.batch_size < 1:
         raise UsageError("--scenes, --eval and --batch-size must be positive")
@@ -103,7 +103,7 @@ def save_image(image: torch.Tensor, path: Path) -> Path:
 
 def chance_pointing(data, tolerance: float = 15.0) -> float:
     """The pointing game of a uniformly random point: mean fraction of pixels within tolerance."""
-    from .. import metrics
+    from camfunc import metrics
 
     return metrics.pointing_game_chance(data.masks, tolerance=tolerance).mean().item()
 

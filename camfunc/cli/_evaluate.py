@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._atomic import write_json, write_text_atomic
-from .._images import expand_images
-from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
-from .._progress import progress
-from ._common import read_batches, table
-from ._explain import add_model_arguments, positive_int
+from camfunc._util.atomic import write_json, write_text_atomic
+from camfunc._util.images import expand_images
+from camfunc._util.progress import progress
+from camfunc.cli._common import read_batches, table
+from camfunc.cli._explain import add_model_arguments, positive_int
+from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
            "sensitivity")
@@ -37,7 +37,7 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
         parts = [metric_columns(name, model, x[i:i + 1], maps[i:i + 1], cls[i:i + 1], None, args,
                                 method, first + i) for i in range(x.shape[0])]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    from .. import metrics
+    from camfunc import metrics
 
     generator = torch.Generator(device=x.device).manual_seed(args.seed * 1_000_003 + first)
 
@@ -65,7 +65,7 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
 
 def generated_batches(args: argparse.Namespace):
     """(names, images, classes, masks) batches of the embedded model's held-out scenes."""
-    from .. import zoo
+    from camfunc import zoo
 
     data = zoo.scenes(args.generated, seed=args.seed)
     for start in range(0, args.generated, args.batch_size):

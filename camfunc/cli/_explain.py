@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets
-from ..viz import overlay
-from .._atomic import write_atomic, write_json
-from .._images import expand_images
-from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
-from .._progress import progress
-from ._common import read_batches, safe_name
+from camfunc._core import targets as _targets
+from camfunc._util.atomic import write_atomic, write_json
+from camfunc._util.images import expand_images
+from camfunc._util.progress import progress
+from camfunc.cli._common import read_batches, safe_name
+from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.viz import overlay
 
 
 def positive_int(text: str) -> int:

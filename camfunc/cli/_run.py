@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import call_handler
-from ._explain import add_model_arguments
-from .._loading import UsageError
+from camfunc.cli._common import call_handler
+from camfunc.cli._explain import add_model_arguments
+from camfunc.runs._loading import UsageError
 
 HELP = "explain a dataset in resumable shards (single process or under torchrun)"
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .._run import run
+    from camfunc.runs import run
 
     try:
         result = run(

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets
-from . import _inputs, _model_calls, _road
+from camfunc._core import targets as _targets
+from camfunc.metrics import _inputs, _model_calls, _road
 
 __all__ = ["arcc"]
 

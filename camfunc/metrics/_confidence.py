@@ -11,8 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _inputs, _model_calls, _skipping
-from ._inputs import Classes, Model
+from camfunc.metrics import _inputs, _model_calls, _skipping
+from camfunc.metrics._inputs import Classes, Model
 
 
 class ConfidenceChange(NamedTuple):

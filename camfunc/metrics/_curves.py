@@ -13,9 +13,10 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
-from . import _inputs, _model_calls, _skipping
-from .._gaussian import folded_gaussian, separable_filter
-from ._inputs import Classes, Model
+from camfunc._core.validate import check_count
+from camfunc._util.gaussian import folded_gaussian, separable_filter
+from camfunc.metrics import _inputs, _model_calls, _skipping
+from camfunc.metrics._inputs import Classes, Model
 
 #: "zeros", "blur" (RISE's Gaussian blur), a tensor broadcastable to x, or a callable x -> tensor.
 Substrate = Union[str, Tensor, Callable[[Tensor], Tensor]]
@@ -120,8 +121,8 @@ def causal_curve(model: Model, x: Tensor, maps: Tensor, cls: Classes, *, deletin
     saliency = _inputs.checked_maps(model, x, maps, cls, probabilities)
     num_pixels = saliency[0].numel()
     step = x.shape[-1] if step is None else step
-    _inputs.check_positive_int(step, "step")
-    _inputs.check_positive_int(batch_size, "batch_size")
+    check_count(step, "step")
+    check_count(batch_size, "batch_size")
     other = substrate_of(x, substrate)
     scored = _inputs.scoring_model(model, cls, probabilities)
     target, _ = _model_calls.fix_target(scored, x, cls)

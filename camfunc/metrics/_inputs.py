@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _ops, _targets, _validate
-from .._split import Split
+from camfunc._core import ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.split import Split
 
 #: A model as the metrics see it: ``x -> scores (B, num_classes)``.
 Model = Callable[[Tensor], Tensor]
@@ -50,11 +50,6 @@ def check_model_and_images(model: Any, x: Any) -> None:
             f"x must be a batch (B, C, *spatial) with 1 to 3 spatial axes, got shape "
             f"{tuple(x.shape)}; add the batch axis with x.unsqueeze(0) if it is one image"
         )
-
-
-def check_positive_int(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def as_maps(maps: Any, batch: int, spatial_ndim: int) -> Tensor:

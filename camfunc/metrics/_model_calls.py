@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets
-from . import _inputs
+from camfunc._core import targets as _targets
+from camfunc._core.validate import check_count
+from camfunc.metrics import _inputs
 
 Method = Callable[..., Any]
 
@@ -26,7 +27,7 @@ Method = Callable[..., Any]
 def checked(model: Any, x: Any, batch_size: Any) -> None:
     """The model (callable, eval mode), the batch ``(B, C, *spatial)`` and ``batch_size``."""
     _inputs.check_model_and_images(model, x)
-    _inputs.check_positive_int(batch_size, "batch_size")
+    check_count(batch_size, "batch_size")
 
 
 def check_non_negative(value: Any, name: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import Tensor
 
-from . import _inputs, _skipping
+from camfunc.metrics import _inputs, _skipping
 
 #: Boolean masks (B, H, W), boxes (B, 4), or per image a (n, 4) tensor or list of 4-number boxes.
 GroundTruth = Union[Tensor, Sequence[Any]]

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .. import _targets
-from . import _inputs, _model_calls
+from camfunc._core import targets as _targets
+from camfunc.metrics import _inputs, _model_calls
 
 __all__ = ["road", "road_curve", "road_impute"]
 

@@ -16,13 +16,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .. import _ops
-from .._methods import METHODS
-from .._splitter import layer_name
-from .._splitter import split as split_model
-from . import _inputs
-from .._gaussian import sampled_gaussian, separable_filter
-from ._inputs import Classes
+from camfunc._core import ops as _ops
+from camfunc._core.splitter import layer_name, split as split_model
+from camfunc._methods import METHODS
+from camfunc._util.gaussian import sampled_gaussian, separable_filter
+from camfunc.metrics import _inputs
+from camfunc.metrics._inputs import Classes
 
 #: SSIM's window (Wang et al. 2004): 11 samples of a Gaussian with sigma 1.5.
 SSIM_WINDOW = 11

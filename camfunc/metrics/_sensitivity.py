@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _targets
-from . import _inputs, _model_calls
+from camfunc._core import targets as _targets
+from camfunc._core.validate import check_count
+from camfunc.metrics import _inputs, _model_calls
 
 __all__ = ["infidelity", "sensitivity_max"]
 
@@ -29,7 +30,7 @@ __all__ = ["infidelity", "sensitivity_max"]
 def _sample_count(n_perturb_samples: int | None, perturbations: Tensor | None) -> int:
     if n_perturb_samples is None:
         return perturbations.shape[0] if isinstance(perturbations, Tensor) else 10
-    _inputs.check_positive_int(n_perturb_samples, "n_perturb_samples")
+    check_count(n_perturb_samples, "n_perturb_samples")
     return n_perturb_samples
 
 

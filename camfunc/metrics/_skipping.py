@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from .. import _targets
+from camfunc._core import targets as _targets
 
 R = TypeVar("R", bound=NamedTuple)
 

@@ -4,8 +4,7 @@ matplotlib and Pillow are imported when a function is called, not when
 camfunc is imported.
 """
 
-from ._figure import figure as figure
-from ._figure import save_png as save_png
-from ._overlay import overlay as overlay
+from camfunc.viz._figure import figure as figure, save_png as save_png
+from camfunc.viz._overlay import overlay as overlay
 
 __all__ = ["figure", "overlay", "save_png"]

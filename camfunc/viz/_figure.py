@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import write_atomic
-from ._overlay import colormap_of, image_array, overlay
+from camfunc._util.atomic import write_atomic
+from camfunc.viz._overlay import colormap_of, image_array, overlay
 
 
 def _rows(cam: Any) -> list[Any]:
@@ -55,7 +55,7 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     (bicubic), and each map is resized to that size bilinearly, so panels are
     smooth rather than blocky (None shows the input's own pixels). A colour bar
     gives the colormap's scale: each panel's map is min-max scaled to [0, 1], as
-    :func:`camfunc.overlay` does. With ``path`` the figure is also written there
+    :func:`camfunc.viz.overlay` does. With ``path`` the figure is also written there
     as a PNG, atomically. Built on ``matplotlib.figure.Figure`` (no pyplot
     state), so it is safe in threads. No formula: each panel is
     :func:`camfunc.viz.overlay`; the layout follows the side-by-side comparisons

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _ops
+from camfunc._core import ops as _ops
 
 
 def _lazy_pil():
@@ -119,7 +119,7 @@ def overlay(image: Any, cam: Any, *, colormap: Any = "jet", alpha: float = 0.5):
 
     Example:
         >>> cams = camfunc.gradcam(s, x, 3)                   # (B, 4, 4)
-        >>> picture = camfunc.overlay(image, cams[0])         # a PIL image, the image's size
+        >>> picture = camfunc.viz.overlay(image, cams[0])         # a PIL image, the image's size
         >>> picture.mode, picture.size
         ('RGB', (64, 64))
     """

@@ -6,14 +6,18 @@ package (under 2 MB), so CAMs can be checked against ground truth offline.
 ``python -m camfunc.zoo.train`` regenerates the weights.
 """
 
-from ._net import LAYER as LAYER
-from ._net import WEIGHTS_FILE as WEIGHTS_FILE
-from ._net import ShapesNet as ShapesNet
-from ._net import shapesnet as shapesnet
-from ._scenes import CLASSES as CLASSES
-from ._scenes import IMAGE_SIZE as IMAGE_SIZE
-from ._scenes import Scenes as Scenes
-from ._scenes import scenes as scenes
+from camfunc.zoo._net import (
+           LAYER as LAYER,
+           WEIGHTS_FILE as WEIGHTS_FILE,
+           ShapesNet as ShapesNet,
+           shapesnet as shapesnet,
+)
+from camfunc.zoo._scenes import (
+           CLASSES as CLASSES,
+           IMAGE_SIZE as IMAGE_SIZE,
+           Scenes as Scenes,
+           scenes as scenes,
+)
 
 __all__ = ["CLASSES", "IMAGE_SIZE", "LAYER", "Scenes", "ShapesNet", "WEIGHTS_FILE", "scenes",
            "shapesnet"]

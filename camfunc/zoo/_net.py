@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._scenes import CLASSES
+from camfunc.zoo._scenes import CLASSES
 
 WEIGHTS_FILE = Path(__file__).with_name("shapesnet.pt")
 LAYER = "block3"  # the last spatial layer: 16x16 maps for 64x64 scenes

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from camfunc._core.validate import check_count
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 IMAGE_SIZE = 64
 
@@ -121,8 +123,7 @@ def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 
         >>> data.images.shape, data.labels.shape, data.masks.shape
         (torch.Size([8, 3, 64, 64]), torch.Size([8]), torch.Size([8, 64, 64]))
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_count(n, "n")
     if not isinstance(size, int) or size < 16:
         raise ValueError(f"size must be an int of at least 16 pixels, got {size!r}")
     generator = torch.Generator().manual_seed(seed)

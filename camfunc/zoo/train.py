@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._net import WEIGHTS_FILE, ShapesNet
-from ._scenes import scenes
+from camfunc.zoo._net import WEIGHTS_FILE, ShapesNet
+from camfunc.zoo._scenes import scenes
 
 TRAIN_SEED_BASE = 1_000_000
 HELD_OUT_SEED = 20_261_126

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import _split, _splitter
-from ._methods import METHODS
+from camfunc._core import split as _split, splitter as _splitter
+from camfunc._methods import METHODS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ def _load_weights(model: nn.Module, weights: str | Path) -> None:
 
 
 def _builtin(weights: str | None) -> LoadedModel:
-    from . import zoo
+    from camfunc import zoo
 
     model = zoo.shapesnet(pretrained=weights is None)
     if weights is not None:

@@ -1,4 +1,4 @@
-"""``camfunc.run``: a dataset-scale, resumable, sharded, distributed run of CAM methods."""
+"""``camfunc.runs.run``: a dataset-scale, resumable, sharded, distributed run of CAM methods."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _engine, _split
-from .._atomic import write_json
-from .._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
-from .._progress import progress_bar
-from . import _distributed, _settings, _shards
-from ._dataset import Batch, collate, open_data
-from ._work import Explained, Work, explain_batch
+from camfunc._core import engine as _engine, split as _split
+from camfunc._util.atomic import write_json
+from camfunc._util.progress import progress_bar
+from camfunc.runs import _distributed, _settings, _shards
+from camfunc.runs._dataset import Batch, collate, open_data
+from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.runs._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
@@ -258,7 +258,7 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     ``index.csv`` (each image's shard and row, or its failure),
     ``metrics.csv`` (one row per image, method and class) and
     ``manifest.json`` (settings, fingerprint, versions, failed images, shards,
-    timing). Read maps back with ``camfunc.read_maps(out, method)``.
+    timing). Read maps back with ``camfunc.runs.read_maps(out, method)``.
 
     **Resume.** Run again with the same arguments: finished shards are kept
     (never rewritten) and the rest are done, with results equal to an
@@ -284,8 +284,8 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     for bad arguments, before any work.
 
     Example:
-        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
-        >>> indices, maps = camfunc.read_maps("out", "gradcam")
+        >>> result = camfunc.runs.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> indices, maps = camfunc.runs.read_maps("out", "gradcam")
         >>> indices.shape, maps.shape                     # the embedded model's 16x16 maps
         (torch.Size([8]), torch.Size([8, 1, 16, 16]))
     """

@@ -24,8 +24,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .capture import CaptureError, Captured
-from .lock import TRACE_LOCK
+from camfunc._core.cut.capture import Captured, CaptureError
+from camfunc._core.cut.lock import TRACE_LOCK
 
 __all__ = ["levels", "Stage", "build_stages"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._atomic import write_atomic
+from camfunc._util.atomic import write_atomic
 
 SHARD_FOLDER = "shards"
 FORMAT = "camfunc-run/1"
@@ -61,11 +61,11 @@ def write_shard(path: Path, payload: dict[str, Any]) -> Path:
 def read_shard(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """A shard file's dict (tensors, lists, strings; loaded with ``weights_only=True``).
 
-    No formula: shard j holds dataset indices ``[j S, (j + 1) S)`` (see :func:`camfunc.run`).
+    No formula: shard j holds dataset indices ``[j S, (j + 1) S)`` (see :func:`camfunc.runs.run`).
 
     Example:
-        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
-        >>> shard = camfunc.read_shard("out/shards/shard-000000.pt")
+        >>> result = camfunc.runs.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> shard = camfunc.runs.read_shard("out/shards/shard-000000.pt")
         >>> shard["maps"]["gradcam"].shape                # (n, K, h, w), as stored
         torch.Size([8, 1, 16, 16])
     """
@@ -162,11 +162,11 @@ def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
     """All of a finished run's maps for ``method``: ``(indices (N,), maps (N, K, h, w) float32)``,
     in dataset order (failed images are absent). Refuses a run that has not finished
     (its ``manifest.json`` not ``"complete"``) and shards of other settings. No formula: it
-    reads what :func:`camfunc.run` wrote.
+    reads what :func:`camfunc.runs.run` wrote.
 
     Example:
-        >>> result = camfunc.run("scenes:8", "out", methods=["gradcam"], progress=False)
-        >>> indices, maps = camfunc.read_maps("out", "gradcam")
+        >>> result = camfunc.runs.run("scenes:8", "out", methods=["gradcam"], progress=False)
+        >>> indices, maps = camfunc.runs.read_maps("out", "gradcam")
         >>> maps.shape
         torch.Size([8, 1, 16, 16])
     """

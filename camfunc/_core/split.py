@@ -1,18 +1,22 @@
 """The :class:`Split` value: a model as ``head: x -> A`` and ``tail: A -> scores``.
 
 A plain immutable value holding callables. :func:`camfunc.split` builds one
-from a model (``camfunc._splitter``); anyone can build one by hand.
+from a model (``camfunc._core.splitter``); anyone can build one by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic
 
-from torch import nn
+from torch import Tensor, nn
+from typing_extensions import TypeVar
 
-__all__ = ["Split", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
+#: What a method returns for this split: a tensor for one layer, a list for several.
+MapsT = TypeVar("MapsT", default=Tensor, covariant=True)
+
+__all__ = ["MapsT", "Split", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "
@@ -21,7 +25,7 @@ TRAINING_MESSAGE = (
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Split:
+class Split(Generic[MapsT]):
     """A model cut at one or more layers, as pure callables.
 
     ``head(x)`` returns the first layer's activations ``A``, or a tuple
@@ -37,7 +41,12 @@ class Split:
     ``torch.fx`` nor ``torch.export`` can capture. ``model`` (optional) is
     checked for ``training`` mode before each call; ``layers`` names the cuts in
     messages; ``input_ndim`` (optional) is the input rank the model needs;
-    ``batch`` (optional) the only batch size the split accepts.
+    ``batch`` (optional) the only batch size the split accepts; ``listed``
+    asks for maps as a list even for one layer (a split made from a list of
+    layers). All but ``head`` and ``tail`` are keyword-only.
+
+    ``Split[Tensor]`` (the default) gives methods' maps as one tensor;
+    ``Split[list[Tensor]]`` as a list, one per layer.
 
     Example:
         >>> head = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
@@ -48,12 +57,14 @@ class Split:
 
     head: Callable[..., Any]
     tail: Callable[..., Any]
+    _: dataclasses.KW_ONLY
     middle: tuple[Callable[..., Any], ...] = ()
     layers: tuple[str, ...] = ()
     model: nn.Module | None = dataclasses.field(default=None, repr=False)
     input_ndim: int | None = None
     order: tuple[int, ...] = ()
     batch: int | None = None
+    listed: bool = False
 
     def __post_init__(self) -> None:
         for field in ("head", "tail"):

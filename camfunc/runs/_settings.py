@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._shards import FORMAT, MAP_DTYPES
+from camfunc._core.validate import check_count
+from camfunc.runs._shards import FORMAT, MAP_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The checked arguments of :func:`camfunc.run`."""
+    """The checked arguments of :func:`camfunc.runs.run`."""
 
     methods: tuple[str, ...]
     topk: int | None            # None: the true class
@@ -37,12 +38,6 @@ class Options:
     upsample: bool
     seed: int
     progress: bool
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def parse_classes(classes: Any) -> int | None:
@@ -75,8 +70,8 @@ def check_options(methods: Any, classes: Any, metrics: Any, batch_size: Any, sha
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     return Options(tuple(methods), parse_classes(classes), classes, metrics,
-                   _positive_int(batch_size, "batch_size"), _positive_int(shard_size, "shard_size"),
-                   _positive_int(num_workers, "num_workers", 0), map_dtype, upsample, seed, progress)
+                   check_count(batch_size, "batch_size"), check_count(shard_size, "shard_size"),
+                   check_count(num_workers, "num_workers", minimum=0), map_dtype, upsample, seed, progress)
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -101,7 +96,7 @@ def _version(package: str) -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    from .. import __version__
+    from camfunc._version import __version__
 
     return {"camfunc": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "torchvision": _version("torchvision"), "pillow": _version("pillow"),

@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _engine, _ops, _validate
-from ._split import Split
+from camfunc._core import engine as _engine, ops as _ops, validate as _validate
+from camfunc._core.split import Split
 
 
 class Factorization(NamedTuple):

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._targets import TopK, Target, check_form, class_indices, class_scores, is_objective
+from camfunc._core.targets import (
+    Target,
+    TopK,
+    check_form,
+    class_indices,
+    class_scores,
+    is_objective,
+)
 
 
 class _PerSampleClasses:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _engine, _targets, _validate
-from ._split import Split
+from camfunc._core import engine as _engine, targets as _targets, validate as _validate
+from camfunc._core.split import Split
 
 
 def aug_smooth(method: Callable[..., Any], *, flips: bool = True,

@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _ops, _split, _targets
-from .._methods import METHODS
-from ._dataset import Batch
-from ._shards import encode_maps
+from camfunc._core import ops as _ops, split as _split, targets as _targets
+from camfunc._methods import METHODS
+from camfunc.runs._dataset import Batch
+from camfunc.runs._shards import encode_maps
 
 POINTING_TOLERANCE = 15.0  # pixels, the pointing game's usual tolerance
 
@@ -133,7 +133,7 @@ def targets(work: Work, labels: Tensor) -> Any:
 def map_metrics(work: Work, x: Tensor, maps: Tensor, classes: Tensor,
                 masks: Tensor | None) -> dict[str, Tensor]:
     """Per-image metrics of ``maps`` (n, K, h, w) for ``classes`` (n, K): each (n, K)."""
-    from .. import metrics
+    from camfunc import metrics
 
     columns: dict[str, list[Tensor]] = {}
     for k in range(classes.shape[1]):

@@ -3,8 +3,8 @@
 The model is captured as one graph (``torch.fx``, or ``torch.export`` when fx
 cannot trace it), every node is assigned to the stage it runs in, and each
 stage becomes a ``GraphModule`` over the model's own modules and tensors
-(``camfunc._cut``). Each cut's activations are then seen as a grid
-(``camfunc._layout``), decided on each call from the shapes.
+(``camfunc._core.cut``). Each cut's activations are then seen as a grid
+(``camfunc._core.layout``), decided on each call from the shapes.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ import difflib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from . import _engine, _layout, _targets
-from ._cut import evidence as _evidence
-from ._cut.capture import Captured, CaptureError, example_for, export_graph, trace_fx
-from ._cut.lock import TRACE_LOCK
-from ._cut.partition import build_stages, levels
-from ._split import TRAINING_MESSAGE, Split, unwrap
+from camfunc._core import engine as _engine, layout as _layout, targets as _targets
+from camfunc._core.cut import evidence as _evidence
+from camfunc._core.cut.capture import Captured, CaptureError, example_for, export_graph, trace_fx
+from camfunc._core.cut.lock import TRACE_LOCK
+from camfunc._core.cut.partition import build_stages, levels
+from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
 
 __all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
 
@@ -156,15 +156,31 @@ class _Selected:
 # Public entry points
 
 
-def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
+Layer = str | nn.Module  # a module's name in model.named_modules(), or the module
+
+
+@overload
+def split(model: nn.Module, layer: Layer | None = None, *, example_input: Tensor | None = None,
+          layout: Any = None, grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
+          output: str | int | Callable[[Any], Any] | None = None) -> Split[Tensor]: ...
+
+
+@overload
+def split(model: nn.Module, layer: list[Layer] | tuple[Layer, ...], *,
+          example_input: Tensor | None = None, layout: Any = None,
+          grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
+          output: str | int | Callable[[Any], Any] | None = None) -> Split[list[Tensor]]: ...
+
+
+def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | None = None,
           *, example_input: Tensor | None = None, layout: Any = None,
           grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
-          output: str | int | Callable[[Any], Any] | None = None) -> Split:
+          output: str | int | Callable[[Any], Any] | None = None) -> Split[Any]:
     """Cuts ``model`` at ``layer``'s output into ``head: x -> A`` and ``tail: A -> scores``.
 
     ``layer`` is a module name (``"layer4"``, ``"vit.layers.10"``), a module,
-    or a list of them (one map per layer, in the order given; nested layers
-    work). With ``layer=None``, ``example_input`` is run once and the last
+    or a list of them (methods then return a list of maps, one per layer in the
+    order given, even for a list of one; nested layers work). With ``layer=None``, ``example_input`` is run once and the last
     layer whose output still has spatial extent and gets a gradient is picked
     (a :class:`LayerChoiceWarning` names it). DataParallel, DDP and
     ``torch.compile`` wrappers are unwrapped.
@@ -223,12 +239,12 @@ def split(model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module] |
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
     return _split_captured(model, _capture(model, names, example_input), names, layout, grid,
-                           prefix_tokens, pick)
+                           prefix_tokens, pick, listed=isinstance(layer, (list, tuple)))
 
 
 def _split_captured(model: nn.Module, captured: Captured, names: list[str], layout: Any,
                     grid: Sequence[int] | None, prefix_tokens: int | None,
-                    pick: Callable[[Any], Any] | None) -> Split:
+                    pick: Callable[[Any], Any] | None, *, listed: bool = False) -> Split[Any]:
     cuts = _cuts(captured, names)
     # Layers with the same output (layer4 and its last block) share one cut.
     position = {node: i for i, node in enumerate(captured.graph.nodes)}
@@ -239,7 +255,7 @@ def _split_captured(model: nn.Module, captured: Captured, names: list[str], layo
     tail = stages[-1] if pick is None else _Selected(stages[-1], pick)
     plain = Split(head=stages[0], tail=tail, middle=tuple(stages[1:-1]), layers=chain_names,
                   model=model, input_ndim=captured.input_ndim, batch=captured.batch,
-                  order=() if order == tuple(range(len(chain))) else order)
+                  order=() if order == tuple(range(len(chain))) else order, listed=listed)
     axes = _feature_axes(model, captured, names, cuts)
     rules = _layout_rules(model, names, chain_names, axes, layout, grid, prefix_tokens)
     return _layout.build_layouts(plain, rules)

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _engine, _ops, _targets, _validate
-from ._cut.cache import prepared
-from ._cut.capture import traced_copy
-from ._cut.partition import Stage
-from ._methods._projection import first_component
-from ._split import Split
+from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.cut.cache import prepared
+from camfunc._core.cut.capture import traced_copy
+from camfunc._core.cut.partition import Stage
+from camfunc._core.split import Split
+from camfunc._methods._projection import first_component
 
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

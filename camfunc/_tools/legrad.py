@@ -31,10 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _engine, _layout, _ops, _targets, _validate
-from ._cut.lock import holding_calls
-from ._split import Split
-from ._splitter import layer_name
+from camfunc._core import (
+    engine as _engine,
+    layout as _layout,
+    ops as _ops,
+    targets as _targets,
+    validate as _validate,
+)
+from camfunc._core.cut.lock import holding_calls
+from camfunc._core.split import Split
+from camfunc._core.splitter import layer_name
 
 _UNSUPPORTED = (
     "legrad supports torchvision's VisionTransformer (torchvision.models.vit_b_16 and "
@@ -245,7 +251,9 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
     blocks = [model.get_submodule(name) for name in names]
 
     def inputs(x: Tensor, chosen: list[int]) -> tuple[dict[int, Tensor], Tensor]:
-        from ._splitter import module_inputs  # the blocks' inputs, read off camfunc's own graph
+        from camfunc._core.splitter import (
+            module_inputs,  # the blocks' inputs, read off camfunc's own graph
+        )
 
         found, out = module_inputs(model, [names[i] for i in chosen], x)
         return dict(zip(chosen, found)), _targets.class_scores(out)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._images import IMAGE_SUFFIXES, read_resized
+from camfunc._util.images import IMAGE_SUFFIXES, read_resized
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0
@@ -111,7 +111,7 @@ class ScenesData(torch.utils.data.Dataset):
     """``camfunc.zoo.scenes(n, seed=seed)``, resized to ``size`` when the model wants another."""
 
     def __init__(self, n: int, seed: int, size: tuple[int, int]) -> None:
-        from .. import zoo
+        from camfunc import zoo
 
         self.n, self.seed, self.size = n, seed, tuple(size)
         self.classes = list(zoo.CLASSES)

@@ -7,7 +7,7 @@ A reshape, permute or unknown op ends a path with no say. When every path
 that says anything agrees, that is the evidence; otherwise there is none.
 
 Used only where the activation's shape against the input's leaves the layout
-open (see ``camfunc._layout``), for instance a ``(B, 16, 16, 16)`` map of a
+open (see ``camfunc._core.layout``), for instance a ``(B, 16, 16, 16)`` map of a
 64x64 image, or any 1-D model.
 """
 
@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Captured
+from camfunc._core.cut.capture import Captured
 
 __all__ = ["feature_axis", "prefix_tokens_hint"]
 

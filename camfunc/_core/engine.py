@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _targets
-from ._cut.lock import holding_calls
-from ._layout import LayoutTag
-from ._split import Split, as_tuple
+from camfunc._core import targets as _targets
+from camfunc._core.cut.lock import holding_calls
+from camfunc._core.layout import LayoutTag
+from camfunc._core.split import Split, as_tuple
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
 # ``jvp`` at once corrupt each other's level. Eager calls take turns there.

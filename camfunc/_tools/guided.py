@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _engine, _ops, _targets, _validate
-from ._cut.cache import prepared
-from ._cut.capture import traced_copy
-from ._cut.partition import Stage
-from ._methods import gradcam
-from ._split import Split, unwrap
+from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
+from camfunc._core.cut.cache import prepared
+from camfunc._core.cut.capture import traced_copy
+from camfunc._core.cut.partition import Stage
+from camfunc._core.split import Split, unwrap
+from camfunc._methods import gradcam
 
 
 class _GuidedReLU(torch.autograd.Function):

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._split import TRAINING_MESSAGE, Split, unwrap
-
+from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
 
 #: The installed torch, as (major, minor).
 TORCH_VERSION = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
@@ -153,9 +152,12 @@ def check_call(split: Any, x: Any) -> Split:
     return split
 
 
-def check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
 
 
 def whole_model(model: Any, method: str) -> nn.Module:

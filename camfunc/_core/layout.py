@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ._split import Split, as_tuple
+from camfunc._core.split import Split, as_tuple
 
 __all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag"]
 

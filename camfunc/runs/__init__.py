@@ -5,9 +5,7 @@
 resume and distributed rules.
 """
 
-from ._job import RunResult as RunResult
-from ._job import run as run
-from ._shards import read_maps as read_maps
-from ._shards import read_shard as read_shard
+from camfunc.runs._job import RunResult as RunResult, run as run
+from camfunc.runs._shards import read_maps as read_maps, read_shard as read_shard
 
 __all__ = ["RunResult", "read_maps", "read_shard", "run"]

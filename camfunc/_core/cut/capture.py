@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .lock import TRACE_LOCK
+from camfunc._core.cut.lock import TRACE_LOCK
 
 __all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy"]
 
