@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parent
 API = DOCS / "api"
 SETUP = DOCS / "example_setup.py"
 
-MODULES = ("camfunc", "camfunc.metrics", "camfunc.viz", "camfunc.zoo")
+MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.viz", "camfunc.zoo")
 LINE = 88  # a signature longer than this is written one parameter per line
 
 
@@ -33,6 +33,21 @@ class Page:
     title: str
     intro: str
     sections: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def registered_sections() -> list[tuple[str, tuple[str, ...]]]:
+    """The registered methods, one section per module in registration order, titled by the
+    module docstring's first words: a new method needs no line here."""
+    import camfunc
+
+    sections: dict[str, list[str]] = {}
+    for name, method in camfunc.METHODS.items():
+        sections.setdefault(method.__module__, []).append(f"camfunc.{name}")
+    titled = []
+    for module, names in sections.items():
+        doc = inspect.getdoc(importlib.import_module(module)) or module
+        titled.append((re.split(r"[:.]", doc.splitlines()[0])[0], tuple(names)))
+    return titled
 
 
 PAGES = (
@@ -61,18 +76,11 @@ or 1-D tensor), a `(B, K)` tensor, `camfunc.topk(k)`, or a callable
 Every method is a pure function `(split, x, cls, *, normalize=True,
 return_scores=False, ...)` returning maps at the layer's resolution,
 `(B, *spatial)`, or `(B, K, *spatial)` for K classes per sample, or a list of
-those for a split at several layers. Nothing is registered on the model.
+those for a split made from a list of layers. Nothing is registered on the model.
 """, (
-        ("Registry", ("camfunc.METHODS",)),
-        ("Gradient methods", (
-            "camfunc.gradcam", "camfunc.gradcampp", "camfunc.smooth_gradcampp", "camfunc.xgradcam",
-            "camfunc.layercam", "camfunc.hirescam", "camfunc.gradcam_elementwise",
-            "camfunc.eigengradcam", "camfunc.segeigencam", "camfunc.cam", "camfunc.shapleycam",
-            "camfunc.finercam")),
-        ("Activation and perturbation methods", (
-            "camfunc.eigencam", "camfunc.kpcacam", "camfunc.fem", "camfunc.randomcam",
-            "camfunc.scorecam", "camfunc.sscam", "camfunc.iscam", "camfunc.ablationcam",
-            "camfunc.refinecam")),
+        ("Registry", ("camfunc.METHODS", "camfunc.cam_method", "camfunc.CamMethod",
+                      "camfunc.Draws")),
+        *registered_sections(),
         ("Whole-model methods", (
             "camfunc.guided_backprop", "camfunc.guided_gradcam", "camfunc.guided_model",
             "camfunc.fullgrad", "camfunc.fullgrad_model", "camfunc.FullGradModel",
@@ -129,7 +137,9 @@ localisation metrics, offline.
 CAM methods over a whole dataset, in resumable shards, in one process or under
 `torchrun`; and reading the results back.
 """, (
-        ("Runs", ("camfunc.runs.run", "camfunc.runs.RunResult", "camfunc.runs.read_maps", "camfunc.runs.read_shard")),
+        ("Runs", (
+            "camfunc.runs.run", "camfunc.runs.RunResult", "camfunc.runs.read_maps",
+            "camfunc.runs.read_shard")),
     )),
 )
 

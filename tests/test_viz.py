@@ -106,9 +106,9 @@ def test_figure_has_a_panel_per_method_and_class_and_writes_a_png(tmp_path):
     fig = figure(image, maps, classes=["cat", "dog"], path=path, panel_inches=1.0, dpi=50)
     assert len(fig.axes) == 2 * 3 + 1  # and the colour bar
     assert [ax.get_title() for ax in fig.axes[:3]] == ["input: cat", "a", "b"]
-    assert fig.axes[-1].get_ylabel() == "relevance (each map scaled to [0, 1])"
-    with Image.open(path) as png:  # 3 panels of 1 inch and the colour bar's 0.7, at 50 dpi
-        assert png.format == "PNG" and png.size == (185, 100)
+    assert fig.axes[-1].get_ylabel() == "relevance, each map\nscaled to [0, 1]"
+    with Image.open(path) as png:  # 3 panels of 1 inch and the colour bar's 0.9, at 50 dpi
+        assert png.format == "PNG" and png.size == (195, 100)
     assert [p.name for p in path.parent.iterdir()] == ["fig.png"]  # no temporary left behind
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import Self
 
 from camfunc._core.targets import (
     Target,
@@ -25,16 +26,19 @@ from camfunc._core.targets import (
 )
 
 
+@dataclasses.dataclass  # not frozen: torch 2.4 cannot compile a frozen one built inside
 class _PerSampleClasses:
     """A target whose classes belong to samples, re-indexable for rows of other batches.
 
     Methods that run the model on many inputs per sample (Score-CAM's masked
     inputs) call ``for_rows(scores, rows)`` to get the same target for a batch
-    whose row r belongs to sample ``rows[r]``. Subclasses are dataclasses with a
-    ``cls`` field.
+    whose row r belongs to sample ``rows[r]``. Subclasses are dataclasses; ``cls``
+    is their first field.
     """
 
-    def for_rows(self, scores: Tensor, rows: Tensor):
+    cls: Target
+
+    def for_rows(self, scores: Tensor, rows: Tensor) -> Self:
         index, keep_k = class_indices(self.cls, scores)
         return dataclasses.replace(self, cls=index[rows] if keep_k else index[rows, 0])
 
@@ -54,7 +58,7 @@ class Finer(_PerSampleClasses):
     num_references: int = 3
     references: Tensor | Sequence[int] | None = None
 
-    def for_rows(self, scores: Tensor, rows: Tensor) -> Finer:
+    def for_rows(self, scores: Tensor, rows: Tensor) -> Self:
         picked = super().for_rows(scores, rows)
         if isinstance(self.references, Tensor) and self.references.ndim == 2:
             picked = dataclasses.replace(picked, references=self.references[rows])
@@ -72,7 +76,7 @@ class Finer(_PerSampleClasses):
         index, keep_k = class_indices(self.cls, scores)  # (B, K)
         target = scores.gather(1, index)
         if self.references is not None:
-            ref = self.references.to(scores.device)
+            ref = torch.as_tensor(self.references, device=scores.device)
             ref = ref.expand(scores.shape[0], -1) if ref.ndim == 1 else ref
             _check_references(ref, index, scores.shape[1])
             reference = scores.gather(1, ref).mean(1, keepdim=True)

@@ -81,7 +81,9 @@ def stage_vjp(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_c
         return tuple(o for o in as_tuple(out) if _is_float_tensor(o)), tensors
 
     primals = (a, *(context[i] for i in varying))
-    differentiable, pullback, tensors = torch.func.vjp(stage_fn, *primals, has_aux=True)
+    vjp_result = torch.func.vjp(stage_fn, *primals, has_aux=True)
+    assert len(vjp_result) == 3  # has_aux=True: (outputs, pullback, aux)
+    differentiable, pullback, tensors = vjp_result
     unwrapped = iter(tensors)
     leaves = [next(unwrapped) if v is None else v[0] for v in structure["template"]]
     return differentiable, pullback, torch.utils._pytree.tree_unflatten(leaves, structure["spec"])
@@ -257,7 +259,7 @@ def _sets_tokens_aside(context: tuple[Any, ...]) -> bool:
 def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Callable[[Any], Tensor],
                       per_class: Callable[[Tensor, Tensor, Tensor], Tensor], chunk_size: int | None,
                       batch: int) -> tuple[Tensor, ...]:
-    maps = []
+    maps: list[Tensor] = []
     for layer, carry in enumerate(found):
         a, context = carry[0], carry[1:]
         # Tokens set aside from the grid (a class token) are activations of the layer
@@ -275,10 +277,10 @@ def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Cal
             def gradient(v: Tensor, w: Tensor | None) -> Tensor:
                 return torch.func.vjp(lambda u: objective_at(u, w), v)[1](cotangent)[0]
             if aside is None:
-                g, hvp = torch.func.jvp(lambda v: gradient(v, None), (a,), (a,))
+                g_and_hvp = torch.func.jvp(lambda v: gradient(v, None), (a,), (a,))
             else:
-                g, hvp = torch.func.jvp(gradient, (a, aside), (a, aside))
-            return per_class(a, g, hvp)
+                g_and_hvp = torch.func.jvp(gradient, (a, aside), (a, aside))
+            return per_class(a, g_and_hvp[0], g_and_hvp[1])
 
         maps.extend(layer_maps((over_classes(maps_for, cotangents, chunk_size),), keep_k))
     return tuple(maps)

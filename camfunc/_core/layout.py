@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeIs
 
 from camfunc._core.split import Split, as_tuple
 
@@ -36,6 +37,20 @@ __all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag"]
 
 Kind = Literal["channels_first", "channels_last", "tokens"]
 _KINDS = ("channels_first", "channels_last", "tokens")
+_KIND_OF_FEATURE_AXIS: dict[str, Kind] = {"first": "channels_first", "last": "channels_last"}
+
+
+def _is_kind(name: str) -> TypeIs[Kind]:
+    return name in _KINDS
+
+
+def checked_kind(name: str) -> Kind:
+    """``name`` as a layout kind, or a ValueError that lists the kinds."""
+    if not _is_kind(name):
+        raise ValueError(
+            f"layout must be 'channels_first', 'channels_last' or 'tokens', got {name!r}")
+    return name
+
 
 #: At most this many class, distillation and register tokens are guessed when
 #: the model does not say how many it has.
@@ -65,9 +80,7 @@ class Layout:
     grid: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(
-                f"layout must be 'channels_first', 'channels_last' or 'tokens', got {self.kind!r}")
+        checked_kind(self.kind)
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
 
@@ -158,7 +171,7 @@ class LayoutRule(NamedTuple):
     """
 
     layer: str = ""
-    kind: str | None = None
+    kind: Kind | None = None
     prefix_tokens: int | None = None
     grid: tuple[int, ...] | None = None
     feature_axis: str | None = None
@@ -187,7 +200,7 @@ def _resolve(rule: LayoutRule, input_shape: tuple[int, ...], act_shape: tuple[in
         reference = input_shape[-dims:] if len(input_shape) >= dims else None
         first = reference is not None and _scaled(act[1:], reference)
         last = reference is not None and _scaled(act[:-1], reference)
-        evidence = {"first": "channels_first", "last": "channels_last"}.get(rule.feature_axis or "")
+        evidence = _KIND_OF_FEATURE_AXIS.get(rule.feature_axis or "")
         if evidence is not None:
             other = "channels_last" if evidence == "channels_first" else "channels_first"
             if (first and not last and other == "channels_first") or (last and not first and other == "channels_last"):
@@ -303,7 +316,7 @@ def _as_rule(item: Layout | str | LayoutRule, layer: str = "") -> LayoutRule:
     if isinstance(item, LayoutRule):
         return item
     if isinstance(item, str):
-        item = Layout(item)
+        item = Layout(checked_kind(item))
     if not isinstance(item, Layout):
         raise TypeError(f"layout must be a string, a camfunc.Layout or a list of them, got {item!r}")
     return LayoutRule(layer, item.kind, item.prefix_tokens, item.grid)

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from camfunc._core import engine as _engine, layout as _layout, targets as _targets
 from camfunc._core.cut import evidence as _evidence
-from camfunc._core.cut.capture import Captured, CaptureError, example_for, export_graph, trace_fx
+from camfunc._core.cut.capture import (
+    Captured,
+    CaptureError,
+    example_for,
+    export_graph,
+    target_name,
+    trace_fx,
+)
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels
 from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
@@ -112,7 +119,7 @@ def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
     if captured.method == "export":  # already op by op
         return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
     fine = trace_fx(model, [], record_all=True)
-    found = {}
+    found: dict[str, str | None] = {}
     for name, cut in zip(names, cuts):
         calls = fine.calls.get(name) or []
         index = captured.calls[name].index(cut)
@@ -276,8 +283,7 @@ def _layout_rules(model: nn.Module, names: list[str], chain_names: Sequence[str]
         if isinstance(item, _layout.Layout):
             return base._replace(kind=item.kind, prefix_tokens=item.prefix_tokens, grid=item.grid)
         if isinstance(item, str):
-            _layout.Layout(item)  # checks the name
-            return base._replace(kind=item)
+            return base._replace(kind=_layout.checked_kind(item))
         raise TypeError(f"layout must be a string, a camfunc.Layout or a list of them, got {item!r}")
 
     if isinstance(layout, (list, tuple)):
@@ -332,7 +338,7 @@ def _shapes(captured: Captured, example: Tensor) -> dict[torch.fx.Node, tuple[in
     env: dict[torch.fx.Node, Any] = {captured.input: example, **captured.constants}
 
     def value(node: torch.fx.Node) -> Any:
-        return captured.root[node.target] if node.op == "get_attr" else env[node]
+        return captured.root[target_name(node)] if node.op == "get_attr" else env[node]
 
     with TRACE_LOCK.calling(), torch.no_grad():
         for node in captured.graph.nodes:

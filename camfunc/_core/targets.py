@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+from typing_extensions import TypeIs
 
 __all__ = ["TopK", "topk", "Target", "class_scores"]
 
@@ -46,11 +47,19 @@ def topk(k: int) -> TopK:
     return TopK(k)
 
 
-Target = Union[int, Sequence[int], Tensor, np.ndarray, TopK, Callable[[Any], Tensor]]
+Objective = Callable[[Any], Tensor]
+Target = Union[int, Sequence[int], Tensor, np.ndarray, TopK, Objective]
 
 
-def is_objective(cls: Target) -> bool:
+def is_objective(cls: Target) -> TypeIs[Objective]:
+    """Whether ``cls`` is a callable of the scores rather than classes."""
     return callable(cls) and not isinstance(cls, (Tensor, TopK))
+
+
+class Picker(Protocol):
+    """``pick(out, rows, copies=None)``: the target value of each row's own sample."""
+
+    def __call__(self, out: Any, rows: Tensor, copies: int | None = None) -> Tensor: ...
 
 
 def class_scores(output: Any) -> Tensor:
@@ -151,7 +160,7 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
         if cls.k > scores.shape[1]:
             raise ValueError(f"topk({cls.k}) asks for more classes than the model's {scores.shape[1]}")
         return scores.detach().topk(cls.k, dim=1).indices, True
-    if isinstance(cls, numbers.Integral):
+    if isinstance(cls, (int, numbers.Integral)):
         _check_ints([int(cls)], scores.shape[1])  # on the host: no device read, no overflow
         index = torch.full((batch, 1), int(cls), dtype=torch.long, device=scores.device)
         return index, False
@@ -161,6 +170,9 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
         index = index.reshape(batch, -1) if index.ndim else index.expand(batch).reshape(batch, 1)
         check_range(index, scores.shape[1])
         return index, keep_k
+    if is_objective(cls):
+        raise TypeError("a callable cls names no class indices; give classes, or use the callable "
+                        "as the target itself")
     _check_ints([int(c) for c in cls], scores.shape[1])
     index = torch.tensor([int(c) for c in cls], dtype=torch.long, device=scores.device).reshape(batch, 1)
     return index, False
@@ -243,7 +255,7 @@ def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
     return index.shape[1], keep_k
 
 
-def picker(cls: Target, scores: Tensor) -> tuple[Callable[..., Tensor], bool]:
+def picker(cls: Target, scores: Tensor) -> tuple[Picker, bool]:
     """Selects, from a batch of outputs, the target value of each row's own sample.
 
     For methods that run the model on many inputs per sample: ``pick(out, rows)``
@@ -266,7 +278,7 @@ def picker(cls: Target, scores: Tensor) -> tuple[Callable[..., Tensor], bool]:
             else:
                 values = _each_row_in_its_batch(cls, scores, out, rows, batch)
             return values.unsqueeze(1) if values.ndim == 1 else values
-        pick.whole_batches = not hasattr(cls, "for_rows")
+        setattr(pick, "whole_batches", not hasattr(cls, "for_rows"))
         return pick, keep_k
     index, keep_k = class_indices(cls, scores)
 
@@ -275,7 +287,7 @@ def picker(cls: Target, scores: Tensor) -> tuple[Callable[..., Tensor], bool]:
     return pick_index, keep_k
 
 
-def _each_row_in_its_batch(cls: Callable[[Any], Tensor], clean: Any, out: Any, rows: Tensor,
+def _each_row_in_its_batch(cls: Objective, clean: Any, out: Any, rows: Tensor,
                            batch: int) -> Tensor:
     """A plain callable's value for each row: the row's output put into a copy of the clean
     batch's output at its sample's position, read there."""
@@ -298,7 +310,7 @@ def _each_row_in_its_batch(cls: Callable[[Any], Tensor], clean: Any, out: Any, r
 class _PerCopy:
     """A callable target applied to each image-batch-sized block of a stacked output."""
 
-    cls: Callable[[Any], Tensor]
+    cls: Objective
     copies: int
 
     def __call__(self, out: Any) -> Tensor:
@@ -323,22 +335,28 @@ def tiled(cls: Target, copies: int, clean_scores: Callable[[], Any]) -> Target:
     if isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
         return cls
     if is_objective(cls):
-        if hasattr(cls, "for_rows"):
-            scores = clean_scores()
-            batch = class_scores(scores).shape[0]
-            return cls.for_rows(scores, torch.arange(batch, device=class_scores(scores).device).repeat(copies))
-        return _PerCopy(cls, copies)
+        return tiled_objective(cls, copies, clean_scores)
     if isinstance(cls, TopK):
         cls = class_indices(cls, clean_scores())[0]
     index = cls if isinstance(cls, Tensor) else torch.as_tensor(cls)
     return torch.cat([index] * copies)
 
 
+def tiled_objective(cls: Objective, copies: int, clean_scores: Callable[[], Any]) -> Objective:
+    """A callable ``cls`` for ``copies`` stacked copies of the image batch: see :func:`tiled`."""
+    if hasattr(cls, "for_rows"):
+        scores = clean_scores()
+        batch = class_scores(scores).shape[0]
+        rows = torch.arange(batch, device=class_scores(scores).device).repeat(copies)
+        return cls.for_rows(scores, rows)
+    return _PerCopy(cls, copies)
+
+
 @dataclasses.dataclass
 class _InTheirBatches:
     """A plain callable target for a batch whose row r belongs to sample ``rows[r]``."""
 
-    cls: Callable[[Any], Tensor]
+    cls: Objective
     clean: Any
     rows: Tensor
     batch: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -16,8 +17,16 @@ from torch import Tensor, nn
 
 from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
 
+
+def _major_minor(version: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        raise RuntimeError(f"cannot read a major.minor version from torch {version!r}")
+    return int(found[1]), int(found[2])
+
+
 #: The installed torch, as (major, minor).
-TORCH_VERSION = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+TORCH_VERSION = _major_minor(torch.__version__)
 
 #: The first torch whose compiler can trace each method, where that is later than
 #: camfunc's floor (measured: torch 2.4's dynamo cannot trace vmap over module calls;
@@ -72,7 +81,8 @@ def nonfinite_maps(maps: Tensor, inputs: Tensor | None = None) -> Tensor:
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning raised here at the first caller outside camfunc."""
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").startswith("camfunc."):
         frame, level = frame.f_back, level + 1
     return level

@@ -8,8 +8,6 @@ private names.
 """
 # ruff: noqa: I001 (the lines below are the registration order)
 
-from typing import Any as _Any
-
 from camfunc._methods._method import REGISTRY as _REGISTRY, CamMethod, Draws, cam_method
 
 # One line per method module; METHODS keeps this order.
@@ -28,4 +26,4 @@ from camfunc._methods._sess import sess  # not registered: maps at the input's s
 #: Every registered method by name, in the order the lines above import them. Each takes
 #: ``(split, x, cls, *, normalize, return_scores)``; gradient methods add ``chunk_size``,
 #: random ones the argument their ``draws`` attribute names.
-METHODS: dict[str, CamMethod[_Any]] = dict(_REGISTRY)
+METHODS: dict[str, CamMethod] = dict(_REGISTRY)

@@ -352,7 +352,8 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
 
     # The classes are fixed on the clean scores, then asked of every noisy copy.
     if _targets.is_objective(cls):  # read block by block on the noisy batch
-        pulled = _engine.pullback(split, noisy, _targets.tiled(cls, samples, lambda: scores))
+        objective = _targets.tiled_objective(cls, samples, lambda: scores)
+        pulled = _engine.pullback(split, noisy, objective)
         cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
     else:
         pulled = _engine.pullback(split, noisy)

@@ -30,7 +30,8 @@ from camfunc._core import targets as _targets, validate as _validate
 from camfunc._core.split import Split
 from camfunc._methods._combine import arrange
 
-MapsT = TypeVar("MapsT", covariant=True)
+# Bound per call: a method given a Split[MapsT] returns MapsT (a tensor, or a list of them).
+MapsT = TypeVar("MapsT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +42,30 @@ class Draws:
     ``"input"``, standard normal ``(num_samples, *x.shape)``; ``"layer_noise"``,
     standard normal ``(num_samples, B, C, *x.shape[2:])``; ``"channel_weights"``,
     uniform in [-1, 1) ``(B, C)``.
+
+    Example:
+        >>> camfunc.sscam.draws
+        Draws(keyword='noise', kind='layer_noise')
+        >>> camfunc.gradcam.draws is None
+        True
     """
 
     keyword: str
     kind: Literal["input", "layer_noise", "channel_weights"]
 
 
-class CamMethod(Protocol[MapsT]):
-    """A CAM method: ``method(split, x, cls, **options)``.
+class CamMethod(Protocol):
+    """A CAM method: ``method(split, x, cls, **options)``, as :func:`cam_method` makes one.
 
-    Returns the maps, ``(B, *spatial)`` or ``(B, K, *spatial)`` for one layer and a
-    list of those for several; with ``return_scores=True``, ``(maps, scores)``.
+    Returns the maps, ``(B, *spatial)`` or ``(B, K, *spatial)`` for a ``Split[Tensor]``
+    (one layer) and a list of those for a ``Split[list[Tensor]]``; with
+    ``return_scores=True``, ``(maps, scores)``. ``draws`` says which random numbers
+    the method takes (None: none).
+
+    Example:
+        >>> method: camfunc.CamMethod = camfunc.METHODS["gradcam"]
+        >>> method(s, x, 3).shape, method.draws
+        (torch.Size([2, 4, 4]), None)
     """
 
     __name__: str
@@ -72,7 +86,7 @@ class CamMethod(Protocol[MapsT]):
 _REQUIRED = object()  # stands for "no default" in a method's cls
 
 #: Every registered method by name, in registration order.
-REGISTRY: dict[str, CamMethod[Any]] = {}
+REGISTRY: dict[str, CamMethod] = {}
 
 
 def _with_return_scores(signature: inspect.Signature) -> inspect.Signature:
@@ -87,16 +101,24 @@ def _with_return_scores(signature: inspect.Signature) -> inspect.Signature:
 
 
 def cam_method(*, draws: Draws | None = None, register: bool = True,
-               arranged: bool = False) -> Callable[[Callable[..., Any]], CamMethod[Any]]:
+               arranged: bool = False) -> Callable[[Callable[..., Any]], CamMethod]:
     """Turns ``compute(split, x, cls, **options) -> (maps, scores)`` into a public method.
 
     ``draws`` records the random numbers the method takes (see :class:`Draws`);
     ``register=False`` keeps it out of ``METHODS`` (for methods whose maps are not
     at the layer's resolution); ``arranged=True`` is for a method that calls
     another and returns its maps already in the user's order.
+
+    Example:
+        >>> @camfunc.cam_method(register=False)    # register=True adds it to METHODS
+        ... def activation_mean(split, x, cls, *, normalize=True):
+        ...     a = split.head(x)
+        ...     return (camfunc.normalize(a.mean(1)) if normalize else a.mean(1),), split.tail(a)
+        >>> activation_mean(s, x, 3).shape
+        torch.Size([2, 4, 4])
     """
 
-    def decorate(compute: Callable[..., Any]) -> CamMethod[Any]:
+    def decorate(compute: Callable[..., Any]) -> CamMethod:
         name = compute.__name__
         signature = inspect.signature(compute)
         if list(signature.parameters)[:3] != ["split", "x", "cls"]:
@@ -125,7 +147,7 @@ def cam_method(*, draws: Draws | None = None, register: bool = True,
         functools.update_wrapper(method, compute)
         setattr(method, "__signature__", _with_return_scores(signature))
         setattr(method, "draws", draws)
-        public = cast(CamMethod[Any], method)
+        public = cast(CamMethod, method)
         if register:
             if name in REGISTRY:
                 raise ValueError(f"a method named {name!r} is already registered")

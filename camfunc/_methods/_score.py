@@ -16,7 +16,6 @@ cannot depend on values).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +35,7 @@ def channel_masks(a: Tensor) -> Tensor:
     return _ops.normalize(a, spatial_dims=a.ndim - 2)
 
 
-def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, Tensor], Tensor],
+def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
                   batch_size: int, transform: MaskTransform | None = None,
                   flat_shortcut: bool = True) -> Tensor:
     """Target scores of ``x`` masked by each channel: ``(B, C, *sp)`` masks -> ``(B, C, K)``.
@@ -71,7 +70,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, T
         out = _engine.forward(split, x[rows] * up)[1]
         parts.append(pick(out, rows, copies=flat_index.numel() // batch if whole else None).float())
     values = torch.cat(parts) if parts else None
-    if whole:  # back to sample-major order
+    if whole and values is not None:  # back to sample-major order
         values = values[torch.argsort(todo)]
     if shared is not None:
         constant, zero_out = shared
@@ -80,6 +79,9 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: Callable[[Any, T
         if values is not None:
             filled[todo] = values
         values = filled
+    if values is None:
+        raise ValueError(f"no masked input to score: the batch has {batch} samples and the "
+                         f"layer {channels} channels")
     return values.reshape(batch, channels, -1)
 
 
@@ -153,9 +155,9 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         masks = channel_masks(a)
-        total = 0.0
-        coefficient = 0.0
-        for i in range(num_samples):
+        coefficient = 1 / num_samples
+        total = masked_scores(split, x, coefficient * masks, pick, batch_size)
+        for i in range(1, num_samples):
             coefficient += (i + 1) / num_samples
             total = total + masked_scores(split, x, coefficient * masks, pick, batch_size)
         return total / num_samples
@@ -201,8 +203,8 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
             expected = (num_samples, *a.shape[:2], *x.shape[2:])
             if tuple(noise.shape) != expected:
                 raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
-        total = 0.0
-        for i in range(num_samples):
+
+        def noisy_scores(i: int) -> Tensor:
             def add_noise(up: Tensor, flat_index: Tensor, i: int = i) -> Tensor:
                 if noise is not None:
                     draw = noise[i].flatten(0, 1)[flat_index].unsqueeze(1)
@@ -210,7 +212,11 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
                     device = generator.device if generator is not None else up.device
                     draw = torch.randn(up.shape, generator=generator, device=device)
                 return up + std * draw.to(up)
-            total = total + masked_scores(split, x, masks, pick, batch_size, transform=add_noise)
+            return masked_scores(split, x, masks, pick, batch_size, transform=add_noise)
+
+        total = noisy_scores(0)
+        for i in range(1, num_samples):
+            total = total + noisy_scores(i)
         return total / num_samples
 
     return score_cam_from(split, x, cls, channel_scores, normalize=normalize, eigen_smooth=eigen_smooth)

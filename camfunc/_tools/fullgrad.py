@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +30,15 @@ _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.B
 def effective_bias(layer: nn.Module) -> Tensor:
     """A conv's bias; a batch norm's ``beta - mean * gamma / sqrt(var + eps)`` (eval mode)."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        scale = layer.weight if layer.weight is not None else torch.ones_like(layer.running_var)
-        shift = layer.bias if layer.bias is not None else torch.zeros_like(layer.running_mean)
-        return shift - layer.running_mean * scale / torch.sqrt(layer.running_var + layer.eps)
+        mean, var = layer.running_mean, layer.running_var
+        if mean is None or var is None:
+            raise ValueError(f"fullgrad needs the running statistics of {type(layer).__name__} "
+                             "layers; this one has none (track_running_stats=False)")
+        scale = layer.weight if layer.weight is not None else torch.ones_like(var)
+        shift = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+        return shift - mean * scale / torch.sqrt(var + layer.eps)
+    if not isinstance(layer.bias, Tensor):
+        raise ValueError(f"{type(layer).__name__} has no bias: fullgrad probes biased layers only")
     return layer.bias
 
 
@@ -49,10 +56,16 @@ class FullGradModel:
     layers: tuple[nn.Module, ...]
 
 
+def _called_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls."""
+    assert isinstance(node.target, str)  # torch.fx names the module it calls
+    return gm.get_submodule(node.target)
+
+
 def _biased_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), _BIASED)
-            and gm.get_submodule(n.target).bias is not None]
+            and isinstance(_called_module(gm, n), _BIASED)
+            and _called_module(gm, n).bias is not None]
 
 
 def _probed(model: nn.Module) -> torch.fx.GraphModule:
@@ -85,7 +98,7 @@ def _layer_outputs(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
-def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
+def fullgrad_model(model: nn.Module | Split | FullGradModel) -> FullGradModel:
     """Prepare ``model`` for :func:`fullgrad` once; needed to compile FullGrad.
 
     Tracing cannot happen inside ``torch.compile``, so compile a function of the
@@ -105,8 +118,15 @@ def fullgrad_model(model: nn.Module | Split) -> FullGradModel:
 def _prepare(model: nn.Module) -> tuple:
     """The traced copies; cached per model, so they must not hold the model itself."""
     probed = _probed(model)
-    layers = tuple(probed.get_submodule(n.target) for n in _biased_nodes(probed))
+    layers = tuple(_called_module(probed, n) for n in _biased_nodes(probed))
     return probed, _layer_outputs(model), layers
+
+
+def _objective(cls: _targets.Target) -> Callable[[Any], Tensor]:
+    """The score the vjp pulls back: a callable ``cls`` itself, else the class scores."""
+    if callable(cls) and _targets.is_objective(cls):  # callable() narrows the type
+        return cls
+    return _targets.class_scores
 
 
 def _channel_normalised_sum(m: Tensor) -> Tensor:
@@ -194,7 +214,7 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     with torch.no_grad():
         out, pull, scores = _engine.stage_vjp(
             tail, (x, *probes), context_is_constant=False,
-            objective=cls if _targets.is_objective(cls) else _targets.class_scores)
+            objective=_objective(cls))
         cotangents, keep_k = _targets.cotangents_for(cls, out, scores, x.shape[0])
 
         def maps_for(cotangent: Tensor, pull=pull) -> tuple[Tensor, ...]:

@@ -10,7 +10,7 @@ inputs. The user's model is never modified.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ def _guided_source(model: nn.Module) -> nn.Module | None:
     return meta[_GUIDED_MARK]() or model  # the source, or the copy itself once the source is gone
 
 
-def _is_guided(model: nn.Module) -> bool:
+def _is_guided(model: nn.Module) -> TypeGuard[torch.fx.GraphModule]:
     return isinstance(model, torch.fx.GraphModule) and _GUIDED_MARK in getattr(model, "meta", {})
 
 
@@ -161,14 +161,14 @@ def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.guided_gradcam(s, x, 3).shape
         torch.Size([2, 3, 64, 64])
     """
-    if not isinstance(split, Split) or (split.model is None and guided is None):
+    whole = split.model if isinstance(split, Split) and guided is None else guided
+    if not isinstance(split, Split) or whole is None:
         raise ValueError("guided_gradcam needs split.model: build the split with camfunc.split, "
                          "or pass model= to camfunc.Split")
-    guided = guided if guided is not None else split.model
-    guided, scores = guided_backprop(guided, x, cls, chunk_size=chunk_size, return_scores=True)
-    cams = gradcam(split, x, cls, chunk_size=chunk_size)
-    cams = cams if isinstance(cams, list) else [cams]
+    gradients, scores = guided_backprop(whole, x, cls, chunk_size=chunk_size, return_scores=True)
+    maps = gradcam(split, x, cls, chunk_size=chunk_size)
+    cams = maps if isinstance(maps, list) else [maps]
     size = tuple(x.shape[2:])
     heat = torch.stack([_ops.upsample(c, size) for c in cams]).mean(0)
-    weighted = guided * heat.unsqueeze(-len(size) - 1)
+    weighted = gradients * heat.unsqueeze(-len(size) - 1)
     return (weighted, scores) if return_scores else weighted

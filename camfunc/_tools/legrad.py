@@ -97,9 +97,12 @@ def _sequential_inputs(embed: Callable[[Tensor], Tensor], blocks: list[nn.Module
 
 # ----------------------------------------------------------------------------
 # torchvision
+#
+# Models and blocks are typed Any below: each family's are duck-typed by their
+# library's attributes (checked with _runs, or with hasattr for the torchvision layout).
 
 
-def attention_probabilities(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+def attention_probabilities(block: Any, z: Tensor) -> tuple[Tensor, Tensor]:
     r"""A torchvision-layout block's attention probabilities and values from its input tokens ``z``.
 
     :math:`P = \mathrm{softmax}(Q K^\top / \sqrt{d})`, with :math:`Q, K, V` the
@@ -113,7 +116,7 @@ def attention_probabilities(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor
     return (scaled @ k.transpose(-2, -1)).softmax(-1), v
 
 
-def _torchvision_rest(block: nn.Module, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
+def _torchvision_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     mixed = (p @ v).transpose(1, 2).flatten(2)
     x = block.dropout(block.self_attention.out_proj(mixed)) + z
     return x + block.mlp(block.ln_2(x))
@@ -130,7 +133,7 @@ def _check_attention(attention: Any, name: str) -> None:
         )
 
 
-def _torchvision(model: nn.Module) -> _Family:
+def _torchvision(model: Any) -> _Family:
     source = "torchvision.models.vision_transformer"
     for name, block in model.encoder.layers.named_children():
         if not _runs(block, source, "EncoderBlock"):
@@ -158,7 +161,7 @@ def _torchvision(model: nn.Module) -> _Family:
 # timm
 
 
-def _timm_attention(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+def _timm_attention(block: Any, z: Tensor) -> tuple[Tensor, Tensor]:
     attn = block.attn
     x = block.norm1(z)
     batch, count, _ = x.shape
@@ -167,7 +170,7 @@ def _timm_attention(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1), v
 
 
-def _timm_rest(block: nn.Module, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
+def _timm_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     attn = block.attn
     mixed = attn.norm((attn.attn_drop(p) @ v).transpose(1, 2).flatten(2))
     if attn.gate is not None:
@@ -176,7 +179,7 @@ def _timm_rest(block: nn.Module, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def _timm(model: nn.Module) -> _Family:
+def _timm(model: Any) -> _Family:
     for i, block in enumerate(model.blocks):
         if not (_runs(block, "timm.models.vision_transformer", "Block")
                 and _runs(getattr(block, "attn", None), "timm.layers.attention", "Attention")):
@@ -198,7 +201,7 @@ def _timm(model: nn.Module) -> _Family:
 # Hugging Face
 
 
-def _hf_attention(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+def _hf_attention(block: Any, z: Tensor) -> tuple[Tensor, Tensor]:
     attn = block.attention
     x = block.layernorm_before(z)
     q, k, v = (_split_heads(proj(x), x.shape[-1] // attn.head_dim)
@@ -206,13 +209,13 @@ def _hf_attention(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
     return ((q @ k.transpose(-2, -1)) * attn.scaling).softmax(-1), v
 
 
-def _hf_rest(block: nn.Module, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
+def _hf_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     mixed = block.attention.o_proj((p @ v).transpose(1, 2).flatten(2))
     x = block.dropout(mixed) + z
     return block.dropout(block.mlp(block.layernorm_after(x))) + x
 
 
-def _hugging_face(model: nn.Module) -> _Family:
+def _hugging_face(model: Any) -> _Family:
     vit = model.vit
     layers = getattr(vit, "layers", None)
     if layers is None:
@@ -233,6 +236,13 @@ def _hugging_face(model: nn.Module) -> _Family:
 # Any model with torchvision-layout blocks
 
 
+def _block_name(model: nn.Module, item: int | str | nn.Module) -> str:
+    """The name of a block given as a module or a name (no indices on this path)."""
+    if not isinstance(item, (str, nn.Module)):  # as layer_name refuses it
+        raise TypeError(f"layer must be a module name or a module, got {type(item).__name__}")
+    return layer_name(model, item)
+
+
 def _torchvision_layout(model: nn.Module, layers: Layers,
                         score_projection: Callable[[Tensor], Tensor] | None,
                         prefix_tokens: int | None) -> tuple[_Family, list[str]]:
@@ -241,7 +251,7 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
     items = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else [layers]
     if not items:
         raise ValueError("layers is empty; give at least one block, or None for all of them")
-    names = [layer_name(model, item) for item in items]  # modules or names; no indices here
+    names = [_block_name(model, item) for item in items]
     for name in names:
         block = model.get_submodule(name)
         if not all(hasattr(block, part) for part in ("ln_1", "self_attention", "ln_2", "mlp")):
@@ -258,7 +268,7 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
         found, out = module_inputs(model, [names[i] for i in chosen], x)
         return dict(zip(chosen, found)), _targets.class_scores(out)
 
-    def rest(block: nn.Module, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
+    def rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
         mixed = (p @ v).transpose(1, 2).flatten(2)
         x = getattr(block, "dropout", nn.Identity())(block.self_attention.out_proj(mixed)) + z
         return x + block.mlp(block.ln_2(x))
@@ -297,10 +307,11 @@ def _block_indices(model: nn.Module, blocks: list[nn.Module], layers: Layers) ->
     found = []
     for item in items:
         if isinstance(item, numbers.Integral) and not isinstance(item, bool):
-            if not -len(blocks) <= item < len(blocks):
+            index = int(item)
+            if not -len(blocks) <= index < len(blocks):
                 raise IndexError(
                     f"block index {item} is out of range: the model has {len(blocks)} blocks")
-            found.append(int(item) % len(blocks))
+            found.append(index % len(blocks))
             continue
         if not isinstance(item, (str, nn.Module)):
             raise TypeError(
@@ -403,7 +414,9 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
                 family.project(family.rest(family.blocks[i], inputs[i], parts[i][1], p))
                 for i, p in zip(chosen, probabilities)])
 
-        layer_scores, pull = torch.func.vjp(every_block_scores, *(parts[i][0] for i in chosen))
+        # Without has_aux, vjp gives (outputs, pullback); its annotation also allows a triple.
+        scores_and_pull = torch.func.vjp(every_block_scores, *(parts[i][0] for i in chosen))
+        layer_scores, pull = scores_and_pull[0], scores_and_pull[1]
         cotangents = _targets.one_hot_rows(index, layer_scores[0])  # (K, B, classes)
 
         def relevance(cotangent: Tensor, pull=pull) -> Tensor:  # a default: see _engine.class_maps
@@ -414,9 +427,11 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
         tokens = per_key.shape[-1]
         layout = _layout.resolve(_layout.LayoutRule("legrad", "tokens", family.prefix_tokens),
                                  tuple(x.shape[1:]), (tokens, 1))
-        maps = per_key[..., layout.prefix_tokens:].unflatten(-1, layout.grid).movedim(0, 1)
+        grid = layout.grid
+        assert grid is not None  # resolve always fills a tokens layout's grid
+        maps = per_key[..., layout.prefix_tokens:].unflatten(-1, grid).movedim(0, 1)
         maps = maps if keep_k else maps.squeeze(1)
         if normalize:
-            maps = _ops.normalize(maps, spatial_dims=len(layout.grid))
+            maps = _ops.normalize(maps, spatial_dims=len(grid))
     maps = _validate.nonfinite_maps(maps)
     return (maps, scores) if return_scores else maps

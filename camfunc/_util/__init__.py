@@ -1,0 +1,2 @@
+"""Leaf utilities with no camfunc imports: atomic file writes, image reading, progress bars,
+Gaussian kernels."""

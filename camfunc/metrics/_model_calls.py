@@ -31,7 +31,7 @@ def checked(model: Any, x: Any, batch_size: Any) -> None:
 
 
 def check_non_negative(value: Any, name: str) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 

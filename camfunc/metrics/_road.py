@@ -159,8 +159,8 @@ def _check_percentiles(percentiles: Any) -> tuple[float, ...]:
     if isinstance(percentiles, numbers.Real):
         percentiles = (percentiles,)
     if (not isinstance(percentiles, Sequence) or len(percentiles) == 0
-            or not all(isinstance(p, numbers.Real) and not isinstance(p, bool) and 0 <= p <= 100
-                       for p in percentiles)):
+            or not all(isinstance(p, numbers.Real) and not isinstance(p, bool)
+                       and 0 <= float(p) <= 100 for p in percentiles)):
         raise ValueError(f"percentiles must be numbers in [0, 100], one or more; got {percentiles!r}")
     return tuple(float(p) for p in percentiles)
 

@@ -93,7 +93,8 @@ def infidelity(model: Any, x: Tensor, maps: Tensor, cls: _targets.Target | None 
 def _norm_order(norm_ord: Any) -> float:
     if norm_ord == "fro":
         return 2.0
-    if isinstance(norm_ord, numbers.Real) and not isinstance(norm_ord, bool) and norm_ord > 0:
+    if isinstance(norm_ord, numbers.Real) and not isinstance(norm_ord, bool) \
+            and float(norm_ord) > 0:
         return float(norm_ord)
     raise ValueError(f"norm_ord must be 'fro' or a positive number (math.inf too), got {norm_ord!r}")
 

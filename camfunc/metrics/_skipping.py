@@ -62,4 +62,4 @@ def scattered(result: R, keep: Tensor, batch: int, per_image: tuple[str, ...]) -
             full[keep.to(value.device)] = value
             value = full
         fields[name] = value
-    return type(result)(**fields)
+    return result._replace(**fields)

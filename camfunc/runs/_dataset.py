@@ -25,7 +25,7 @@ DEFAULT_SCENES_SEED = 0
 class Item(NamedTuple):
     """One dataset entry; ``error`` is empty when the image was read."""
 
-    index: int
+    dataset_index: int
     image: Tensor          # (3, H, W) in [0, 1]; zeros when the read failed
     label: int
     mask: Tensor | None    # (H, W) bool object mask (generated scenes only)
@@ -43,11 +43,20 @@ class Batch(NamedTuple):
 
 
 def collate(items: Sequence[Item]) -> Batch:
-    masks = None if items[0].mask is None else torch.stack([item.mask for item in items])
-    return Batch(torch.tensor([item.index for item in items], dtype=torch.long),
+    return Batch(torch.tensor([item.dataset_index for item in items], dtype=torch.long),
                  torch.stack([item.image for item in items]),
                  torch.tensor([item.label for item in items], dtype=torch.long),
-                 masks, [item.error for item in items])
+                 _stacked_masks(items), [item.error for item in items])
+
+
+def _stacked_masks(items: Sequence[Item]) -> Tensor | None:
+    """The items' object masks, stacked; None for a dataset without them."""
+    if items[0].mask is None:
+        return None
+    masks = [item.mask for item in items if item.mask is not None]
+    if len(masks) != len(items):
+        raise ValueError("some items of the batch have an object mask and some do not")
+    return torch.stack(masks)
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -82,7 +91,8 @@ class ImageFolderData(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, size: tuple[int, int]) -> None:
         self.root = Path(root).resolve()
-        self.size = tuple(size)
+        height, width = size
+        self.size = (height, width)
         self.classes, self.files, self.labels = list_image_folder(self.root)
 
     def __len__(self) -> int:

@@ -163,7 +163,7 @@ def explain_batch(work: Work, batch: Batch) -> Explained | None:
     x = work.normalise(padded(images, size, 0).to(work.device, non_blocking=True))
     cls = targets(work, padded(labels, size, 0))
     maps: dict[str, Tensor] = {}
-    scores = None
+    scores: Tensor | None = None
     for name, method in work.methods.items():
         if name in DRAWN_PER_IMAGE and work.pad_to is None:
             result, scores = drawn_per_image(work, name, method, x, cls, indices.tolist())
@@ -173,8 +173,10 @@ def explain_batch(work: Work, batch: Batch) -> Explained | None:
             result, scores = method(work.split, x, cls, return_scores=True, **extra)
         result = result if result.ndim == x.ndim else result.unsqueeze(1)  # (B, K, h, w)
         maps[name] = result[:n]
+    if scores is None:
+        raise ValueError("the run has no methods to explain the batch with")
     scores = scores[:n].float()
-    classes = cls[:n] if isinstance(cls, Tensor) else scores.topk(work.topk, dim=1).indices
+    classes = cls[:n] if work.topk is None else scores.topk(work.topk, dim=1).indices
     probabilities = scores.softmax(1).gather(1, classes)
     masks = batch.masks[rows].to(work.device) if batch.masks is not None else None
     table = {name: map_metrics(work, x[:n], m, classes, masks) for name, m in maps.items()} \

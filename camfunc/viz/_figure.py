@@ -25,8 +25,8 @@ def _rows(cam: Any) -> list[Any]:
                      f"got shape {tuple(tensor.shape)}")
 
 
-#: Width of the colour bar's column, in inches.
-COLORBAR_INCHES = 0.7
+#: Width of the colour bar's column (bar, ticks and label), in inches.
+COLORBAR_INCHES = 0.9
 
 
 def display_image(image: Any, display_size: int | None) -> np.ndarray:
@@ -100,8 +100,10 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     for axis in axes.flat:
         axis.set_axis_off()
     if colorbar:
-        fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), ax=list(axes.flat),
-                     shrink=0.9, label="relevance (each map scaled to [0, 1])")
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), ax=list(axes.flat),
+                           shrink=0.9, pad=0.01, fraction=0.03, aspect=15)
+        bar.set_label("relevance, each map\nscaled to [0, 1]", fontsize=8)
+        bar.ax.tick_params(labelsize=8)
     if path is not None:
         save_png(fig, path)
     return fig

@@ -40,7 +40,8 @@ def _uniform(generator: torch.Generator, *shape: int, low: float = 0.0, high: fl
 def _grid(size: int) -> tuple[Tensor, Tensor]:
     """Pixel-centre coordinates ``(ys, xs)``, each (S, S)."""
     coords = torch.arange(size, dtype=torch.float32) + 0.5
-    return torch.meshgrid(coords, coords, indexing="ij")
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    return ys, xs
 
 
 def _object_frame(centres: Tensor, angles: Tensor, size: int) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,9 @@ __all__ = ["prepared"]
 
 T = TypeVar("T")
 
-_CACHES: dict[str, weakref.WeakKeyDictionary] = {}
+Entry = tuple[tuple, Any]  # (the model's fingerprint, what was built from it)
+
+_CACHES: dict[str, weakref.WeakKeyDictionary[nn.Module, Entry]] = {}
 _LOCK = threading.Lock()
 
 
@@ -46,5 +48,6 @@ def prepared(kind: str, model: nn.Module, build: Callable[[nn.Module], T]) -> T:
 def cached(kind: str, model: nn.Module) -> Any:
     """The current entry, if any (for tests and for reading what was built)."""
     with _LOCK:
-        hit = _CACHES.get(kind, {}).get(model)
+        cache = _CACHES.get(kind)
+        hit = None if cache is None else cache.get(model)
     return None if hit is None or hit[0] != fingerprint(model) else hit[1]

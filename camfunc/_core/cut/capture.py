@@ -30,11 +30,19 @@ from torch import Tensor, nn
 
 from camfunc._core.cut.lock import TRACE_LOCK
 
-__all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy"]
+__all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy",
+           "target_name"]
 
 
 class CaptureError(TypeError):
     """The model could not be captured as a graph (the message says why and what to do)."""
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """The name a ``call_module``, ``call_method`` or ``get_attr`` node's target is."""
+    if not isinstance(node.target, str):
+        raise CaptureError(f"{node.op} node {node.name} targets {node.target!r}, not a name")
+    return node.target
 
 
 @dataclasses.dataclass
@@ -61,7 +69,7 @@ class Captured:
 
     def owner(self, node: torch.fx.Node) -> Any:
         """The module or tensor a ``call_module``/``get_attr`` node refers to."""
-        return self.root[node.target]
+        return self.root[target_name(node)]
 
 
 def _is_inside(inner: str, outer: str) -> bool:
@@ -172,8 +180,9 @@ def _forward_defaults(model: nn.Module) -> dict[str, Any]:
     return defaults
 
 
-_CONV_FUNCTIONS = {torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2,
-                   torch.nn.functional.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_FUNCTIONS: dict[torch.fx.node.Target, int] = {
+    torch.nn.functional.conv1d: 1, torch.nn.functional.conv2d: 2, torch.nn.functional.conv3d: 3,
+    torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
@@ -181,7 +190,7 @@ def _input_ndim(graph: torch.fx.Graph, x: torch.fx.Node, root: dict[str, Any]) -
     """The input rank, when the input goes straight into a convolution (batched: dims + 2)."""
     for user in x.users:
         if user.op == "call_module" and user.args and user.args[0] is x:
-            dims = _CONVS.get(type(root[user.target]))
+            dims = _CONVS.get(type(root[target_name(user)]))
         elif user.op == "call_function" and user.args and user.args[0] is x:
             dims = _CONV_FUNCTIONS.get(user.target)
         else:
@@ -195,9 +204,10 @@ def _graph_root(model: nn.Module, graph: torch.fx.Graph, extra: dict[str, Any]) 
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            root[node.target] = model.get_submodule(node.target)
+            root[target_name(node)] = model.get_submodule(target_name(node))
         elif node.op == "get_attr":
-            root[node.target] = extra[node.target] if node.target in extra else _fetch(model, node.target)
+            name = target_name(node)
+            root[name] = extra[name] if name in extra else _fetch(model, name)
     return root
 
 
@@ -227,7 +237,7 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
     constants = {}
     for node in placeholders[1:]:  # a concrete argument's placeholder holds its value
         value = node.args[0] if node.args else None
-        constants[node] = root[value.target] if isinstance(value, torch.fx.Node) else value
+        constants[node] = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
     return Captured(graph, root, x, constants, tracer.outputs,
                     input_ndim=_input_ndim(graph, x, root), method="fx")
 
@@ -307,12 +317,12 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     for node in ep.graph.nodes:
         if node.op == "placeholder":
             spec = specs.get(node.name)
-            kind = spec.kind.name if spec is not None else "USER_INPUT"
-            if kind == "USER_INPUT":
+            if spec is None or spec.kind.name == "USER_INPUT":
                 env[node] = graph.placeholder(node.name)
                 env[node].meta = dict(node.meta)
                 user_inputs.append(env[node])
                 continue
+            kind = spec.kind.name
             if kind in ("PARAMETER", "BUFFER") and spec.target in tensors:
                 value = tensors[spec.target]
             elif spec.target in ep.constants:

@@ -26,6 +26,7 @@ from camfunc._core.cut.capture import Captured
 __all__ = ["feature_axis", "prefix_tokens_hint"]
 
 Axis = Literal["first", "last"]
+Role = Literal["first", "last", "pass", "stop"]  # a producer's say: an axis, look through, or none
 
 _FIRST_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -80,7 +81,7 @@ _PASS_OPS = {"add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "gelu"
              "neg", "mish", "hardsigmoid", "relu6"}
 
 
-def _classify(node: torch.fx.Node, captured: Captured) -> str:
+def _classify(node: torch.fx.Node, captured: Captured) -> Role:
     """``first``, ``last``, ``pass`` (look through) or ``stop``."""
     if node.op == "call_module":
         module = captured.owner(node)
@@ -111,8 +112,9 @@ def _classify(node: torch.fx.Node, captured: Captured) -> str:
 
 def feature_axis(captured: Captured, output: torch.fx.Node, limit: int = 200) -> Axis | None:
     """``"first"`` or ``"last"`` when the producers of ``output`` agree, else None."""
-    found: set[str] = set()
-    stack, seen = [output], set()
+    found: set[Axis] = set()
+    stack = [output]
+    seen: set[torch.fx.Node] = set()
     while stack and len(seen) < limit:
         node = stack.pop()
         if node in seen:
@@ -123,7 +125,7 @@ def feature_axis(captured: Captured, output: torch.fx.Node, limit: int = 200) ->
             found.add(kind)
         elif kind == "pass":
             stack.extend(n for n in node.all_input_nodes if n.op not in ("get_attr", "placeholder"))
-    return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
+    return found.pop() if len(found) == 1 else None
 
 
 _TOKEN_NAMES = ("token",)

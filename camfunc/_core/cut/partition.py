@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from camfunc._core.cut.capture import Captured, CaptureError
+from camfunc._core.cut.capture import Captured, CaptureError, target_name
 from camfunc._core.cut.lock import TRACE_LOCK
 
 __all__ = ["levels", "Stage", "build_stages"]
@@ -78,7 +78,7 @@ def written(node: torch.fx.Node, captured: Captured) -> list[torch.fx.Node]:
     """The nodes whose tensors this node writes in place."""
     schema = _schema(node)
     if schema is not None:  # an ATen op from torch.export: its schema says
-        out = []
+        out: list[torch.fx.Node] = []
         for i, arg in enumerate(schema.arguments):
             info = arg.alias_info
             if info is not None and info.is_write:
@@ -89,7 +89,7 @@ def written(node: torch.fx.Node, captured: Captured) -> list[torch.fx.Node]:
     first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if first is None:
         return []
-    if node.op == "call_method" and _is_inplace_name(node.target):
+    if node.op == "call_method" and _is_inplace_name(target_name(node)):
         return [first]
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
@@ -106,14 +106,15 @@ def aliased(node: torch.fx.Node, captured: Captured) -> torch.fx.Node | None:
     schema = _schema(node)
     if schema is not None:
         if any(r.alias_info is not None for r in schema.returns):
-            for i, arg in enumerate(schema.arguments):
-                if arg.alias_info is not None and i < len(node.args) and isinstance(node.args[i], torch.fx.Node):
-                    return node.args[i]
+            for arg, value in zip(schema.arguments, node.args):
+                if arg.alias_info is not None and isinstance(value, torch.fx.Node):
+                    return value
         return None
     first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if first is None:
         return None
-    if node.op == "call_method" and (node.target in _VIEW_METHODS or _is_inplace_name(node.target)):
+    if node.op == "call_method" and (node.target in _VIEW_METHODS
+                                     or _is_inplace_name(target_name(node))):
         return first
     if node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or written(node, captured)):
         return first
@@ -187,30 +188,32 @@ def _module_twin(module: nn.Module) -> tuple[Any, dict[str, Any]] | None:
 def out_of_place(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple, dict] | None:
     """``(target, op, args, kwargs)`` computing what an in-place node writes, without writing."""
     if node.op == "call_method":
-        twin = node.target[:-1]
+        twin = target_name(node)[:-1]
         return (twin, "call_method", node.args, node.kwargs) if hasattr(torch.Tensor, twin) else None
     if node.op == "call_module":
         found = _module_twin(captured.owner(node))
         return None if found is None else (found[0], "call_function", node.args[:1], found[1])
     if node.op != "call_function":
         return None
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet is not None:  # aten.add_.Tensor -> aten.add.Tensor
-        functional = getattr(torch.ops.aten, packet.__name__[:-1], None)
-        overload = getattr(functional, node.target._overloadname, None) if functional is not None else None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):  # aten.add_.Tensor -> aten.add.Tensor
+        functional = getattr(torch.ops.aten, target.overloadpacket.__name__[:-1], None)
+        overload = None if functional is None else getattr(functional, target._overloadname, None)
         return None if overload is None else (overload, "call_function", node.args, node.kwargs)
-    if node.target in _OUT_OF_PLACE_OPERATORS:
-        return _OUT_OF_PLACE_OPERATORS[node.target], "call_function", node.args, node.kwargs
-    name = getattr(node.target, "__name__", "")
+    if target in _OUT_OF_PLACE_OPERATORS:
+        return _OUT_OF_PLACE_OPERATORS[target], "call_function", node.args, node.kwargs
+    name = getattr(target, "__name__", "")
     if _is_inplace_name(name) and callable(getattr(torch, name[:-1], None)):
         return getattr(torch, name[:-1]), "call_function", node.args, node.kwargs
+    if isinstance(target, str):  # no signature to read
+        return None
     try:
-        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
+        bound = inspect.signature(target).bind_partial(*node.args, **node.kwargs)
     except (TypeError, ValueError):
         return None
     if bound.arguments.get("inplace") is True:
         bound.arguments["inplace"] = False
-        return node.target, "call_function", bound.args, bound.kwargs
+        return target, "call_function", bound.args, bound.kwargs
     return None
 
 
@@ -335,8 +338,8 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
             if node in env:
                 return env[node]
             if node.op == "get_attr":
-                owners[node.target] = captured.root[node.target]
-                env[node] = sub.get_attr(node.target)
+                owners[target_name(node)] = captured.root[target_name(node)]
+                env[node] = sub.get_attr(target_name(node))
                 return env[node]
             if node in captured.constants:  # a tensor default of the forward
                 owners[f"_camfunc_default_{node.name}"] = captured.constants[node]
@@ -351,8 +354,8 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
                                       torch.fx.node.map_arg(kwargs, value_of), name=node.name)
                 new.meta = dict(node.meta)
                 env[node] = env[node.args[0]] = new
-            elif k > 0 and _batchable(node, captured) is not None:  # stages the vjp differentiates
-                op, target, args, kwargs = _batchable(node, captured)
+            elif k > 0 and (batchable := _batchable(node, captured)) is not None:
+                op, target, args, kwargs = batchable  # in a stage the vjp differentiates
                 new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
                                       torch.fx.node.map_arg(kwargs, value_of), name=node.name)
                 new.meta = dict(node.meta)
