@@ -13,22 +13,26 @@ from hypothesis import settings  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 # Timings on a shared 2-core machine are noise: no deadline in any profile.
-# dev (the default): a fixed, quick search, the same every run.
-# ci (HYPOTHESIS_PROFILE=ci, set by .ci/run): more examples, a new seed each run (printed in
-# the header); a failure also prints the blob that replays it (@reproduce_failure), and the examples it finds
-# are kept in a database outside the repository, so a rerun on that machine tries them first.
+# dev (the default): a quick search, the same every run.
+# ci (HYPOTHESIS_PROFILE=ci, set by .ci/run): more examples, still the same every run: a
+# landing gate must not be a lottery.
+# hunt (HYPOTHESIS_PROFILE=hunt): many examples from a fresh seed each run (printed in the
+# header); a failure prints the blob that replays it (@reproduce_failure), and what it finds
+# is kept in a database outside the repository. Run it to look for counterexamples, then pin
+# each one found as an @example.
 settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True)
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
+    "hunt", max_examples=200, deadline=None, derandomize=False, print_blob=True,
     database=DirectoryBasedExampleDatabase(os.path.join(tempfile.gettempdir(), "camfunc-hypothesis")))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin reads the seed
 def pytest_configure(config):
-    """Under the ci profile, one fresh seed for the whole run, unless one is given, so a
+    """Under the hunt profile, one fresh seed for the whole run, unless one is given, so a
     failure found once can be replayed with ``--hypothesis-seed``."""
-    if settings.get_current_profile_name() == "ci" and config.getoption("hypothesis_seed") is None:
+    if settings.get_current_profile_name() == "hunt" and config.getoption("hypothesis_seed") is None:
         config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
 
 

@@ -8,6 +8,7 @@ with the hook oracle whose grid conversion is written here by hand.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -42,15 +43,30 @@ def test_an_input_divided_by_one_stride_is_recognised(spatial, stride, rounding)
     assert _scaled(sizes, spatial)
 
 
-@given(st.lists(st.integers(2, 64), min_size=2, max_size=3), st.data())
-def test_axes_scaled_by_different_strides_are_not_one_grid(sizes, data):
-    spatial = [a * data.draw(st.integers(1, 8)) for a in sizes]
-    wrong = list(sizes)
-    wrong[0] = sizes[0] * 2 + 1 if spatial[0] >= sizes[0] * 2 + 1 else sizes[0] + 2
-    assume(all(w <= s for w, s in zip(wrong, spatial)))
-    ratios = [s / w for s, w in zip(spatial, wrong)]
-    assume(max(ratios) / min(ratios) > 1.5)  # clearly two strides
-    assert not _scaled(wrong, spatial)
+def one_stride_exists(sizes, spatial):
+    """Search every stride that could round each axis: the constraints' endpoints and the
+    midpoints between them, in exact fractions."""
+    ends = sorted({Fraction(s, a + d) for a, s in zip(sizes, spatial) for d in (-1, 0, 1) if a + d > 0})
+    candidates = ends + [(lo + hi) / 2 for lo, hi in zip(ends, ends[1:])] + [ends[-1] + 1]
+    return any(all(rounding(Fraction(s) / f) == a for a, s in zip(sizes, spatial))
+               for f in candidates for rounding in (math.floor, math.ceil))
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=3), st.data())
+@example([2, 2], None)  # [5, 2] on [16, 4]: 3.5 rounds both up (no integer stride, still one stride)
+def test_one_grid_exactly_when_one_stride_rounds_every_axis(sizes, data):
+    spatial = [16, 4] if data is None else [a * data.draw(st.integers(1, 8)) + data.draw(st.integers(0, 3)) for a in sizes]
+    if data is None:
+        sizes = [5, 2]
+    else:  # also off-grid sizes: one axis moved by a few cells
+        sizes = [max(1, a + data.draw(st.integers(-2, 2))) if i == 0 else a for i, a in enumerate(sizes)]
+    assert _scaled(sizes, spatial) == one_stride_exists(sizes, spatial)
+
+
+def test_axes_scaled_by_clearly_different_strides_are_not_one_grid():
+    assert not _scaled([7, 14], [224, 224])  # strides 32 and 16
+    assert not _scaled([4, 2], [16, 16])
+    assert not _scaled([8, 8, 2], [64, 64, 64])
 
 
 def rule(**kw):

@@ -33,16 +33,19 @@ def first_component(features: Tensor) -> Tensor:
     An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
     largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
     2025, Eq. 13); on a tie (equal up to rounding), :math:`v_1`'s loadings sum
-    to a positive number. A sample whose positions are all equal (up to the
-    rounding of their mean) gets a zero map.
+    to a positive number. A sample whose positions are all equal up to rounding
+    (within :math:`\sqrt{\epsilon}` of its largest feature) gets a zero map.
     A sample holding NaN or Inf gets a NaN map; the others are unaffected.
     """
     features, bad = set_aside_nonfinite(features)
     centred = features.flatten(2).transpose(1, 2)  # (B, N, C)
     centred = centred - centred.mean(1, keepdim=True)
-    # Positions that differ only by the mean's rounding are flat: their principal direction
-    # would be the rounding's, a map of pure noise at full contrast. They get a zero map.
-    flat = centred.abs().flatten(1).amax(1) <= 16 * torch.finfo(centred.dtype).eps * features.abs().flatten(1).amax(1)
+    # Positions that differ only by rounding are flat: their principal direction would be
+    # the rounding's, a map of pure noise at full contrast. They get a zero map. Rounding
+    # reaches tens of ulps (a tail's backward takes vectorised and scalar paths for
+    # different positions, then cancels), hence sqrt(eps), not a few ulps.
+    rounding = torch.finfo(centred.dtype).eps ** 0.5
+    flat = centred.abs().flatten(1).amax(1) <= rounding * features.abs().flatten(1).amax(1)
     centred = torch.where(_per_sample(flat, centred), torch.zeros_like(centred), centred)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     direction = vh[:, 0, :]  # (B, C)
