@@ -78,13 +78,40 @@ def problems(draw, nonnegative: bool = False):
     return Problem(a, cls, channels, classes, seed, dims, act)
 
 
+# The features whose first principal component an eigen method projects on, from A and G.
+EIGEN_FEATURES = {"eigencam": lambda a, g: a, "eigengradcam": lambda a, g: g * a,
+                  "segeigencam": lambda a, g: g.abs() * a}
+
+
 def well_conditioned(name: str, problem: Problem) -> None:
-    """Ablation-CAM divides by the class score (pytorch-grad-cam's formula): near 0, its
-    weights are float32 rounding amplified, and two summation orders disagree. Not the
-    property's question, so hypothesis looks elsewhere."""
+    """Inputs where the answer is not float32 rounding amplified, which is not the question
+    these properties ask, so hypothesis looks elsewhere.
+
+    Ablation-CAM divides by the class score (pytorch-grad-cam's formula): near 0, two
+    summation orders disagree. An eigen method's direction is defined only up to the gap
+    between the top two singular values, its sign only up to the lean of the projection,
+    and its flat rule (sqrt(eps)) flips near its threshold: without margins, a batched and
+    a lone SVD (whose BLAS may run on another thread count) pick different answers.
+    """
     if name == "ablationcam":
         with torch.no_grad():
             assume(bool((problem.tail()(problem.a).abs() > 1e-2).all()))
+    if name in EIGEN_FEATURES:
+        out, pull = torch.func.vjp(problem.tail(), problem.a)
+        (g,) = pull(nn.functional.one_hot(problem.cls, out.shape[1]).to(out.dtype))
+        features = EIGEN_FEATURES[name](problem.a, g).detach().double()
+        x = features.flatten(2).transpose(1, 2)
+        x = x - x.mean(1, keepdim=True)
+        spread = x.abs().flatten(1).amax(1) / features.abs().flatten(1).amax(1).clamp_min(1e-300)
+        flat_rule = torch.finfo(torch.float32).eps ** 0.5
+        assume(bool(((spread < flat_rule / 4) | (spread > flat_rule * 4)).all()))
+        values, directions = torch.linalg.svd(x, full_matrices=False)[1:]
+        second = values[:, 1] if values.shape[1] > 1 else torch.zeros_like(values[:, 0])
+        flat = spread < flat_rule / 4
+        assume(bool((flat | (values[:, 0] - second > 1e-2 * values[:, 0])).all()))
+        projection = (x @ directions[:, 0, :].unsqueeze(-1)).squeeze(-1)
+        lean = (projection.amax(1) + projection.amin(1)).abs()
+        assume(bool((flat | (lean > 1e-3 * projection.abs().amax(1))).all()))
 
 
 def call(name, s, a, cls, randomness=None, **kwargs):
@@ -200,9 +227,13 @@ def test_class_axis_equals_k_separate_calls(name, problem, k):
     s = camfunc.Split(identity, problem.tail())
     g = torch.Generator().manual_seed(problem.seed)
     many = torch.randint(0, problem.classes, (a.shape[0], k), generator=g)
-    together = call(name, s, a, many)
+    # Raw maps: min-max scaling would amplify the rounding of vmap's batched kernels
+    # against one class's kernels wherever a map's range is small against its values.
+    together = call(name, s, a, many, normalize=False)
     for j in range(k):
-        torch.testing.assert_close(together[:, j], call(name, s, a, many[:, j]), atol=1e-6, rtol=1e-5)
+        alone = call(name, s, a, many[:, j], normalize=False)
+        scale = float(alone.abs().max().clamp_min(1e-12))
+        torch.testing.assert_close(together[:, j], alone, atol=1e-5 * scale, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
