@@ -316,7 +316,7 @@ def test_corrupt_images_are_recorded_as_failed_and_the_run_goes_on(weights, tmp_
     (["--method", "nosuchcam"], "unknown method 'nosuchcam'"),
     (["--classes", "best"], "classes must be 'true', 'predicted' or 'topK'"),
     (["--classes", "top9"], "more classes than the model's 5"),
-    (["--shard-size", "0"], "shard_size must be an int >= 1"),
+    (["--shard-size", "0"], "shard_size must be a positive int"),
 ])
 def test_bad_arguments_are_clear_errors(weights, tmp_path, capsys, args, message):
     status = run_main(["scenes:4", "--out", str(tmp_path / "out"), "--weights", str(weights),

@@ -122,6 +122,20 @@ def test_several_layers_in_any_order_give_maps_in_the_order_given():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_a_list_of_layers_gives_a_list_of_maps_even_for_one_layer():
+    # What the types promise (Split[list[Tensor]] for a list): a list, never a bare tensor.
+    model = ResNetish().eval()
+    x = torch.randn(2, 3, 8, 8)
+    listed = camfunc.split(model, ["block2"])
+    plain = camfunc.split(model, "block2")
+    assert listed.listed and not plain.listed
+    for method in (camfunc.gradcam, camfunc.scorecam, camfunc.eigencam):
+        maps, scores = method(listed, x, 1, return_scores=True)
+        assert isinstance(maps, list) and len(maps) == 1
+        assert torch.equal(maps[0], method(plain, x, 1))
+        assert scores.shape == (2, model(x).shape[1])
+
+
 def test_nested_layers_each_get_their_own_cut():
     model = ResNetish().eval()
     x = torch.randn(2, 3, 8, 8)
