@@ -56,7 +56,8 @@ call: max |difference|. At the layer's resolution for torchcam and captum;
 pytorch-grad-cam returns maps resized to the input, so camfunc's maps go
 through pytorch-grad-cam's own ``scale_cam_image`` first, as its forward
 applies it: min-max and OpenCV resize, then min-max again. PASS when it is at most 1e-4 where the reference follows camfunc's
-convention; "differs" with the reason where it does not on purpose
+convention (a MISS makes the script exit non-zero, after its report: timing
+different maps is no comparison); "differs" with the reason where it does not on purpose
 (pytorch-grad-cam's Score-CAM upsamples masks with ``align_corners=True``;
 torchcam's Smooth Grad-CAM++ keeps the last noisy sample's gradients and
 activations). With ``--pgc-ablation-batches``, pytorch-grad-cam ablates only
@@ -69,7 +70,8 @@ Time
 Median of the timed calls, all rows of a comparison in the main process,
 interleaved round-robin (each round starts at the next row), so machine noise
 falls on all of them alike. Rows marked slow (every Score-CAM row, and
-pytorch-grad-cam's Ablation-CAM) get ``--slow-warmup`` (default 0) untimed and
+pytorch-grad-cam's Ablation-CAM) get ``--slow-warmup`` (default 0; at least 1 on
+CUDA, where a first call pays for cuDNN's algorithm search) untimed and
 ``--slow-repeats`` (default 1) timed calls, the others ``--warmup`` and
 ``--repeats``. ``torch.set_num_threads(--threads)``.
 
@@ -545,21 +547,23 @@ def agreement(plan: Plan, setup: Setup, outputs: dict[str, object]) -> dict[str,
 # Timing
 
 
-def _counts(row: Row, args) -> tuple[int, int]:
-    """(untimed warm-up calls, timed calls) for a row."""
-    return (args.slow_warmup, args.slow_repeats) if row.slow else (args.warmup, args.repeats)
+def _counts(row: Row, args, device: str) -> tuple[int, int]:
+    """(untimed warm-up calls, timed calls) for a row. On a GPU every row, slow ones too, gets
+    a warm-up call: the first pays for cuDNN's algorithm search, and would time that."""
+    warm, timed = (args.slow_warmup, args.slow_repeats) if row.slow else (args.warmup, args.repeats)
+    return (max(1, warm) if device == "cuda" else warm), timed
 
 
 def time_rows(calls: dict[str, Call], rows: tuple[Row, ...], device: str, args):
     """Warm-up, then interleaved timed calls; returns (ms samples, each row's first output)."""
     first: dict[str, object] = {}
     for row in rows:
-        for _ in range(_counts(row, args)[0]):
+        for _ in range(_counts(row, args, device)[0]):
             log(f"  warm-up {row.text()}")
             out = calls[row.key]()
             first.setdefault(row.key, out)
     samples: dict[str, list[float]] = {row.key: [] for row in rows}
-    wanted = {row.key: _counts(row, args)[1] for row in rows}
+    wanted = {row.key: _counts(row, args, device)[1] for row in rows}
     order = [row.key for row in rows]
     for r in range(max(wanted.values())):
         start = r % len(order)
@@ -899,6 +903,10 @@ def main(argv=None) -> None:
             saved = {k: v for k, v in vars(args).items() if k != "child"}
             json.dump({"machine": machine, "args": saved, "results": [asdict(r) for r in results],
                        "targets": targets}, f, indent=2)
+    misses = [f"{r.comparison}/{r.label}: {r.agreement['max_abs_diff']:.1e}" for r in results
+              if r.agreement and r.agreement["verdict"] == "MISS"]
+    if misses:  # timing different maps is no comparison
+        raise SystemExit(f"maps disagree with camfunc's (> {AGREE_TOL:.0e}): " + "; ".join(misses))
 
 
 if __name__ == "__main__":

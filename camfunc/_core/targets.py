@@ -165,10 +165,10 @@ def class_indices(cls: Target, scores: Tensor) -> tuple[Tensor, bool]:
         index = torch.full((batch, 1), int(cls), dtype=torch.long, device=scores.device)
         return index, False
     if isinstance(cls, Tensor):
+        check_range(cls, scores.shape[1])  # where cls lives, before it moves to the scores
         index = cls.to(device=scores.device, dtype=torch.long)
         keep_k = index.ndim == 2
         index = index.reshape(batch, -1) if index.ndim else index.expand(batch).reshape(batch, 1)
-        check_range(index, scores.shape[1])
         return index, keep_k
     if is_objective(cls):
         raise TypeError("a callable cls names no class indices; give classes, or use the callable "
@@ -192,12 +192,24 @@ def _check_ints(values: Sequence[int], num_classes: int) -> None:
 
 
 def check_range(index: Tensor, num_classes: int) -> None:
-    """Class range check; it reads tensor values, so it runs only when not compiling."""
-    if torch.compiler.is_compiling():
+    """Class range check, without a host-device sync.
+
+    Host memory is read on the host, for free: an IndexError before any work. A tensor on
+    an accelerator is checked there, asynchronously (``torch._assert_async``): reading it
+    would stall the host until the head has run, and the tail's launches would no longer
+    hide behind the device's work. When compiling, nothing is read.
+    """
+    if torch.compiler.is_compiling() or index.numel() == 0:
         return
-    low, high = int(index.min()), int(index.max())
-    if low < 0 or high >= num_classes:
-        raise _out_of_range(low if low < 0 else high, num_classes)
+    if index.device.type == "cpu":
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= num_classes:
+            raise _out_of_range(low if low < 0 else high, num_classes)
+        return
+    if index.device.type != "meta":
+        inside = ((index >= 0) & (index < num_classes)).all()
+        torch._assert_async(inside, f"class index out of range: the model has {num_classes} "
+                                    f"classes, so valid indices are 0 to {num_classes - 1}")
 
 
 def one_hot_rows(index: Tensor, like: Tensor) -> Tensor:

@@ -54,7 +54,9 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
         todo = todo.reshape(batch, channels).t().flatten()
         step = batch * max(1, batch_size // batch)
     shared = None
-    if flat_shortcut and not whole and transform is None and not torch.compiler.is_compiling():
+    # Skipping flat masks reads values: free on the CPU, a host-device sync elsewhere.
+    if (flat_shortcut and not whole and transform is None and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]
