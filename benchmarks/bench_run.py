@@ -56,6 +56,9 @@ def write_folder(root: Path, count: int, size: int = 256, seed: int = 0) -> Path
     return root
 
 
+from camfunc._util.images import unit_float  # noqa: E402  (the run's own uint8 -> [0, 1])
+
+
 def make_loader(loaded, folder: Path, args, device):
     from camfunc.runs._dataset import ImageFolderData, collate
 
@@ -86,14 +89,14 @@ def forward_throughput(model, loaded, folder: Path, args, device) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in loader:  # normalised on the device, as the run does
-            model(loaded.normalise(batch.images.to(device, non_blocking=True)))
+            model(loaded.normalise(unit_float(batch.images.to(device, non_blocking=True))))
     finish(device)
     return len(data) / (time.perf_counter() - start)
 
 
 def device_batches(loaded, folder: Path, args, device) -> list[torch.Tensor]:
     _, loader = make_loader(loaded, folder, args, device)
-    return [loaded.normalise(batch.images.to(device)) for batch in loader]
+    return [loaded.normalise(unit_float(batch.images.to(device))) for batch in loader]
 
 
 def limit_throughput(split, batches: list[torch.Tensor], device) -> float:

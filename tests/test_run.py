@@ -422,3 +422,17 @@ def test_a_failing_rank_stops_the_others_instead_of_leaving_them_waiting(tmp_pat
     assert done.returncode != 0
     assert "rank 1 broke on purpose" in done.stderr
     assert "the run failed on another rank: rank 1" in done.stderr
+
+
+def test_loader_ships_uint8_and_the_device_sees_the_same_floats(tmp_path):
+    # Workers send a quarter of float32's bytes; the model must see exactly the pixels it
+    # would have seen as floats, for every byte value.
+    from camfunc._util.images import read_resized, read_resized_bytes, unit_float
+
+    pixels = (np.arange(16 * 16 * 3) % 256).astype(np.uint8).reshape(16, 16, 3)
+    path = tmp_path / "all-values.png"
+    Image.fromarray(pixels).save(path)
+    shipped = read_resized_bytes(path, (16, 16))
+    assert shipped.dtype == torch.uint8 and shipped.shape == (3, 16, 16)
+    assert torch.equal(unit_float(shipped), read_resized(path, (16, 16)))
+    assert torch.equal(unit_float(shipped), torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc._util.images import IMAGE_SUFFIXES, read_resized
+from camfunc._util.images import IMAGE_SUFFIXES, read_resized_bytes
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0
@@ -109,9 +109,10 @@ class ImageFolderData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Item:
         try:
-            image, error = read_resized(self.files[index], self.size), ""
+            # uint8: workers ship a quarter of float32's bytes; made float on the device.
+            image, error = read_resized_bytes(self.files[index], self.size), ""
         except Exception as failure:  # any unreadable file is recorded, never fatal
-            image = torch.zeros(3, *self.size)
+            image = torch.zeros(3, *self.size, dtype=torch.uint8)
             error = str(failure) if isinstance(failure, (OSError, ValueError)) \
                 else f"{type(failure).__name__}: {failure}"
         return Item(index, image, self.labels[index], None, error)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from camfunc._core import ops as _ops, split as _split, targets as _targets
 from camfunc._methods import METHODS
+from camfunc._util.images import unit_float
 from camfunc.runs._dataset import Batch
 from camfunc.runs._shards import encode_maps
 
@@ -160,7 +161,7 @@ def explain_batch(work: Work, batch: Batch) -> Explained | None:
     indices, labels = batch.indices[rows], batch.labels[rows]
     images = batch.images if n == len(batch.errors) else batch.images[rows]  # keeps it pinned
     size = max(work.pad_to or n, n)
-    x = work.normalise(padded(images, size, 0).to(work.device, non_blocking=True))
+    x = work.normalise(unit_float(padded(images, size, 0).to(work.device, non_blocking=True)))
     cls = targets(work, padded(labels, size, 0))
     maps: dict[str, Tensor] = {}
     scores: Tensor | None = None
