@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parent
 API = DOCS / "api"
 SETUP = DOCS / "example_setup.py"
 
-MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.viz", "camfunc.zoo")
+MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
 LINE = 88  # a signature longer than this is written one parameter per line
 
 
@@ -132,6 +132,20 @@ localisation metrics, offline.
                    "camfunc.zoo.WEIGHTS_FILE")),
         ("Scenes", ("camfunc.zoo.scenes", "camfunc.zoo.Scenes", "camfunc.zoo.CLASSES",
                     "camfunc.zoo.IMAGE_SIZE")),
+    )),
+    Page("testing.md", "Property-based testing: camfunc.testing", """
+Hypothesis strategies that draw whole test cases (a small model, its split, an
+input drawn value by value, the classes), and explanation properties that hold
+or raise an `AssertionError` naming the counterexample. A method is any
+callable `method(split, x, cls, **options)`. Needs hypothesis
+(`pip install "camfunc[testing]"`).
+""", (
+        ("Cases", ("camfunc.testing.cases", "camfunc.testing.Case", "camfunc.testing.models",
+                   "camfunc.testing.KitNet", "camfunc.testing.inputs", "camfunc.testing.targets")),
+        ("Properties", ("camfunc.testing.PROPERTIES", "camfunc.testing.batch_independent",
+                        "camfunc.testing.class_axis_consistent", "camfunc.testing.deterministic",
+                        "camfunc.testing.unit_range", "camfunc.testing.logit_scale_invariant",
+                        "camfunc.testing.compile_equivalent")),
     )),
     Page("run.md", "Dataset-scale runs", """
 CAM methods over a whole dataset, in resumable shards, in one process or under
