@@ -146,6 +146,8 @@ callable `method(split, x, cls, **options)`. Needs hypothesis
                         "camfunc.testing.class_axis_consistent", "camfunc.testing.deterministic",
                         "camfunc.testing.unit_range", "camfunc.testing.logit_scale_invariant",
                         "camfunc.testing.compile_equivalent")),
+        ("The property matrix", ("camfunc.testing.property_matrix", "camfunc.testing.Matrix",
+                                 "camfunc.testing.Cell")),
     )),
     Page("run.md", "Dataset-scale runs", """
 CAM methods over a whole dataset, in resumable shards, in one process or under

@@ -21,6 +21,11 @@ from camfunc.testing._cases import (
     models as models,
     targets as targets,
 )
+from camfunc.testing._matrix import (
+    Cell as Cell,
+    Matrix as Matrix,
+    property_matrix as property_matrix,
+)
 from camfunc.testing._properties import (
     PROPERTIES as PROPERTIES,
     batch_independent as batch_independent,
@@ -31,6 +36,6 @@ from camfunc.testing._properties import (
     unit_range as unit_range,
 )
 
-__all__ = ["PROPERTIES", "Case", "KitNet", "batch_independent", "cases", "class_axis_consistent",
+__all__ = ["PROPERTIES", "Case", "Cell", "KitNet", "Matrix", "property_matrix", "batch_independent", "cases", "class_axis_consistent",
            "compile_equivalent", "deterministic", "inputs", "logit_scale_invariant", "models",
            "targets", "unit_range"]
