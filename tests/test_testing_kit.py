@@ -3,11 +3,6 @@ lines of a researcher's test find the planted bugs the issue names."""
 
 from __future__ import annotations
 
-import importlib
-import pathlib
-import re
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -80,47 +75,6 @@ def test_cases_draw_what_they_say(case):
     assert isinstance(case.cls, torch.Tensor) and case.cls.ndim == 2 and case.cls.shape[0] == 3
     with torch.no_grad():
         assert torch.allclose(case.split(case.x), case.model(case.x), atol=1e-5)
-
-
-# ----------------------------------------------------------------------------
-# The property matrix and docs/properties.md
-
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "properties.md"
-sys.path.insert(0, str(DOC.parent))  # docs/gen_properties.py
-
-
-def documented() -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str]]:
-    """The doc's verdicts per method and property, and its notes per (method, property)."""
-    text = DOC.read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| method |"))
-    names = [cell.strip().strip("`") for cell in header.strip("|").split("|")[1:]]
-    verdicts = {}
-    for line in text.splitlines():
-        match = re.match(r"\| (\w+) \| (.*) \|$", line)
-        if match and match.group(1) != "method":
-            cells = [re.sub(r"[*\[\]\d ]", "", cell) for cell in match.group(2).split(" | ")]
-            verdicts[match.group(1)] = dict(zip(names, cells))
-    notes = {(m, p): d for m, p, d in re.findall(r"^\d+\. \*\*(\w+), `(\w+)`\*\* \(\w+\): (.*)$",
-                                                 text, flags=re.M)}
-    return verdicts, notes
-
-
-def test_the_matrix_doc_covers_every_method_and_property():
-    verdicts, _ = documented()
-    assert list(verdicts) == list(camfunc.METHODS)
-    assert all(list(row) == list(kit.PROPERTIES) for row in verdicts.values())
-    assert {v for row in verdicts.values() for v in row.values()} <= {"holds", "fails", "error"}
-
-
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
-def test_the_matrix_doc_is_current(method):
-    # Rows recomputed with the generator's own settings must read as the doc does.
-    generator = importlib.import_module("gen_properties")
-    matrix = generator.build(methods=[method])
-    verdicts, notes = documented()
-    for name, cell in matrix.cells[method].items():
-        assert verdicts[method][name] == cell.verdict, (method, name, cell)
-        assert notes.get((method, name), "") == cell.detail, (method, name)
 
 
 def test_property_matrix_finds_grad_campps_temperature_dependence():
