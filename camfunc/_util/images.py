@@ -24,7 +24,7 @@ def read_image(path: str | Path, size: tuple[int, int]) -> tuple[Tensor, Tensor]
 def read_resized(path: str | Path, size: tuple[int, int]) -> Tensor:
     """An image file as a float tensor (3, H, W) in [0, 1], resized to ``size``; errors as
     :func:`read_image`'s."""
-    return unit_float(read_resized_bytes(path, size))
+    return _tensor(_decode(path, size)[1])
 
 
 def read_resized_bytes(path: str | Path, size: tuple[int, int]) -> Tensor:
