@@ -105,11 +105,20 @@ def test_a_channels_last_map_is_never_read_over_its_channel_axis(channels, spati
 @example(spatial=[224, 224], patch=16, prefix=1, width=768)   # ViT-B/16
 @example(spatial=[224, 224], patch=14, prefix=5, width=384)   # DINOv2 with 4 registers
 @example(spatial=[32, 64], patch=8, prefix=1, width=32)       # a non-square input
+@example(spatial=[8, 132, 285], patch=5, prefix=0, width=4)   # 1482 = 1x26x57 = 2x19x39: both fit
 def test_tokens_fill_the_patch_grid_after_the_models_prefix_tokens(spatial, patch, prefix, width):
     grid = tuple(s // patch for s in spatial)
     assume(all(g >= 1 for g in grid))
     n = math.prod(grid) + prefix
-    layout = resolve(rule(prefix_hint=prefix), (3, *spatial), (n, width))
+    try:
+        layout = resolve(rule(prefix_hint=prefix), (3, *spatial), (n, width))
+    except ValueError as err:  # several grids fit: the error lists the true one and says how to pick
+        said = str(err)
+        assert "fit several grids" in said and f"{'x'.join(map(str, grid))} + {prefix}" in said
+        assert "grid=(" in said
+        chosen = resolve(rule(grid=grid, prefix_tokens=prefix), (3, *spatial), (n, width))
+        assert (chosen.prefix_tokens, chosen.grid) == (prefix, grid)
+        return
     assert (layout.kind, layout.prefix_tokens, layout.grid) == ("tokens", prefix, grid)
 
 

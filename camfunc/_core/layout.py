@@ -178,12 +178,15 @@ class LayoutRule(NamedTuple):
     prefix_hint: int | None = None
 
 
-def _ambiguous(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int], why: str) -> ValueError:
+_SAY_LAYOUT = "camfunc.split(..., layout='channels_first'), 'channels_last' or 'tokens'"
+
+
+def _ambiguous(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int], why: str,
+               fix: str = _SAY_LAYOUT) -> ValueError:
     name = f"layer {rule.layer!r}" if rule.layer else "the layer"
     return ValueError(
         f"{name} outputs (B, {', '.join(map(str, act))}) for an input with spatial size "
-        f"{tuple(spatial)}: {why}. Say which with camfunc.split(..., layout='channels_first'), "
-        "'channels_last' or 'tokens'"
+        f"{tuple(spatial)}: {why}. Say which with {fix}"
     )
 
 
@@ -246,7 +249,8 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
         if not found:
             raise _no_grid(n, prefixes[0] if len(prefixes) == 1 else None, None, spatial)
         options = ", ".join(f"{'x'.join(map(str, g))} + {p}" for p, g in found)
-        raise _ambiguous(rule, act, spatial, f"its {n} tokens fit several grids ({options})")
+        raise _ambiguous(rule, act, spatial, f"its {n} tokens fit several grids ({options})",
+                         f"camfunc.split(..., grid={found[0][1]}, prefix_tokens={found[0][0]})")
     prefix, grid = found[0]
     return Layout("tokens", prefix, grid)
 
