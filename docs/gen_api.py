@@ -138,14 +138,22 @@ Hypothesis strategies that draw whole test cases (a small model, its split, an
 input drawn value by value, the classes), and explanation properties that hold
 or raise an `AssertionError` naming the counterexample. A method is any
 callable `method(split, x, cls, **options)`. Needs hypothesis
-(`pip install "camfunc[testing]"`).
+(`pip install "camfunc[testing]"`). The tutorial is [../testing.md](../testing.md);
+the matrix of every method under every property is [../properties.md](../properties.md).
 """, (
         ("Cases", ("camfunc.testing.cases", "camfunc.testing.Case", "camfunc.testing.models",
-                   "camfunc.testing.KitNet", "camfunc.testing.inputs", "camfunc.testing.targets")),
-        ("Properties", ("camfunc.testing.PROPERTIES", "camfunc.testing.batch_independent",
+                   "camfunc.testing.KitNet", "camfunc.testing.token_models",
+                   "camfunc.testing.TokenNet", "camfunc.testing.randomised",
+                   "camfunc.testing.inputs", "camfunc.testing.targets")),
+        ("Properties", ("camfunc.testing.PROPERTIES", "camfunc.testing.CASES_FOR",
+                        "camfunc.testing.batch_independent",
                         "camfunc.testing.class_axis_consistent", "camfunc.testing.deterministic",
                         "camfunc.testing.unit_range", "camfunc.testing.logit_scale_invariant",
-                        "camfunc.testing.compile_equivalent")),
+                        "camfunc.testing.compile_equivalent",
+                        "camfunc.testing.channel_permutation_invariant",
+                        "camfunc.testing.implementation_invariant",
+                        "camfunc.testing.translation_equivariant",
+                        "camfunc.testing.randomisation_sensitive", "camfunc.testing.spearman")),
         ("The property matrix", ("camfunc.testing.property_matrix", "camfunc.testing.Matrix",
                                  "camfunc.testing.Cell")),
     )),

@@ -16,10 +16,13 @@ Plain pytest and hypothesis; a failure shrinks to a minimal case and prints how 
 from camfunc.testing._cases import (
     Case as Case,
     KitNet as KitNet,
+    TokenNet as TokenNet,
     cases as cases,
     inputs as inputs,
     models as models,
+    randomised as randomised,
     targets as targets,
+    token_models as token_models,
 )
 from camfunc.testing._matrix import (
     Cell as Cell,
@@ -27,15 +30,24 @@ from camfunc.testing._matrix import (
     property_matrix as property_matrix,
 )
 from camfunc.testing._properties import (
+    CASES_FOR as CASES_FOR,
     PROPERTIES as PROPERTIES,
     batch_independent as batch_independent,
+    channel_permutation_invariant as channel_permutation_invariant,
     class_axis_consistent as class_axis_consistent,
     compile_equivalent as compile_equivalent,
     deterministic as deterministic,
+    implementation_invariant as implementation_invariant,
     logit_scale_invariant as logit_scale_invariant,
+    randomisation_sensitive as randomisation_sensitive,
+    spearman as spearman,
+    translation_equivariant as translation_equivariant,
     unit_range as unit_range,
 )
 
-__all__ = ["PROPERTIES", "Case", "Cell", "KitNet", "Matrix", "property_matrix", "batch_independent", "cases", "class_axis_consistent",
-           "compile_equivalent", "deterministic", "inputs", "logit_scale_invariant", "models",
-           "targets", "unit_range"]
+__all__ = ["CASES_FOR", "PROPERTIES", "Case", "Cell", "KitNet", "Matrix", "TokenNet",
+           "batch_independent", "cases", "channel_permutation_invariant", "class_axis_consistent",
+           "compile_equivalent", "deterministic", "implementation_invariant", "inputs",
+           "logit_scale_invariant", "models", "property_matrix", "randomisation_sensitive",
+           "randomised", "spearman", "targets", "token_models", "translation_equivariant",
+           "unit_range"]

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, seed, settings
 
 from camfunc.testing._cases import Case, cases
-from camfunc.testing._properties import PROPERTIES
+from camfunc.testing._properties import CASES_FOR, PROPERTIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +102,20 @@ def check_cell(method: Callable[..., Any], check: Callable[..., None], *, exampl
     return Cell("holds", f"on the cases it took; it refused {len(errors)} of {examples} ({refusal})")
 
 
+#: Cases a method needs, as :func:`cases` keyword arguments: CAM reads its weights off a
+#: pooled linear tail right after the cut.
+METHOD_CASES: dict[str, dict[str, Any]] = {"cam": {"pooled_linear_tail": True}}
+
+
 def property_matrix(methods: Sequence[str] | Mapping[str, Callable[..., Any]] | None = None,
                     properties: Sequence[str] | None = None, *, examples: int = 20,
-                    seed: int = 0) -> Matrix:
+                    seed: int = 0, method_cases: Mapping[str, Mapping[str, Any]] | None = None) -> Matrix:
     """Runs every property on every method and tabulates which hold.
 
     ``methods`` are names in ``camfunc.METHODS`` or a mapping of name to method (default:
     every registered method); ``properties`` are names in :data:`PROPERTIES` (default: all).
+    Each cell draws ``cases(**method_cases[method], **CASES_FOR[property])``
+    (``method_cases`` defaults to ``METHOD_CASES``: CAM gets pooled linear tails).
     Each cell searches ``examples`` drawn cases from ``seed``, so the matrix is reproducible;
     a failure keeps hypothesis' shrunk counterexample. "holds" means no counterexample was
     found in that search, not a proof.
@@ -134,8 +141,10 @@ def property_matrix(methods: Sequence[str] | Mapping[str, Callable[..., Any]] | 
     unknown = [p for p in names if p not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown properties {unknown}; choose from {list(PROPERTIES)}")
-    cells = {method_name: {name: check_cell(method, PROPERTIES[name], examples=examples,
-                                            seed_value=seed)
+    needs = METHOD_CASES if method_cases is None else method_cases
+    cells = {method_name: {name: check_cell(method, PROPERTIES[name], examples=examples, seed_value=seed,
+                                            case_strategy=cases(**{**needs.get(method_name, {}),
+                                                                   **CASES_FOR.get(name, {})}))
                            for name in names}
              for method_name, method in chosen.items()}
     return Matrix(cells, examples, seed)
