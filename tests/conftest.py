@@ -4,6 +4,9 @@ import random
 import subprocess
 import sys
 
+# pytester runs a researcher's test files against the installed plugin (tests/test_pytest_plugin.py).
+pytest_plugins = ["pytester"]
+
 # Tests import their shared helpers as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
 

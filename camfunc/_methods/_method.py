@@ -83,7 +83,12 @@ class CamMethod(Protocol):
                  return_scores: bool = False, **options: Any) -> Any: ...
 
 
-_REQUIRED = object()  # stands for "no default" in a method's cls
+class _Required:
+    """The type of ``_REQUIRED``, which stands for "no default" in a method's cls. Tested by
+    type: torch 2.4's compiler cannot compare a symbolic int's identity with an object."""
+
+
+_REQUIRED = _Required()
 
 #: Every registered method by name, in registration order.
 REGISTRY: dict[str, CamMethod] = {}
@@ -130,7 +135,7 @@ def cam_method(*, draws: Draws | None = None, register: bool = True,
         # Plain Python, no signature read at call time, so that torch.compile traces it.
         def method(split: Any, x: Any, cls: Any = cls_default, *, return_scores: bool = False,
                    **options: Any) -> Any:
-            if cls is _REQUIRED:
+            if isinstance(cls, _Required):
                 raise TypeError(f"{name}() missing its class argument: cls (an int, a class per "
                                 "sample, a (B, K) tensor, camfunc.topk(k) or a callable)")
             _validate.check_compilable(name)
