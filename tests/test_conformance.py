@@ -8,6 +8,7 @@ paper-specific checks.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import camfunc
+import camfunc.testing as kit
 import helpers
 from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
 from helpers import assert_unchanged, sample_slice, small_cnn, snapshot
@@ -62,30 +64,23 @@ def test_shapes_for_1d_2d_3d_activations(name, dims):
     assert multi.shape == (3, 2, *x.shape[2:])
 
 
+# The properties every method must have are camfunc.testing's, run here on one fixed model;
+# the kit hands a random method the same seeded draws in each call it compares.
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_consistency(name):
-    model = small_cnn()
-    x = inputs(2, batch=4)
-    s = camfunc.split(model, "4")
-    randomness = random_inputs(name, x)
-    cls = [0, 3, 1, 4]
-    batched = camfunc.METHODS[name](s, x, cls, normalize=False, **randomness)
-    for i in range(4):
-        alone = camfunc.METHODS[name](s, x[i:i + 1], cls[i], normalize=False,
-                                      **sample_slice(randomness, i))
-        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+    case = kit.Case.of(small_cnn(), "4", inputs(2, batch=4), [0, 3, 1, 4])
+    kit.batch_independent(camfunc.METHODS[name], case, normalize=False)
+    kit.batch_independent(camfunc.METHODS[name], dataclasses.replace(case, cls=camfunc.topk(2)))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_class_axis_equals_separate_calls(name):
     model = small_cnn()
     x = inputs(2)
-    s = camfunc.split(model, "4")
     classes = torch.tensor([[0, 1, 2], [4, 4, 0], [3, 1, 2]])
+    kit.class_axis_consistent(camfunc.METHODS[name], kit.Case.of(model, "4", x, 0), classes=classes)
+    s = camfunc.split(model, "4")
     together = run(name, s, x, classes)
-    for k in range(3):
-        alone = run(name, s, x, classes[:, k])
-        torch.testing.assert_close(together[:, k], alone, atol=1e-6, rtol=1e-5)
     if "chunk_size" in inspect.signature(camfunc.METHODS[name]).parameters:
         chunked = run(name, s, x, classes, chunk_size=2)
         torch.testing.assert_close(chunked, together, atol=1e-6, rtol=1e-5)

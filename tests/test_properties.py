@@ -17,7 +17,8 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import camfunc
-from helpers import CONV, permute_channels, random_inputs, sample_slice
+import camfunc.testing as kit
+from helpers import CONV, permute_channels, random_inputs
 
 pytestmark = pytest.mark.core
 
@@ -240,13 +241,9 @@ def test_class_axis_equals_k_separate_calls(name, problem, k):
 @given(problem=problems())
 def test_a_sample_in_a_batch_gets_its_map_alone(name, problem):
     well_conditioned(name, problem)
-    a, cls = problem.a, problem.cls
-    s = camfunc.Split(identity, problem.tail())
-    randomness = random_inputs(name, a, problem.channels, seed=problem.seed)
-    batched = call(name, s, a, cls, randomness, normalize=False)
-    for i in range(a.shape[0]):
-        alone = call(name, s, a[i:i + 1], cls[i:i + 1], sample_slice(randomness, i), normalize=False)
-        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+    tail = problem.tail()
+    case = kit.Case(tail, camfunc.Split(identity, tail), problem.a, problem.cls, "A given directly")
+    kit.batch_independent(camfunc.METHODS[name], case, normalize=False)
 
 
 @pytest.mark.parametrize("name", NAMES)

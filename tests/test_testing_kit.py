@@ -182,3 +182,13 @@ def test_spearman_is_scipys_with_ties(pairs):
     want = spearmanr(first.numpy(), second.numpy()).statistic
     got = kit.spearman(first, second)
     assert (got != got and want != want) or abs(got - want) < 1e-9
+
+
+def test_the_tutorial_runs_as_written():
+    import doctest
+    from pathlib import Path
+
+    tutorial = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+    result = doctest.testfile(str(tutorial), module_relative=False, report=True,
+                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 10 and result.failed == 0

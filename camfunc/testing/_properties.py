@@ -86,7 +86,9 @@ def _close(got: Tensor, want: Tensor, what: str, method: Method, case: Case,
 
 
 def _sample_target(cls: Any, i: int) -> Any:
-    return cls[i:i + 1] if isinstance(cls, Tensor) and cls.ndim >= 1 else cls
+    if isinstance(cls, Tensor) and cls.ndim >= 1 or isinstance(cls, (list, tuple)):
+        return cls[i:i + 1]  # one class per sample (or a row of classes per sample)
+    return cls
 
 
 def batch_independent(method: Method, case: Case, **options: Any) -> None:
