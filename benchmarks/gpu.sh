@@ -22,11 +22,16 @@ info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(info)
 PY
-"$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider | tee "$out/cuda-tests.txt"
+# A failing step (a CUDA test, a benchmark whose maps disagree) is reported at the end;
+# the other steps still run.
+failed=""
+"$python" -m pytest -q tests/test_cuda.py -p no:cacheprovider | tee "$out/cuda-tests.txt" \
+    || failed="$failed tests"
 "$python" benchmarks/bench_gradcam.py --device cuda --batches 64 --repeats 10 \
-    --json "$out/gradcam.json" | tee "$out/gradcam.md"
+    --json "$out/gradcam.json" | tee "$out/gradcam.md" || failed="$failed gradcam"
 "$python" benchmarks/bench_methods.py --device cuda --repeats 5 --slow-repeats 3 \
-    --json "$out/methods.json" | tee "$out/methods.md"
+    --json "$out/methods.json" | tee "$out/methods.md" || failed="$failed methods"
 "$python" benchmarks/bench_run.py --device cuda --images 512 --batch-size 64 --workers 8 \
-    --json "$out/run.json" | tee "$out/run.md"
+    --json "$out/run.json" | tee "$out/run.md" || failed="$failed run"
 echo "wrote $out/: machine.json, cuda-tests.txt, gradcam.{md,json}, methods.{md,json}, run.{md,json}"
+if [ -n "$failed" ]; then echo "failed:$failed (see their files in $out/)"; exit 1; fi

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hypothesis import HealthCheck, given, seed, settings
+from hypothesis.errors import UnsatisfiedAssumption
 
 from camfunc.testing._cases import Case, cases
 from camfunc.testing._properties import CASES_FOR, PROPERTIES
@@ -85,8 +86,8 @@ def check_cell(method: Callable[..., Any], check: Callable[..., None], *, exampl
     def search(case: Case) -> None:
         try:
             check(method, case)
-        except AssertionError:
-            raise
+        except (AssertionError, UnsatisfiedAssumption):
+            raise  # a verdict, or hypothesis' own "draw another case"
         except Exception as error:  # the method refuses this case: not a property's verdict
             errors.append(error)
 
