@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parent
 API = DOCS / "api"
 SETUP = DOCS / "example_setup.py"
 
-MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
+MODULES = ("camfunc", "camfunc.losses", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
 LINE = 88  # a signature longer than this is written one parameter per line
 
 
@@ -92,6 +92,14 @@ Normalising, resizing and fusing finished maps, `(B, *spatial)` or
 `(B, K, *spatial)`.
 """, (
         ("Operations", ("camfunc.normalize", "camfunc.upsample", "camfunc.fuse")),
+    )),
+    Page("losses.md", "Training losses: camfunc.losses", """
+Pure functions of maps and masks (and, for GAIN, the model) to train with, on maps
+made with `differentiable=True`. Maps are resized to the masks' grid; each loss is a
+scalar, the mean over maps. The README's "Training with CAMs" shows a training loop.
+""", (
+        ("Losses", ("camfunc.losses.energy_outside", "camfunc.losses.right_reasons",
+                    "camfunc.losses.soft_pointing", "camfunc.losses.attention_mining")),
     )),
     Page("metrics.md", "Metrics", """
 Faithfulness, robustness and localisation scores for maps, batched. Each takes

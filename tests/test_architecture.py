@@ -23,7 +23,7 @@ RANK = {
     "camfunc._core": 1,
     "camfunc._methods": 2, "camfunc.zoo": 2, "camfunc.viz": 2,
     "camfunc._tools": 3,
-    "camfunc.metrics": 4, "camfunc.testing": 4,
+    "camfunc.metrics": 4, "camfunc.testing": 4, "camfunc.losses": 4,
     "camfunc.runs": 5,
     "camfunc.cli": 6,
     "camfunc": 7,

@@ -62,8 +62,11 @@ def test_bad_inputs(model, s, x, error, message):
 def test_training_mode_is_refused_and_left_alone(model, s, name):
     model.train()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
-        camfunc.METHODS[name](s, X, 0)
+    with pytest.raises(ValueError, match=r"traced with the model in eval mode.*split it again"):
+        camfunc.METHODS[name](s, X, 0)  # a split traced in eval mode, called in training mode
+    trained = camfunc.split(model, "3")
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\).*differentiable=True"):
+        camfunc.METHODS[name](trained, X, 0)  # maps to look at are asked in eval mode
     assert_unchanged(before, model)  # running statistics untouched
 
 

@@ -271,11 +271,16 @@ def test_torchvision_models_split_exactly(name, layer):
     camfunc.check(s, model, x, atol=1e-4)
 
 
-def test_split_of_a_model_in_training_mode_asks_for_eval():
+def test_a_split_records_the_modes_it_was_traced_in():
     model = small_cnn().train()
-    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
-        camfunc.split(model, "3")
+    s = camfunc.split(model, "3")  # training mode is where differentiable maps are used
+    assert s.traced_modes == tuple(True for _ in model.modules())
     assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        camfunc.gradcam(s, torch.randn(2, 3, 8, 8), 0)
+    model.eval()
+    with pytest.raises(ValueError, match="split it again"):
+        camfunc.gradcam(s, torch.randn(2, 3, 8, 8), 0, differentiable=True)
 
 
 def test_automatic_choice_skips_resizing_pools():

@@ -11,7 +11,12 @@
    alive at once when ``chunk_size`` is set.
 
 Everything runs under ``torch.no_grad()``: ``vjp`` still differentiates inside,
-and no graph to the model's parameters is built.
+and no graph to the model's parameters is built. With ``differentiable=True`` the
+same steps run with grad enabled, so the maps carry a graph to the parameters (and
+to ``x``); eagerly, the tail then runs as an ordinary forward and ``G`` comes from
+``torch.autograd.grad(..., create_graph=True)``, class by class, because layers that
+update state in training mode (batch norm's running statistics) cannot run inside
+``torch.func.vjp``. Compiled, the ``vjp`` path runs with grad enabled.
 """
 
 from __future__ import annotations
@@ -111,9 +116,11 @@ def _check_depends(value: Tensor) -> None:
 _VMAP_PULLBACK_COMPILES = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: int | None) -> Any:
-    """``fn`` of each class's cotangent, stacked on a new leading axis: one ``vmap``."""
-    if cotangents.shape[0] == 1 or (torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES):
+def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: int | None, *,
+                 loop: bool = False) -> Any:
+    """``fn`` of each class's cotangent, stacked on a new leading axis: one ``vmap``
+    (a loop when ``loop``: ``torch.autograd.grad`` cannot run under ``vmap``)."""
+    if loop or cotangents.shape[0] == 1 or (torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES):
         outs = []
         for cotangent in cotangents.unbind(0):  # a plain loop: torch 2.4 cannot compile a
             outs.append(fn(cotangent))          # pullback called from a comprehension
@@ -131,9 +138,9 @@ def head(split: Split, x: Tensor) -> tuple[Any, ...]:
 
 
 @holding_calls
-def forward(split: Split, x: Tensor) -> tuple[tuple[Tensor, ...], Any]:
-    """Activations at every cut and the model's output, with no graph."""
-    found, out = carries(split, x)
+def forward(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[tuple[Tensor, ...], Any]:
+    """Activations at every cut and the model's output, with no graph unless ``differentiable``."""
+    found, out = carries(split, x, differentiable=differentiable)
     return tuple(carry[0] for carry in found), out
 
 
@@ -146,15 +153,48 @@ class Pulled(NamedTuple):
     pull: Callable[[Tensor], tuple[Tensor, ...]]    # cotangent of ``out`` -> G at every cut
 
 
+def autograd_path(differentiable: bool) -> bool:
+    """Whether a call pulls back with ``torch.autograd.grad`` (differentiable maps, eagerly)."""
+    return differentiable and not torch.compiler.is_compiling()
+
+
+def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None) -> Pulled:
+    """:func:`pullback` as one ordinary forward, with ``G`` from ``torch.autograd.grad``
+    (``create_graph=True``): batch norm in training mode updates its statistics once, as in
+    the forward, and dropout's masks are the forward's."""
+    carry = as_tuple(split.head(x))
+    if not carry[0].requires_grad:  # nothing before the cut needs a gradient
+        carry = (carry[0].detach().requires_grad_(), *carry[1:])
+    acts = [carry[0]]
+    for stage in split.middle:
+        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
+        acts.append(carry[0])
+    scores = split.tail(carry[0].clone(), *carry[1:])
+    out = (objective if objective is not None else _targets.class_scores)(scores)
+    if not isinstance(out, Tensor):
+        _targets.objective_rows(out)  # raises the callable cls's type error
+    _check_depends(out)
+
+    def pull(cotangent: Tensor, out: Tensor = out, acts: tuple[Tensor, ...] = tuple(acts)) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(out, acts, cotangent, create_graph=True, retain_graph=True)
+
+    return Pulled(tuple(acts), out, scores, pull)
+
+
 @holding_calls
-def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None = None) -> Pulled:
+def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None = None, *,
+             differentiable: bool = False) -> Pulled:
     """The model's forward with each stage under ``vjp``: ``vjp`` of ``(split, x)``.
 
     ``out`` is the model's class scores ``(B, classes)``, or ``objective(output)``
     when given; ``pull(cotangent)`` returns the gradient of ``<cotangent, out>``
-    with respect to the activations at every cut. The head runs without a graph.
+    with respect to the activations at every cut. The head runs without a graph,
+    unless ``differentiable`` (see the module's docstring).
     """
-    with torch.no_grad():
+    if autograd_path(differentiable):
+        with torch.enable_grad():
+            return _autograd_pullback(split, x, objective)
+    with torch.set_grad_enabled(differentiable):
         carry = as_tuple(split.head(x))
         acts = [carry[0]]
         pullbacks = []
@@ -188,7 +228,8 @@ def layer_maps(maps: tuple[Tensor, ...], keep_k: bool) -> tuple[Tensor, ...]:
 
 @holding_calls
 def class_maps(split: Split, x: Tensor, cls: _targets.Target,
-               per_class: PerClass, *, chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:
+               per_class: PerClass, *, chunk_size: int | None = None,
+               differentiable: bool = False) -> tuple[tuple[Tensor, ...], Any]:
     """Maps for every requested class, one tuple entry per layer, and the scores.
 
     :func:`pullback`, the cotangents ``cls`` asks for, and ``per_class(acts, grads)``
@@ -196,20 +237,23 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
     ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample (a ``(B, K)``
     tensor, ``topk``, or a callable returning ``(B, K)``), else ``(B, *spatial)``.
     """
-    with torch.no_grad():
-        pulled = pullback(split, x, cls if _targets.is_objective(cls) else None)
+    with torch.set_grad_enabled(differentiable):
+        pulled = pullback(split, x, cls if _targets.is_objective(cls) else None,
+                          differentiable=differentiable)
         cotangents, keep_k = _targets.cotangents_for(cls, pulled.out, pulled.scores, x.shape[0])
 
         def maps_for(cotangent: Tensor, pull=pulled.pull, acts=pulled.acts) -> tuple[Tensor, ...]:
             return per_class(acts, pull(cotangent))
 
-        return layer_maps(over_classes(maps_for, cotangents, chunk_size), keep_k), pulled.scores
+        maps = over_classes(maps_for, cotangents, chunk_size, loop=autograd_path(differentiable))
+        return layer_maps(maps, keep_k), pulled.scores
 
 
 @holding_calls
-def carries(split: Split, x: Tensor) -> tuple[list[tuple[Any, ...]], Any]:
-    """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph."""
-    with torch.no_grad():
+def carries(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[list[tuple[Any, ...]], Any]:
+    """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph
+    unless ``differentiable``."""
+    with torch.set_grad_enabled(differentiable):
         carry = as_tuple(split.head(x))
         found = [carry]
         for stage in split.middle:

@@ -20,7 +20,8 @@ __all__ = ["MapsT", "Split", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "
-    "and dropout would make maps random. Call model.eval() first"
+    "and dropout would make maps random. Call model.eval() first, or pass "
+    "differentiable=True to a gradient method to train with its maps"
 )
 
 
@@ -43,7 +44,9 @@ class Split(Generic[MapsT]):
     messages; ``input_ndim`` (optional) is the input rank the model needs;
     ``batch`` (optional) the only batch size the split accepts; ``listed``
     asks for maps as a list even for one layer (a split made from a list of
-    layers). All but ``head`` and ``tail`` are keyword-only.
+    layers); ``traced_modes`` each of ``model.modules()``' ``training`` flag
+    when it was traced (tracing bakes in ``if self.training`` branches, so a
+    call in other modes is refused). All but ``head`` and ``tail`` are keyword-only.
 
     ``Split[Tensor]`` (the default) gives methods' maps as one tensor;
     ``Split[list[Tensor]]`` as a list, one per layer.
@@ -65,6 +68,7 @@ class Split(Generic[MapsT]):
     order: tuple[int, ...] = ()
     batch: int | None = None
     listed: bool = False
+    traced_modes: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         for field in ("head", "tail"):
@@ -92,6 +96,11 @@ class Split(Generic[MapsT]):
         for stage in (*self.middle, self.tail):
             carry = stage(*as_tuple(carry))
         return carry
+
+
+def modes_of(model: nn.Module) -> tuple[bool, ...]:
+    """Each of ``model.modules()``' ``training`` flag, in order."""
+    return tuple(m.training for m in model.modules())
 
 
 def as_tuple(carry: Any) -> tuple[Any, ...]:

@@ -31,7 +31,7 @@ from camfunc._core.cut.capture import (
 )
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels
-from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
+from camfunc._core.split import Split, modes_of, unwrap
 
 __all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
 
@@ -85,6 +85,11 @@ def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
             "example input: camfunc.split(model, layer, example_input=x). Or build the split "
             "by hand: camfunc.Split(head, tail) with head(x) -> activations and "
             "tail(activations) -> scores"
+        ) from fx_error
+    if any(modes_of(model)):  # export functionalises batch norm's updates into its graph
+        raise CaptureError(
+            f"{fx_error}. A model in training mode can be split only by torch.fx tracing here; "
+            "split it in eval mode, or build the split by hand: camfunc.Split(head, tail)"
         ) from fx_error
     try:
         return export_graph(model, example, names, record_all=record_all)
@@ -225,9 +230,6 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
-    if any(m.training for m in model.modules()):
-        # Tracing bakes in ``if self.training`` branches, so the mode matters already here.
-        raise ValueError(TRAINING_MESSAGE)
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
     if layer is None:
@@ -262,7 +264,8 @@ def _split_captured(model: nn.Module, captured: Captured, names: list[str], layo
     tail = stages[-1] if pick is None else _Selected(stages[-1], pick)
     plain = Split(head=stages[0], tail=tail, middle=tuple(stages[1:-1]), layers=chain_names,
                   model=model, input_ndim=captured.input_ndim, batch=captured.batch,
-                  order=() if order == tuple(range(len(chain))) else order, listed=listed)
+                  order=() if order == tuple(range(len(chain))) else order, listed=listed,
+                  traced_modes=modes_of(model))
     axes = _feature_axes(model, captured, names, cuts)
     rules = _layout_rules(model, names, chain_names, axes, layout, grid, prefix_tokens)
     return _layout.build_layouts(plain, rules)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from camfunc._core.split import TRAINING_MESSAGE, Split, unwrap
+from camfunc._core.split import TRAINING_MESSAGE, Split, modes_of, unwrap
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -103,6 +103,20 @@ def _modules_of(split: Split) -> list[nn.Module]:
     return [f for f in split.stages if isinstance(f, nn.Module)]
 
 
+def check_traced_modes(split: Split) -> None:
+    """The model is in the modes it was traced in: tracing baked in its ``self.training`` branches."""
+    if split.model is None or split.traced_modes is None:
+        return
+    now = modes_of(split.model)
+    if now != split.traced_modes:
+        was = "training" if any(split.traced_modes) else "eval"
+        raise ValueError(
+            f"this split was traced with the model in {was} mode, and the model's modes have "
+            "changed since (tracing bakes in `if self.training` branches); split it again with "
+            "camfunc.split(model, layer) after model.train() or model.eval()"
+        )
+
+
 def check_eval_mode(split: Split) -> None:
     # A traced split baked in the model's control flow, so every module counts.
     # A hand-built split may wrap fresh containers (``model[:4]`` is a new
@@ -155,11 +169,27 @@ def check_input(split: Split, x: Any) -> None:
         )
 
 
-def check_call(split: Any, x: Any) -> Split:
+def check_call(split: Any, x: Any, *, differentiable: bool = False) -> Split:
+    """The split and input checks every method runs. Training mode is allowed only for
+    differentiable maps (training with them is what it is for)."""
     split = check_split(split)
     check_input(split, x)
-    check_eval_mode(split)
+    check_traced_modes(split)
+    if not differentiable:
+        check_eval_mode(split)
     return split
+
+
+def check_one_forward(split: Split, method: str) -> None:
+    """A method that runs the model more than once per call refuses training mode, where
+    each run would update batch norm's statistics again."""
+    if split.model is not None and any(modes_of(split.model)) or any(
+            m.training for f in split.stages if isinstance(f, nn.Module) for m in f.modules()):
+        raise ValueError(
+            f"{method} runs the model more than once per call, so in training mode batch norm "
+            "would update its statistics more than once; call it with the model in eval mode, "
+            "or train with a one-forward method (gradcam, gradcampp, xgradcam, layercam, hirescam)"
+        )
 
 
 def check_count(value: Any, name: str, *, minimum: int = 1) -> int:

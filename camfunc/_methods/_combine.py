@@ -62,6 +62,12 @@ def finish(cam: Tensor, *, relu: bool, normalize: bool) -> Tensor:
     return cam
 
 
+def widened(t: Tensor) -> Tensor:
+    """Half types computed in float32 (``g**3`` underflows in half precision); float32 and
+    float64 kept, so that float64 maps can be checked with ``torch.autograd.gradcheck``."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def check_activations(a: Tensor) -> None:
     if a.ndim < 3:
         raise ValueError(
@@ -84,19 +90,22 @@ def arrange(split: Split[Any], maps: tuple[Tensor, ...]) -> Tensor | list[Tensor
 
 def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights, *,
                  normalize: bool, chunk_size: int | None, relu: bool = True,
-                 combine: Combine = channel_terms, eigen_smooth: bool = False) -> Computed:
-    """A gradient method's maps from its ``weights(A, G)`` function, and the scores."""
+                 combine: Combine = channel_terms, eigen_smooth: bool = False,
+                 differentiable: bool = False) -> Computed:
+    """A gradient method's maps from its ``weights(A, G)`` function, and the scores
+    (with a graph to the model's parameters and ``x`` when ``differentiable``)."""
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
         for a, g in zip(acts, grads):
             check_activations(a)
-            a, g = a.float(), g.float()  # g**3 underflows in half precision
+            a, g = widened(a), widened(g)
             maps.append(finish(collapse(combine(a, weights(a, g)), eigen_smooth), relu=relu,
                                normalize=normalize))
         return tuple(maps)
 
-    return _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size)
+    return _engine.class_maps(split, x, cls, per_class, chunk_size=chunk_size,
+                              differentiable=differentiable)
 
 
 def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normalize: bool,

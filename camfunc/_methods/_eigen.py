@@ -121,7 +121,8 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
 
 
 @cam_method()
-def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None) -> Computed:
+def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None,
+                 differentiable: bool = False) -> Computed:
     r"""Eigen-Grad-CAM: the first principal component of activations times gradients.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = (A \odot G)^T - \overline{A \odot G}
@@ -138,7 +139,7 @@ def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bo
     """
     # HiResCAM's terms g * A, collapsed by their first principal component.
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize, chunk_size=chunk_size,
-                        combine=channel_terms, eigen_smooth=True)
+                        combine=channel_terms, eigen_smooth=True, differentiable=differentiable)
 
 
 def absolute_gradient_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -147,7 +148,8 @@ def absolute_gradient_weights(a: Tensor, g: Tensor) -> Tensor:
 
 
 @cam_method()
-def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None) -> Computed:
+def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None,
+                 differentiable: bool = False) -> Computed:
     r"""Seg-Eigen-CAM: the first principal component of activations times absolute gradients.
 
     .. math:: L = \mathrm{ReLU}(X v_1), \quad X = (|G| \odot A)^T - \overline{|G| \odot A}
@@ -169,4 +171,4 @@ def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: boo
         torch.Size([2, 4, 4])
     """
     return gradient_cam(split, x, cls, absolute_gradient_weights, normalize=normalize, chunk_size=chunk_size,
-                        combine=channel_terms, eigen_smooth=True)
+                        combine=channel_terms, eigen_smooth=True, differentiable=differentiable)

@@ -23,6 +23,7 @@ from camfunc._methods._combine import (
     safe_reciprocal,
     spatial_axes,
     weighted_sum,
+    widened,
 )
 from camfunc._methods._method import Draws, cam_method
 
@@ -100,7 +101,7 @@ def smooth_gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
 @cam_method()
 def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
             chunk_size: int | None = None,
-            eigen_smooth: bool = False) -> Computed:
+            eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     """Grad-CAM: channels weighted by their average gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k w_k A_k\\Big), \\quad
@@ -119,6 +120,11 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
         chunk_size: classes per vmap chunk when K is large (bounds memory).
         eigen_smooth: collapse the channels' terms :math:`w_k A_k` by their first
             principal component instead of their sum (pytorch-grad-cam's option).
+        differentiable: return maps (and scores) that carry an autograd graph to the
+            model's parameters and to ``x``, to train with (``camfunc.losses``). The
+            model may then be in training mode: batch norm updates its statistics
+            once, as in one forward, and dropout's masks are the forward's. A split
+            records the mode it was traced in; split again after switching modes.
 
     Returns:
         ``(B, *spatial)`` maps at the layer's resolution, ``(B, K, *spatial)`` for
@@ -130,16 +136,18 @@ def gradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = 
         torch.Size([2, 4, 4])
         >>> camfunc.gradcam(s, x, torch.tensor([[1, 2], [3, 4]])).shape     # (B, K) classes
         torch.Size([2, 2, 4, 4])
+        >>> camfunc.gradcam(s, x, 3, differentiable=True).requires_grad     # a map to train with
+        True
     """
     return gradient_cam(split, x, cls, gradcam_weights, normalize=normalize,
                         chunk_size=chunk_size,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 @cam_method()
 def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
               chunk_size: int | None = None,
-              eigen_smooth: bool = False) -> Computed:
+              eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     """Grad-CAM++: positive gradients weighted by higher-order terms (Eq. 19).
 
     .. math:: w_k = \\sum_{i,j} \\alpha_k(i,j)\\,\\mathrm{ReLU}(g_k(i,j)), \\quad
@@ -166,13 +174,13 @@ def gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool 
     """
     return gradient_cam(split, x, cls, gradcampp_weights, normalize=normalize,
                         chunk_size=chunk_size,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 @cam_method()
 def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
              chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Computed:
+             eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     """XGrad-CAM: gradients weighted by normalised activations.
 
     .. math:: w_k = \\sum_{i,j} \\frac{A_k(i,j)}{\\sum_{a,b} A_k(a,b)}
@@ -192,13 +200,13 @@ def xgradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
     """
     return gradient_cam(split, x, cls, xgradcam_weights, normalize=normalize,
                         chunk_size=chunk_size,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 @cam_method()
 def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
              chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Computed:
+             eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     """Layer-CAM: each position weighted by its own positive gradient.
 
     .. math:: L = \\mathrm{ReLU}\\Big(\\sum_k \\mathrm{ReLU}(g_k(i,j))\\, A_k(i,j)\\Big)
@@ -220,13 +228,13 @@ def layercam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
     """
     return gradient_cam(split, x, cls, layercam_weights, normalize=normalize,
                         chunk_size=chunk_size,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 @cam_method()
 def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
              chunk_size: int | None = None,
-             eigen_smooth: bool = False) -> Computed:
+             eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     r"""HiResCAM: activations times their own gradient, summed over channels.
 
     .. math:: L = \mathrm{ReLU}\Big(\sum_k g_k(i,j)\, A_k(i,j)\Big)
@@ -247,13 +255,13 @@ def hirescam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool =
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
                         chunk_size=chunk_size,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 @cam_method()
 def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
                         chunk_size: int | None = None,
-                        eigen_smooth: bool = False) -> Computed:
+                        eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     r"""Element-wise Grad-CAM: HiResCAM with each channel's contribution rectified first.
 
     .. math:: L = \sum_k \mathrm{ReLU}\big(g_k(i,j)\, A_k(i,j)\big)
@@ -272,7 +280,7 @@ def gradcam_elementwise(split: Split, x: Tensor, cls: _targets.Target, *, normal
     """
     return gradient_cam(split, x, cls, gradient_weights, normalize=normalize,
                         chunk_size=chunk_size, combine=rectified_terms,
-                        eigen_smooth=eigen_smooth)
+                        eigen_smooth=eigen_smooth, differentiable=differentiable)
 
 
 def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
@@ -300,7 +308,8 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
 def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 4,
                      std: float = 0.3, noise: Tensor | None = None,
                      generator: torch.Generator | None = None, normalize: bool = True,
-                     chunk_size: int | None = None, eigen_smooth: bool = False) -> Computed:
+                     chunk_size: int | None = None, eigen_smooth: bool = False,
+                     differentiable: bool = False) -> Computed:
     """Smooth Grad-CAM++: Grad-CAM++ with derivatives averaged over noisy inputs.
 
     For samples :math:`x_s = x + \\sigma\\,\\epsilon_s`, with
@@ -326,6 +335,8 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
             Required under ``torch.compile``.
         generator: draws ``noise`` when it is None (eagerly, outside vmap);
             a fixed seed gives a fixed map.
+        differentiable: as :func:`gradcam`; it runs the model twice (clean and
+            noisy), so it refuses a model in training mode.
         Others as :func:`gradcam`.
 
     Example:
@@ -335,17 +346,19 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
         >>> torch.allclose(camfunc.smooth_gradcampp(s, x, 3, std=0.0), camfunc.gradcampp(s, x, 3))
         True
     """
+    if differentiable:
+        _validate.check_one_forward(split, "smooth_gradcampp")
     noise = _draw_noise(x, num_samples, noise, generator)
     samples = noise.shape[0]
     noisy = (x.unsqueeze(0) + std * noise).reshape(samples * x.shape[0], *x.shape[1:])
-    clean_acts, scores = _engine.forward(split, x)
+    clean_acts, scores = _engine.forward(split, x, differentiable=differentiable)
 
     def per_class(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
         for a, g in zip(clean_acts, grads):
             check_activations(a)
-            a = a.float()
-            g = g.float().reshape(samples, *a.shape)
+            a = widened(a)
+            g = widened(g).reshape(samples, *a.shape)
             maps.append(finish(weighted_sum(a, smooth_gradcampp_weights(a, g), eigen_smooth),
                                relu=True, normalize=normalize))
         return tuple(maps)
@@ -353,16 +366,17 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
     # The classes are fixed on the clean scores, then asked of every noisy copy.
     if _targets.is_objective(cls):  # read block by block on the noisy batch
         objective = _targets.tiled_objective(cls, samples, lambda: scores)
-        pulled = _engine.pullback(split, noisy, objective)
+        pulled = _engine.pullback(split, noisy, objective, differentiable=differentiable)
         cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
     else:
-        pulled = _engine.pullback(split, noisy)
+        pulled = _engine.pullback(split, noisy, differentiable=differentiable)
         index, keep_k = _targets.class_indices(cls, scores)
         cotangents = _targets.one_hot_rows(index.repeat(samples, 1), pulled.out)
 
     def maps_for(cotangent: Tensor, pull=pulled.pull) -> tuple[Tensor, ...]:
         return per_class(pull(cotangent))
 
-    with torch.no_grad():
-        maps = _engine.over_classes(maps_for, cotangents, chunk_size)
+    with torch.set_grad_enabled(differentiable):
+        maps = _engine.over_classes(maps_for, cotangents, chunk_size,
+                                    loop=_engine.autograd_path(differentiable))
     return _engine.layer_maps(maps, keep_k), scores

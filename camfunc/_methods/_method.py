@@ -139,7 +139,7 @@ def cam_method(*, draws: Draws | None = None, register: bool = True,
                 raise TypeError(f"{name}() missing its class argument: cls (an int, a class per "
                                 "sample, a (B, K) tensor, camfunc.topk(k) or a callable)")
             _validate.check_compilable(name)
-            split = _validate.check_call(split, x)
+            split = _validate.check_call(split, x, differentiable=options.get("differentiable") is True)
             _targets.check_form(cls, x.shape[0])
             maps, scores = compute(split, x, cls, **options)
             if not arranged:
