@@ -17,7 +17,8 @@ import camfunc
 pytestmark = pytest.mark.core
 
 DIFFERENTIABLE = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
-                  "gradcam_elementwise", "eigengradcam", "segeigencam", "smooth_gradcampp"]
+                  "gradcam_elementwise", "eigengradcam", "segeigencam", "smooth_gradcampp",
+                  "shapleycam", "finercam"]
 
 
 # ----------------------------------------------------------------------------
@@ -211,6 +212,8 @@ def test_methods_that_run_the_model_twice_refuse_training_mode():
     before = batch_norm_state(model)
     with pytest.raises(ValueError, match="more than once.*eval mode"):
         camfunc.smooth_gradcampp(s, torch.randn(2, 3, 32, 32), 1, differentiable=True)
+    with pytest.raises(ValueError, match="shapleycam runs the model more than once"):
+        camfunc.shapleycam(s, torch.randn(2, 3, 32, 32), 1, differentiable=True)
     assert all(torch.equal(a, b) for a, b in zip(before, batch_norm_state(model)))  # refused first
 
 

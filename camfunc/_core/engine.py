@@ -273,7 +273,8 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
 @holding_calls
 def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Callable[[Any], Tensor]],
                    per_class: Callable[[Tensor, Tensor, Tensor], Tensor], *,
-                   chunk_size: int | None = None) -> tuple[tuple[Tensor, ...], Any]:
+                   chunk_size: int | None = None,
+                   differentiable: bool = False) -> tuple[tuple[Tensor, ...], Any]:
     """Maps from ``(A, G, H A)``, with ``H`` the Hessian of the objective at ``A``.
 
     ``G`` comes from ``vjp`` and ``H A`` from ``jvp`` of that vjp along ``A``
@@ -283,11 +284,12 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
     scores (so classes such as topk are fixed once, without a second forward);
     ``objective(output)`` returns ``(B,)`` or ``(B, K)``. Each layer is
     differentiated from its own cut to the output. Forward AD is not thread-safe
-    in PyTorch, so concurrent eager calls take turns inside this function.
+    in PyTorch, so concurrent eager calls take turns inside this function. With
+    ``differentiable``, the same transforms run with grad enabled.
     """
-    found, scores = carries(split, x)
+    found, scores = carries(split, x, differentiable=differentiable)
     objective = objective_for(scores)
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         if torch.compiler.is_compiling():  # torch 2.4 cannot compile the context manager
             return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores
         with _forward_ad_turn():

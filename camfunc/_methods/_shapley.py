@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from camfunc._core import engine as _engine, targets as _targets
+from camfunc._core import engine as _engine, targets as _targets, validate as _validate
 from camfunc._core.contrastive import rest
 from camfunc._core.split import Split
 from camfunc._methods._combine import (
@@ -15,6 +15,7 @@ from camfunc._methods._combine import (
     finish,
     spatial_axes,
     weighted_sum,
+    widened,
 )
 from camfunc._methods._method import cam_method
 
@@ -27,7 +28,7 @@ def shapley_weights(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
 @cam_method()
 def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
                target: Literal["rest", "logit"] = "rest", normalize: bool = True, chunk_size: int | None = None,
-               eigen_smooth: bool = False) -> Computed:
+               eigen_smooth: bool = False, differentiable: bool = False) -> Computed:
     r"""Shapley-CAM: channel weights from the gradient and the Hessian-vector product.
 
     .. math:: w_k = \frac{1}{Z}\sum_{i,j}\Big(\frac{\partial S}{\partial A}
@@ -37,7 +38,9 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     ``S`` is the ReST target, the logit minus the cross-entropy
     (:func:`camfunc.rest`), as in the paper and pytorch-grad-cam: a logit's
     Hessian is exactly zero on a piecewise-linear tail, where Shapley-CAM would
-    collapse to Grad-CAM (``target="logit"`` shows it). A callable ``cls`` is
+    collapse to Grad-CAM (``target="logit"`` shows it). ``differentiable`` as
+    :func:`camfunc.gradcam`; the tail runs more than once, so it refuses a model in
+    training mode. A callable ``cls`` is
     used as the target as it is. The Hessian-vector product is forward-over-
     reverse: ``jvp`` of the ``vjp``, per class under ``vmap``. At a token layer,
     ``A`` in the product is the layer's whole output: the class and register
@@ -56,6 +59,8 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     """
     if target not in ("rest", "logit"):
         raise ValueError(f"target must be 'rest' or 'logit', got {target!r}")
+    if differentiable:
+        _validate.check_one_forward(split, "shapleycam")
 
     def objective_for(scores: Tensor):
         if _targets.is_objective(cls):
@@ -71,8 +76,9 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
 
     def per_class(a: Tensor, g: Tensor, hvp: Tensor) -> Tensor:
         check_activations(a)
-        a, g, hvp = a.float(), g.float(), hvp.float()
+        a, g, hvp = widened(a), widened(g), widened(hvp)
         return finish(weighted_sum(a, shapley_weights(a, g, hvp), eigen_smooth), relu=True,
                       normalize=normalize)
 
-    return _engine.curvature_maps(split, x, objective_for, per_class, chunk_size=chunk_size)
+    return _engine.curvature_maps(split, x, objective_for, per_class, chunk_size=chunk_size,
+                                  differentiable=differentiable)
