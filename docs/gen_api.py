@@ -139,7 +139,7 @@ localisation metrics, offline.
         ("Model", ("camfunc.zoo.shapesnet", "camfunc.zoo.ShapesNet", "camfunc.zoo.LAYER",
                    "camfunc.zoo.WEIGHTS_FILE")),
         ("Scenes", ("camfunc.zoo.scenes", "camfunc.zoo.Scenes", "camfunc.zoo.CLASSES",
-                    "camfunc.zoo.IMAGE_SIZE")),
+                    "camfunc.zoo.IMAGE_SIZE", "camfunc.zoo.DECOY_COLOURS")),
     )),
     Page("testing.md", "Property-based testing: camfunc.testing", """
 Hypothesis strategies that draw whole test cases (a small model, its split, an

@@ -245,3 +245,17 @@ def test_a_compiled_training_step_equals_the_eager_one(mode):
     for p, q in zip(model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(batch_norm_state(model), batch_norm_state(compiled_model)))
+
+
+def test_the_readmes_training_loop_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Training with CAMs", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "range(400)" in code and "differentiable=True" in code
+    namespace: dict = {}
+    exec(compile(code.replace("range(400)", "range(2)"), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert not model.training and all(p.grad is not None for p in model.parameters())

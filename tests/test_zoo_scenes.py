@@ -76,3 +76,27 @@ def test_shape_areas_match_their_geometry(name, area_over_r2):
 def test_bad_counts_are_refused(bad):
     with pytest.raises(ValueError, match="n must be a positive int"):
         zoo.scenes(bad)
+
+
+def test_decoy_scenes_add_only_a_corner_patch_whose_colour_follows_the_class_or_not():
+    plain = zoo.scenes(64, seed=5)
+    tied = zoo.scenes(64, seed=5, decoy="class")
+    loose = zoo.scenes(64, seed=5, decoy="random")
+    assert torch.equal(plain.labels, tied.labels) and torch.equal(plain.masks, tied.masks)
+    side = 64 // 10
+    changed = (plain.images != tied.images).any(1)  # (N, S, S)
+    for image, label, where, mask in zip(tied.images, tied.labels, changed, tied.masks):
+        ys, xs = where.nonzero(as_tuple=True)
+        assert len(ys) > 0 and ys.max() - ys.min() < side and xs.max() - xs.min() < side
+        assert ys.min() in (2, 64 - 2 - side) and xs.min() in (2, 64 - 2 - side)  # a corner
+        colours = image[:, ys, xs].T.unique(dim=0)
+        assert torch.equal(colours, zoo.DECOY_COLOURS[label][None])
+        assert not (where & mask).any()  # under the object: its mask stays its visible pixels
+    shades = [int((zoo.DECOY_COLOURS == image[:, ys, xs].T[0]).all(1).nonzero())
+              for image, (ys, xs) in zip(loose.images,
+                                         ((plain.images != loose.images).any(1)[i].nonzero(as_tuple=True)
+                                          for i in range(64)))]
+    agreement = (torch.tensor(shades) == loose.labels).float().mean()
+    assert agreement < 0.5  # drawn independently of the class (expected 0.2)
+    with pytest.raises(ValueError, match="decoy must be"):
+        zoo.scenes(2, decoy="corner")

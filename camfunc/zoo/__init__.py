@@ -14,10 +14,11 @@ from camfunc.zoo._net import (
 )
 from camfunc.zoo._scenes import (
            CLASSES as CLASSES,
+           DECOY_COLOURS as DECOY_COLOURS,
            IMAGE_SIZE as IMAGE_SIZE,
            Scenes as Scenes,
            scenes as scenes,
 )
 
-__all__ = ["CLASSES", "IMAGE_SIZE", "LAYER", "Scenes", "ShapesNet", "WEIGHTS_FILE", "scenes",
+__all__ = ["CLASSES", "DECOY_COLOURS", "IMAGE_SIZE", "LAYER", "Scenes", "ShapesNet", "WEIGHTS_FILE", "scenes",
            "shapesnet"]

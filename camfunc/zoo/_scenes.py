@@ -111,13 +111,36 @@ def _paint(images: Tensor, masks: Tensor, colours: Tensor) -> Tensor:
     return images
 
 
-def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 3) -> Scenes:
+#: The decoy patch's colour for each class (red, green, blue, yellow, magenta).
+DECOY_COLOURS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                              [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+
+
+def _corner_patches(corners: Tensor, size: int) -> Tensor:
+    """A square patch, a tenth of the image wide, two pixels in from corner 0-3: (N, S, S)."""
+    side, gap = max(2, size // 10), 2
+    ys, xs = _grid(size)
+    low, high = gap, size - gap - side
+    top = torch.where(corners < 2, low, high)[:, None, None]
+    left = torch.where(corners % 2 == 0, low, high)[:, None, None]
+    return (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+
+
+def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 3,
+           decoy: str | None = None) -> Scenes:
     """Draw ``n`` scenes from the seed: a ``Scenes(images, labels, masks)`` tuple.
 
     Classes are balanced in expectation (drawn uniformly). The object's radius
     is 15-25% of the image, it lies inside the image without touching its border, and it is drawn
     over the distractors, so its mask is exactly its visible pixels. No paper: the set is
     camfunc's own, in the spirit of synthetic localisation benchmarks with exact ground truth.
+
+    ``decoy`` adds a small square patch in a random corner, under the object, in one of
+    ``DECOY_COLOURS``: ``"class"`` ties its colour to the label (a shortcut a model can learn
+    instead of the shape), ``"random"`` draws it independently of the label (a test set on
+    which the shortcut fails). As the "decoy MNIST" of Ross et al., "Right for the Right
+    Reasons", IJCAI 2017. The other draws do not change, so a seed gives the same scenes
+    with and without a decoy, but for the patch.
 
     Example:
         >>> data = camfunc.zoo.scenes(8, seed=1)
@@ -145,6 +168,12 @@ def scenes(n: int, *, seed: int = 0, size: int = IMAGE_SIZE, distractors: int = 
                          _dots(generator, n, distractors, size)], dim=1)
     clutter_colour = _uniform(generator, n, clutter.shape[1], 3)
     images = _paint(images, clutter, clutter_colour)
+    if decoy is not None:
+        if decoy not in ("class", "random"):
+            raise ValueError(f"decoy must be None, 'class' or 'random', got {decoy!r}")
+        shade = labels if decoy == "class" else torch.randint(len(CLASSES), (n,), generator=generator)
+        corners = torch.randint(4, (n,), generator=generator)
+        images = _paint(images, _corner_patches(corners, size)[:, None], DECOY_COLOURS[shade][:, None])
 
     u, v = _object_frame(centres, angles, size)
     every_class = shape_masks(u, v, radius)
