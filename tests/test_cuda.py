@@ -146,3 +146,19 @@ def test_a_one_rank_nccl_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     indices, _ = camfunc.runs.read_maps(tmp_path / "run", "gradcam")
     assert len(indices) == 32
+
+
+def test_differentiable_maps_and_their_parameter_gradients_equal_the_cpus(exact_cuda):
+    def grads(device):
+        model = cnn().to(device).train()
+        maps = camfunc.gradcam(camfunc.split(model, "2"), image().to(device),
+                               torch.tensor([1, 4], device=device), differentiable=True, normalize=False)
+        maps.square().sum().backward()
+        return maps.detach().cpu(), [torch.zeros_like(p).cpu() if p.grad is None else p.grad.cpu()
+                                     for p in model.parameters()]  # the bias after the cut: none
+
+    cpu_maps, cpu_grads = grads("cpu")
+    gpu_maps, gpu_grads = grads("cuda")
+    torch.testing.assert_close(gpu_maps, cpu_maps, rtol=1e-4, atol=1e-5)
+    for g, c in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(g, c, rtol=1e-3, atol=1e-5 * float(c.abs().max()))
