@@ -9,9 +9,13 @@ seed and see the same scenes:
 
 - plain: cross-entropy alone;
 - guided: cross-entropy plus ``weight`` x ``camfunc.losses.energy_outside`` of Grad-CAM
-  maps (``differentiable=True``, the true class, at ``block3``) against the object's mask,
-  on the first ``fraction`` of each batch only: the other images have no annotation.
-  One forward serves both terms (``return_scores=True``).
+  maps (``differentiable=True``, at ``block3``) against the object's mask, on the first
+  ``fraction`` of each batch only: the other images have no annotation. One forward
+  serves both terms (``return_scores=True``). The maps explain the true class's
+  log-probability, as Ross et al. constrain the gradients of log-probabilities: a
+  logit's map shows only the evidence *for* its class, so a model can keep using the
+  decoy as evidence *against* the other classes, where the logit's ReLU'd map never
+  looks (with the logit as target, the guided model still fell for the decoy).
 
 Both are then tested on scenes whose decoy colour is drawn independently of the class
 (``decoy="random"``): accuracy, and the pointing game on the object (Grad-CAM's maximum
@@ -47,8 +51,11 @@ def make_step(guided: bool, fraction: float, weight: float):
     def loss_of(model: nn.Module, split: camfunc.Split, images, labels, masks) -> torch.Tensor:
         if not guided:
             return nn.functional.cross_entropy(model(images), labels)
-        maps, scores = camfunc.gradcam(split, images, labels, differentiable=True, return_scores=True,
-                                       normalize=False)
+        def log_probability(out: torch.Tensor) -> torch.Tensor:
+            return out.log_softmax(1).gather(1, labels[:, None])[:, 0]
+
+        maps, scores = camfunc.gradcam(split, images, log_probability, differentiable=True,
+                                       return_scores=True, normalize=False)
         annotated = max(1, round(fraction * images.shape[0]))
         outside = camfunc.losses.energy_outside(maps[:annotated], masks[:annotated])
         return nn.functional.cross_entropy(scores, labels) + weight * outside

@@ -399,11 +399,11 @@ PROPERTIES: dict[str, Property] = {
     "deterministic": deterministic,
     "unit_range": unit_range,
     "logit_scale_invariant": logit_scale_invariant,
-    "compile_equivalent": compile_equivalent,
     "channel_permutation_invariant": channel_permutation_invariant,
     "implementation_invariant": implementation_invariant,
     "translation_equivariant": translation_equivariant,
     "randomisation_sensitive": randomisation_sensitive,
+    "compile_equivalent": compile_equivalent,  # last: the matrix's slow column
 }
 
 #: What each property asks of its cases: keyword arguments for :func:`cases` (the
