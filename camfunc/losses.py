@@ -54,7 +54,8 @@ def energy_outside(maps: Tensor, masks: Tensor, *, eps: float = 1e-12) -> Tensor
     Example:
         >>> maps = camfunc.gradcam(s, x, 3, differentiable=True)       # (2, 4, 4)
         >>> masks = torch.zeros(2, 64, 64); masks[:, 16:48, 16:48] = 1
-        >>> camfunc.losses.energy_outside(maps, masks).backward()
+        >>> camfunc.losses.energy_outside(maps, masks).requires_grad          # trains the model
+        True
     """
     maps, masks, spatial = _aligned(maps, masks)
     axes = tuple(range(-spatial, 0))
@@ -75,7 +76,8 @@ def right_reasons(maps: Tensor, irrelevant: Tensor) -> Tensor:
     Example:
         >>> maps = camfunc.gradcam(s, x, 3, differentiable=True)
         >>> corner = torch.zeros(2, 64, 64); corner[:, :8, :8] = 1        # a known decoy
-        >>> camfunc.losses.right_reasons(maps, corner).backward()
+        >>> camfunc.losses.right_reasons(maps, corner).requires_grad
+        True
     """
     maps, irrelevant, spatial = _aligned(maps, irrelevant)
     return (maps * irrelevant).square().sum(tuple(range(-spatial, 0))).mean()
@@ -94,7 +96,8 @@ def soft_pointing(maps: Tensor, masks: Tensor, *, temperature: float = 0.1, eps:
     Example:
         >>> maps = camfunc.gradcam(s, x, 3, differentiable=True)
         >>> masks = torch.zeros(2, 64, 64); masks[:, 16:48, 16:48] = 1
-        >>> camfunc.losses.soft_pointing(maps, masks, temperature=0.05).backward()
+        >>> camfunc.losses.soft_pointing(maps, masks, temperature=0.05).requires_grad
+        True
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
@@ -126,7 +129,8 @@ def attention_mining(model: Split | Callable[[Tensor], Any], x: Tensor, maps: Te
 
     Example:
         >>> maps = camfunc.gradcam(s, x, 3, differentiable=True)
-        >>> camfunc.losses.attention_mining(s, x, maps, 3).backward()
+        >>> camfunc.losses.attention_mining(s, x, maps, 3).requires_grad
+        True
     """
     spatial = x.ndim - 2
     if maps.ndim != spatial + 1 or maps.shape[0] != x.shape[0]:

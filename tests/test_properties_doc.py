@@ -52,6 +52,11 @@ def test_the_matrix_doc_is_current(method):
     verdicts, notes = documented()
     for name, cell in matrix.cells[method].items():
         assert verdicts[method][name] == cell.verdict, (method, name, cell)
-        assert notes.get((method, name), "") == cell.detail, (method, name)
+        # The failure's message must match; the shrunk case itself may not: in a long test
+        # session, shrinking a borderline float case has taken another path than the
+        # generator's fresh process (same verdict, another minimal case).
+        documented_note = notes.get((method, name), "")
+        assert documented_note.split(" on Case(")[0] == cell.detail.split(" on Case(")[0], (method, name)
+        assert (" on Case(" in documented_note) == (" on Case(" in cell.detail), (method, name)
 
 

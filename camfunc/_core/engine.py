@@ -163,8 +163,8 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
     (``create_graph=True``): batch norm in training mode updates its statistics once, as in
     the forward, and dropout's masks are the forward's."""
     carry = as_tuple(split.head(x))
-    if not carry[0].requires_grad:  # nothing before the cut needs a gradient
-        carry = (carry[0].detach().requires_grad_(), *carry[1:])
+    if not carry[0].requires_grad:  # no graph to keep (frozen head, x without grad): the vjp
+        return _vjp_pullback(split, carry, objective)
     acts = [carry[0]]
     for stage in split.middle:
         carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
@@ -175,8 +175,34 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
         _targets.objective_rows(out)  # raises the callable cls's type error
     _check_depends(out)
 
+    # create_graph keeps the graph for the next class and for the loss's own backward.
     def pull(cotangent: Tensor, out: Tensor = out, acts: tuple[Tensor, ...] = tuple(acts)) -> tuple[Tensor, ...]:
-        return torch.autograd.grad(out, acts, cotangent, create_graph=True, retain_graph=True)
+        return torch.autograd.grad(out, acts, cotangent, create_graph=True)
+
+    return Pulled(tuple(acts), out, scores, pull)
+
+
+def _vjp_pullback(split: Split, carry: tuple[Any, ...], objective: Callable[[Any], Tensor] | None) -> Pulled:
+    """:func:`pullback` from the head's output: each later stage under ``vjp``."""
+    acts = [carry[0]]
+    pullbacks = []
+    for i, stage in enumerate(split.middle):
+        _, stage_pullback, carry = stage_vjp(stage, carry, context_is_constant=(i == 0))
+        pullbacks.append(stage_pullback)
+        acts.append(carry[0])
+    out, pull_tail, scores = stage_vjp(
+        split.tail, carry, context_is_constant=len(split.middle) == 0,
+        objective=objective if objective is not None else _targets.class_scores)
+
+    # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
+    # cannot call a pullback held in a closure cell.
+    def pull(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks)) -> tuple[Tensor, ...]:
+        grads = pull_tail(cotangent)
+        layer_grads = [grads[0]]
+        for stage_pullback in reversed(pullbacks):
+            grads = stage_pullback(grads)
+            layer_grads.append(grads[0])
+        return tuple(reversed(layer_grads))
 
     return Pulled(tuple(acts), out, scores, pull)
 
@@ -195,28 +221,7 @@ def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None 
         with torch.enable_grad():
             return _autograd_pullback(split, x, objective)
     with torch.set_grad_enabled(differentiable):
-        carry = as_tuple(split.head(x))
-        acts = [carry[0]]
-        pullbacks = []
-        for i, stage in enumerate(split.middle):
-            _, stage_pullback, carry = stage_vjp(stage, carry, context_is_constant=(i == 0))
-            pullbacks.append(stage_pullback)
-            acts.append(carry[0])
-        out, pull_tail, scores = stage_vjp(
-            split.tail, carry, context_is_constant=len(split.middle) == 0,
-            objective=objective if objective is not None else _targets.class_scores)
-
-    # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
-    # cannot call a pullback held in a closure cell.
-    def pull(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks)) -> tuple[Tensor, ...]:
-        grads = pull_tail(cotangent)
-        layer_grads = [grads[0]]
-        for stage_pullback in reversed(pullbacks):
-            grads = stage_pullback(grads)
-            layer_grads.append(grads[0])
-        return tuple(reversed(layer_grads))
-
-    return Pulled(tuple(acts), out, scores, pull)
+        return _vjp_pullback(split, as_tuple(split.head(x)), objective)
 
 
 def layer_maps(maps: tuple[Tensor, ...], keep_k: bool) -> tuple[Tensor, ...]:
