@@ -259,3 +259,33 @@ def test_the_readmes_training_loop_runs():
     exec(compile(code.replace("range(400)", "range(2)"), "README.md", "exec"), namespace)
     model = namespace["model"]
     assert not model.training and all(p.grad is not None for p in model.parameters())
+
+
+def test_differentiable_calls_from_threads_equal_sequential_ones():
+    import threading
+
+    model = resnet(torch.float32)
+    s = camfunc.split(model, "layer3.0.conv2")
+    params = [p for p in model.parameters() if p.requires_grad]
+    inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def gradients(x):
+        maps = camfunc.gradcam(s, x, [1, 2], differentiable=True)
+        return torch.autograd.grad(maps.square().sum(), params, allow_unused=True)
+
+    sequential = [gradients(x) for x in inputs]
+    threaded: list = [None] * len(inputs)
+
+    def work(i):
+        threaded[i] = gradients(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, got in zip(sequential, threaded):
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None)
+            if w is not None:
+                torch.testing.assert_close(g, w)
