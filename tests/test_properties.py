@@ -250,6 +250,9 @@ def test_a_sample_in_a_batch_gets_its_map_alone(name, problem):
 @given(problem=problems(), value=st.floats(-4.0, 4.0, width=32), k=st.integers(1, 3))
 # A GELU tail's backward rounds positions 35 ulps apart (vectorised and scalar paths).
 @example(problem=Problem(torch.zeros(1, 2, 3, 3), torch.tensor([0]), 2, 2, 45469, 2, "gelu"), value=-4.0, k=2)
+# Subnormal activations: 1 / sum(A) overflowed float32 in XGrad-CAM's weights (NaN maps).
+@example(problem=Problem(torch.zeros(1, 1, 2), torch.tensor([0]), 1, 2, 0, 1, "relu"),
+         value=2.1019476964872256e-44, k=1)
 def test_flat_activations_give_a_zero_map(name, problem, value, k):
     # Every position alike: no position is more relevant than another. A method that
     # shows contrast here is showing rounding (an SVD of gradients that vmap over classes

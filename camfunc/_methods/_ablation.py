@@ -11,7 +11,7 @@ from camfunc._methods._combine import (
     Computed,
     check_activations,
     maps_from_class_weights,
-    safe_reciprocal,
+    safe_divide,
 )
 from camfunc._methods._method import cam_method
 
@@ -60,7 +60,7 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         with torch.no_grad():
             dropped = torch.func.vmap(ablated, chunk_size=max(1, batch_size // x.shape[0]))(channel_ids)
         drop = base.unsqueeze(0) - dropped  # (C, B, K)
-        weights = (drop * safe_reciprocal(base, base != 0).unsqueeze(0)).permute(1, 0, 2)  # (B, C, K)
+        weights = safe_divide(drop, base.unsqueeze(0), base.unsqueeze(0) != 0).permute(1, 0, 2)  # (B, C, K)
         maps.append(maps_from_class_weights(a, weights, keep_k, normalize=normalize,
                                             eigen_smooth=eigen_smooth))
     return tuple(maps), scores

@@ -136,6 +136,13 @@ def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
     return tuple(maps), scores
 
 
+def safe_divide(num: Tensor, den: Tensor, valid: Tensor) -> Tensor:
+    """``num / den`` where ``valid``, else 0; no inf or NaN even in gradients. Divides
+    directly: ``1 / den`` overflows float32 for a subnormal ``den`` (below 2.9e-39), where
+    the quotient of two tiny numbers is still finite."""
+    return torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 def safe_reciprocal(den: Tensor, valid: Tensor) -> Tensor:
     """``1 / den`` where ``valid``, else 0; no inf or NaN even in gradients."""
     return torch.where(valid, 1.0 / torch.where(valid, den, torch.ones_like(den)), torch.zeros_like(den))

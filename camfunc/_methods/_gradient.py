@@ -20,6 +20,7 @@ from camfunc._methods._combine import (
     finish,
     gradient_cam,
     rectified_terms,
+    safe_divide,
     safe_reciprocal,
     spatial_axes,
     weighted_sum,
@@ -57,8 +58,8 @@ def xgradcam_weights(a: Tensor, g: Tensor) -> Tensor:
     A channel whose activations sum to exactly 0 gets weight 0.
     """
     axes = spatial_axes(a)
-    total = a.sum(axes)
-    return (a * g).sum(axes) * safe_reciprocal(total, total != 0)
+    total = a.sum(axes, keepdim=True)
+    return (safe_divide(a, total, total != 0) * g).sum(axes)
 
 
 def layercam_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -84,7 +85,7 @@ def smooth_gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
     """
     axes = spatial_axes(a)
     peak = g.abs().amax(dim=(0, *(ax + 1 for ax in axes)), keepdim=True)
-    unit = g * safe_reciprocal(peak, peak > 0)
+    unit = safe_divide(g, peak, peak > 0)
     d1 = g.mean(0)
     d2 = unit.square().mean(0)
     d3 = unit.pow(3).mean(0)
