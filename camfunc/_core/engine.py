@@ -10,7 +10,9 @@
    maps *inside* the vmap, so the (K, B, C, *spatial) gradients are never all
    alive at once when ``chunk_size`` is set.
 
-Everything runs under ``torch.no_grad()``: ``vjp`` still differentiates inside,
+Each entry point that takes ``x`` runs the split bound to it (:meth:`Split.bound`:
+a capture that holds for ``x``'s size); ``run_from`` takes the carry of the split it
+is given. Everything runs under ``torch.no_grad()``: ``vjp`` still differentiates inside,
 and no graph to the model's parameters is built. With ``differentiable=True`` the
 same steps run with grad enabled, so the maps carry a graph to the parameters (and
 to ``x``); eagerly, the tail then runs as an ordinary forward and ``G`` comes from
@@ -133,6 +135,7 @@ def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: in
 @holding_calls
 def head(split: Split, x: Tensor) -> tuple[Any, ...]:
     """What the head hands on, ``(A, *context)``, with no graph."""
+    split = split.bound(x, check_model=False)
     with torch.no_grad():
         return as_tuple(split.head(x))
 
@@ -217,6 +220,7 @@ def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None 
     with respect to the activations at every cut. The head runs without a graph,
     unless ``differentiable`` (see the module's docstring).
     """
+    split = split.bound(x, check_model=False)
     if autograd_path(differentiable):
         with torch.enable_grad():
             return _autograd_pullback(split, x, objective)
@@ -242,6 +246,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
     ``(B, K, *spatial)`` when ``cls`` asked for K classes per sample (a ``(B, K)``
     tensor, ``topk``, or a callable returning ``(B, K)``), else ``(B, *spatial)``.
     """
+    split = split.bound(x, check_model=False)
     with torch.set_grad_enabled(differentiable):
         pulled = pullback(split, x, cls if _targets.is_objective(cls) else None,
                           differentiable=differentiable)
@@ -258,6 +263,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
 def carries(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[list[tuple[Any, ...]], Any]:
     """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph
     unless ``differentiable``."""
+    split = split.bound(x, check_model=False)
     with torch.set_grad_enabled(differentiable):
         carry = as_tuple(split.head(x))
         found = [carry]
@@ -292,6 +298,7 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
     in PyTorch, so concurrent eager calls take turns inside this function. With
     ``differentiable``, the same transforms run with grad enabled.
     """
+    split = split.bound(x, check_model=False)
     found, scores = carries(split, x, differentiable=differentiable)
     objective = objective_for(scores)
     with torch.set_grad_enabled(differentiable):

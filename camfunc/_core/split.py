@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Generic
+from typing import Any, Generic, Protocol
 
 from torch import Tensor, nn
 from typing_extensions import TypeVar
@@ -16,7 +16,7 @@ from typing_extensions import TypeVar
 #: What a method returns for this split: a tensor for one layer, a list for several.
 MapsT = TypeVar("MapsT", default=Tensor, covariant=True)
 
-__all__ = ["MapsT", "Split", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
+__all__ = ["MapsT", "Split", "Source", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "
@@ -46,7 +46,10 @@ class Split(Generic[MapsT]):
     asks for maps as a list even for one layer (a split made from a list of
     layers); ``traced_modes`` each of ``model.modules()``' ``training`` flag
     when it was traced (tracing bakes in ``if self.training`` branches, so a
-    call in other modes is refused). All but ``head`` and ``tail`` are keyword-only.
+    call in other modes is refused); ``forward_kwargs`` the arguments the model
+    was captured with besides ``x`` (:func:`check` calls it with them); ``source`` (set by :func:`split`) keeps the
+    model's captures valid: :meth:`bound` uses it. All but ``head`` and ``tail``
+    are keyword-only.
 
     ``Split[Tensor]`` (the default) gives methods' maps as one tensor;
     ``Split[list[Tensor]]`` as a list, one per layer.
@@ -69,6 +72,8 @@ class Split(Generic[MapsT]):
     batch: int | None = None
     listed: bool = False
     traced_modes: tuple[bool, ...] | None = None
+    forward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: Source | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for field in ("head", "tail"):
@@ -90,12 +95,34 @@ class Split(Generic[MapsT]):
         """``(head, *middle, tail)``."""
         return (self.head, *self.middle, self.tail)
 
+    def bound(self, x: Tensor, *, check_model: bool = True) -> Split[MapsT]:
+        """The split to run on ``x``: itself, or for a split :func:`camfunc.split` made, one
+        whose capture holds for ``x`` and for the model as it is now (captured again when
+        none is: an exported graph may hold for one input size only, and a module, tensor or
+        forward hook of the model may have been replaced since). Methods call it themselves.
+
+        Example:
+            >>> s = camfunc.split(hf_vit, "vit.layers.1")      # exported at the config's size
+            >>> s.bound(x_other_size).head(x_other_size)[0].shape
+            torch.Size([2, 32, 6, 8])
+        """
+        if self.source is None:
+            return self
+        return self.source.bound(self, x, check_model=check_model)
+
     def __call__(self, x: Any) -> Any:
         """Runs the whole model: ``tail(...head(x))``."""
-        carry = self.head(x)
-        for stage in (*self.middle, self.tail):
+        split = self.bound(x) if isinstance(x, Tensor) else self
+        carry = split.head(x)
+        for stage in (*split.middle, split.tail):
             carry = stage(*as_tuple(carry))
         return carry
+
+
+class Source(Protocol):
+    """What keeps a split's captures valid (``camfunc._core.cut.captures.Captures``)."""
+
+    def bound(self, split: Split[Any], x: Tensor, *, check_model: bool = True) -> Split[Any]: ...
 
 
 def modes_of(model: nn.Module) -> tuple[bool, ...]:

@@ -29,6 +29,7 @@ from camfunc._core.cut.capture import (
     target_name,
     trace_fx,
 )
+from camfunc._core.cut.captures import Capture, Captures
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels
 from camfunc._core.split import Split, modes_of, unwrap
@@ -71,9 +72,10 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
 
 
 def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
-             record_all: bool = False) -> Captured:
+             record_all: bool = False, spatial: bool = False,
+             forward_kwargs: Mapping[str, Any] | None = None) -> Captured:
     try:
-        return trace_fx(model, names, record_all=record_all)
+        return trace_fx(model, names, record_all=record_all, forward_kwargs=forward_kwargs)
     except CaptureError as err:
         if not str(err).startswith("torch.fx could not trace"):
             raise  # a definite answer (a required argument, a layer returning a tuple)
@@ -92,7 +94,8 @@ def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
             "split it in eval mode, or build the split by hand: camfunc.Split(head, tail)"
         ) from fx_error
     try:
-        return export_graph(model, example, names, record_all=record_all)
+        return export_graph(model, example, names, record_all=record_all, spatial=spatial,
+                            forward_kwargs=forward_kwargs)
     except CaptureError as err:
         raise CaptureError(
             f"{fx_error}; and {err}. Build the split by hand instead: camfunc.Split(head, tail) "
@@ -119,11 +122,12 @@ def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
 
 
 def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
-                  cuts: Sequence[torch.fx.Node]) -> dict[str, str | None]:
+                  cuts: Sequence[torch.fx.Node],
+                  forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """The graph's evidence for each layer's feature axis, read inside the layer too."""
     if captured.method == "export":  # already op by op
         return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
-    fine = trace_fx(model, [], record_all=True)
+    fine = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
     found: dict[str, str | None] = {}
     for name, cut in zip(names, cuts):
         calls = fine.calls.get(name) or []
@@ -174,20 +178,23 @@ Layer = str | nn.Module  # a module's name in model.named_modules(), or the modu
 @overload
 def split(model: nn.Module, layer: Layer | None = None, *, example_input: Tensor | None = None,
           layout: Any = None, grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
-          output: str | int | Callable[[Any], Any] | None = None) -> Split[Tensor]: ...
+          output: str | int | Callable[[Any], Any] | None = None,
+          forward_kwargs: Mapping[str, Any] | None = None) -> Split[Tensor]: ...
 
 
 @overload
 def split(model: nn.Module, layer: list[Layer] | tuple[Layer, ...], *,
           example_input: Tensor | None = None, layout: Any = None,
           grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
-          output: str | int | Callable[[Any], Any] | None = None) -> Split[list[Tensor]]: ...
+          output: str | int | Callable[[Any], Any] | None = None,
+          forward_kwargs: Mapping[str, Any] | None = None) -> Split[list[Tensor]]: ...
 
 
 def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | None = None,
           *, example_input: Tensor | None = None, layout: Any = None,
           grid: Sequence[int] | None = None, prefix_tokens: int | None = None,
-          output: str | int | Callable[[Any], Any] | None = None) -> Split[Any]:
+          output: str | int | Callable[[Any], Any] | None = None,
+          forward_kwargs: Mapping[str, Any] | None = None) -> Split[Any]:
     """Cuts ``model`` at ``layer``'s output into ``head: x -> A`` and ``tail: A -> scores``.
 
     ``layer`` is a module name (``"layer4"``, ``"vit.layers.10"``), a module,
@@ -199,8 +206,13 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
 
     The model is captured with ``torch.fx``; when fx cannot trace it (Hugging
     Face models, say), with ``torch.export`` (non-strict, dynamic batch), which
-    needs ``example_input`` unless the model's config gives its input size.
-    Forward arguments after the input keep their defaults. The cut is the
+    needs ``example_input`` unless the model's config gives its input size. An
+    exported graph holds for the input sizes torch's guards admit; a call at
+    another size captures the model again (with dynamic spatial sizes first),
+    and so does a call after a module, parameter, buffer or forward hook of the
+    model was replaced, added or removed (see :meth:`Split.bound`). Forward
+    arguments after the input keep their defaults, or take ``forward_kwargs``
+    (constants such as ``{"interpolate_pos_encoding": True}``). The cut is the
     module's output even when its forward ends in functional ops. Values that
     cross the cut (skip connections) pass from head to tail as context; an
     in-place write after the cut is ordered as the model orders it, and a
@@ -232,13 +244,14 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     model = unwrap(model)
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
+    kwargs = _checked_forward_kwargs(forward_kwargs)
     if layer is None:
         if example_input is None:
             raise ValueError(
                 "split needs a layer, or example_input to pick one: "
                 "camfunc.split(model, 'layer4') or camfunc.split(model, example_input=x)"
             )
-        layer = _choose_layer(model, example_input, layout, grid, prefix_tokens, output)
+        layer = _choose_layer(model, example_input, layout, grid, prefix_tokens, output, kwargs)
         warnings.warn(f"camfunc.split picked layer {layer!r}", LayerChoiceWarning, stacklevel=2)
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
@@ -247,13 +260,37 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     if len(set(names)) != len(names):
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
-    return _split_captured(model, _capture(model, names, example_input), names, layout, grid,
-                           prefix_tokens, pick, listed=isinstance(layer, (list, tuple)))
+    listed = isinstance(layer, (list, tuple))
+
+    def build(example: Tensor | None, spatial: bool) -> Capture:
+        captured = _capture(model, names, example_input if example is None else example,
+                            spatial=spatial, forward_kwargs=kwargs)
+        built = _split_captured(model, captured, names, layout, grid, prefix_tokens, pick,
+                                listed=listed, forward_kwargs=kwargs)
+        return Capture(built, captured.admits, captured.example_shape)
+
+    return Captures(model, build).first
+
+
+def _checked_forward_kwargs(forward_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if forward_kwargs is None:
+        return {}
+    if not isinstance(forward_kwargs, Mapping) or not all(isinstance(k, str) for k in forward_kwargs):
+        raise TypeError(f"forward_kwargs must be a dict of argument names to values, got {forward_kwargs!r}")
+    tensors = [k for k, v in forward_kwargs.items() if isinstance(v, Tensor)]
+    if tensors:
+        raise TypeError(
+            f"forward_kwargs[{tensors[0]!r}] is a tensor; the capture would fix its values for every "
+            "call. Pass constants (bools, numbers, strings), or wrap the model in a module whose "
+            "forward(x) builds the tensor"
+        )
+    return dict(forward_kwargs)
 
 
 def _split_captured(model: nn.Module, captured: Captured, names: list[str], layout: Any,
                     grid: Sequence[int] | None, prefix_tokens: int | None,
-                    pick: Callable[[Any], Any] | None, *, listed: bool = False) -> Split[Any]:
+                    pick: Callable[[Any], Any] | None, *, listed: bool = False,
+                    forward_kwargs: Mapping[str, Any] | None = None) -> Split[Any]:
     cuts = _cuts(captured, names)
     # Layers with the same output (layer4 and its last block) share one cut.
     position = {node: i for i, node in enumerate(captured.graph.nodes)}
@@ -263,10 +300,10 @@ def _split_captured(model: nn.Module, captured: Captured, names: list[str], layo
     chain_names = tuple(names[cuts.index(c)] for c in chain)
     tail = stages[-1] if pick is None else _Selected(stages[-1], pick)
     plain = Split(head=stages[0], tail=tail, middle=tuple(stages[1:-1]), layers=chain_names,
-                  model=model, input_ndim=captured.input_ndim, batch=captured.batch,
+                  model=model, input_ndim=captured.input_ndim,
                   order=() if order == tuple(range(len(chain))) else order, listed=listed,
-                  traced_modes=modes_of(model))
-    axes = _feature_axes(model, captured, names, cuts)
+                  traced_modes=modes_of(model), forward_kwargs=dict(forward_kwargs or {}))
+    axes = _feature_axes(model, captured, names, cuts, forward_kwargs)
     rules = _layout_rules(model, names, chain_names, axes, layout, grid, prefix_tokens)
     return _layout.build_layouts(plain, rules)
 
@@ -307,21 +344,24 @@ _PASSIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn
 
 
 def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
-                  grid: Sequence[int] | None, prefix_tokens: int | None, output: Any) -> str:
+                  grid: Sequence[int] | None, prefix_tokens: int | None, output: Any,
+                  forward_kwargs: dict[str, Any]) -> str:
     """The last module output with spatial (or token) extent whose map gets a gradient.
 
     A ViT's last block feeds the head through its class token only, so its
     patch tokens get exactly zero gradient: such layers are skipped.
     """
-    captured, names = _spatial_layers(model, example_input)
+    captured, names = _spatial_layers(model, example_input, forward_kwargs)
     pick = None if output is None else _select(output)
     for name in names:
         try:
             if captured.method == "export":  # one capture serves every candidate
-                candidate = _split_captured(model, captured, [name], layout, grid, prefix_tokens, pick)
+                candidate = _split_captured(model, captured, [name], layout, grid, prefix_tokens,
+                                            pick, forward_kwargs=forward_kwargs)
             else:  # fx traces are cheap, and a traced-through layer may not trace as a leaf
                 candidate = split(model, name, layout=layout, grid=grid,
-                                  prefix_tokens=prefix_tokens, output=output)
+                                  prefix_tokens=prefix_tokens, output=output,
+                                  forward_kwargs=forward_kwargs)
         except (TypeError, ValueError):
             continue
         if _gets_gradient(candidate, example_input):
@@ -361,9 +401,10 @@ def _shapes(captured: Captured, example: Tensor) -> dict[torch.fx.Node, tuple[in
     return found
 
 
-def _spatial_layers(model: nn.Module, example_input: Tensor) -> tuple[Captured, list[str]]:
+def _spatial_layers(model: nn.Module, example_input: Tensor,
+                    forward_kwargs: dict[str, Any]) -> tuple[Captured, list[str]]:
     """Module outputs with more than one position, last first, each by its outermost module."""
-    captured = _capture(model, [], example_input, record_all=True)
+    captured = _capture(model, [], example_input, record_all=True, forward_kwargs=forward_kwargs)
     shapes = _shapes(captured, example_input)
     modules = dict(model.named_modules())
     owners: dict[torch.fx.Node, list[str]] = {}
@@ -429,7 +470,8 @@ def check(split: Split, model: nn.Module, x: Tensor, *, rtol: float = 1e-5,
     Raises ``ValueError`` naming the largest difference when it does not, and
     returns the split unchanged when it does, so it can wrap a construction.
     Dicts of any kind (``OrderedDict``, ``ModelOutput``) compare by keys and
-    values. For a split built with ``output=``, pass a model returning that field.
+    values. For a split built with ``output=``, pass a model returning that field;
+    the model is called with the split's ``forward_kwargs``.
 
     Example:
         >>> s = camfunc.check(camfunc.split(model, "layer4"), model, x)
@@ -438,7 +480,7 @@ def check(split: Split, model: nn.Module, x: Tensor, *, rtol: float = 1e-5,
     """
     with torch.no_grad():
         with TRACE_LOCK.calling():
-            expected = model(x)
+            expected = model(x, **split.forward_kwargs)
         got = split(x)
     if isinstance(split.tail, _Selected):
         expected = split.tail.pick(expected)

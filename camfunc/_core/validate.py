@@ -170,10 +170,12 @@ def check_input(split: Split, x: Any) -> None:
 
 
 def check_call(split: Any, x: Any, *, differentiable: bool = False) -> Split:
-    """The split and input checks every method runs. Training mode is allowed only for
-    differentiable maps (training with them is what it is for)."""
+    """The split and input checks every method runs; returns the split bound to ``x``
+    (:meth:`Split.bound`). Training mode is allowed only for differentiable maps
+    (training with them is what it is for)."""
     split = check_split(split)
     check_input(split, x)
+    split = split.bound(x)  # a capture valid for x and the model as it is now
     check_traced_modes(split)
     if not differentiable:
         check_eval_mode(split)

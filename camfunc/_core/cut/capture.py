@@ -7,8 +7,15 @@ Two ways in, one result (:class:`Captured`):
   ``if side is not None`` takes the branch a plain call takes).
 - :func:`export_graph`: ``torch.export`` in non-strict mode, for models fx
   cannot trace (Hugging Face's, among others). It needs an example input; the
-  batch is exported dynamic. A layer's output is read from the
-  ``nn_module_stack`` metadata: the value its call hands to the rest of the graph.
+  batch is exported dynamic, and the spatial sizes too when asked. The graph
+  holds only for the inputs torch's guards admit (``Captured.admits``). A
+  layer's output is read from the ``nn_module_stack`` metadata: the value its
+  call hands to the rest of the graph.
+
+A module with forward hooks is traced as a leaf, so its hooks run when the
+stage calls it, as in ``model(x)``; fx cannot run the hooks of a module it
+traces through (the model itself, or one holding a target), so such models go
+to ``torch.export``, which runs them while it traces.
 
 Both read the model's own parameters and buffers (no copies) and leave the
 model as it was.
@@ -21,7 +28,7 @@ import dataclasses
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +61,8 @@ class Captured:
     but the input. ``calls[name]`` lists the output node of each call of layer
     ``name``, in call order. ``unflatten`` rebuilds the model's output structure
     from the graph's output (export flattens it). ``input_ndim`` is the input
-    rank the model needs, when the graph shows it.
+    rank the model needs, when the graph shows it. ``admits(x)`` says whether the
+    graph holds for input ``x`` (None: for any input, as a traced Python forward does).
     """
 
     graph: torch.fx.Graph
@@ -65,7 +73,8 @@ class Captured:
     unflatten: Callable[[Any], Any] | None = None
     input_ndim: int | None = None
     method: str = "fx"
-    batch: int | None = None  # the only batch size an export with a static batch accepts
+    admits: Callable[[Tensor], bool] | None = None
+    example_shape: tuple[int, ...] | None = None  # what torch.export was shown
 
     def owner(self, node: torch.fx.Node) -> Any:
         """The module or tensor a ``call_module``/``get_attr`` node refers to."""
@@ -95,8 +104,14 @@ class _CutTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
         if any(_is_inside(t, name) or (not name and t) for t in self.targets):
+            if has_forward_hooks(m):
+                raise CaptureError(
+                    f"torch.fx could not trace {type(self.root).__name__}: module {name!r} has "
+                    "forward hooks and holds a layer to cut, and fx does not run the hooks of a "
+                    "module it traces through"
+                )
             return False
-        if name in self.targets:
+        if name in self.targets or has_forward_hooks(m):  # a call runs the hooks
             return True
         return super().is_leaf_module(m, name)
 
@@ -158,26 +173,34 @@ def preserved(model: nn.Module) -> Iterator[None]:
                         value.update(contents[key])
 
 
-def _forward_defaults(model: nn.Module) -> dict[str, Any]:
-    """Forward arguments after the input, with their defaults; a clear error for required ones."""
+def forward_arguments(model: nn.Module, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Forward arguments after the input: ``given`` ones, else their defaults; a clear error
+    for a required one not given, or a given one ``forward`` does not take."""
+    given = dict(given or {})
     params = list(inspect.signature(model.forward).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not positional:
         raise CaptureError(
             f"{type(model).__name__}.forward takes no positional input; camfunc calls model(x)"
         )
-    defaults = {}
-    for p in params[params.index(positional[0]) + 1:]:
+    rest = params[params.index(positional[0]) + 1:]
+    named = {p.name for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(given) - named)
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in rest):
+        raise CaptureError(f"{type(model).__name__}.forward takes no argument {unknown[0]!r}; "
+                           f"forward_kwargs must name its arguments ({', '.join(sorted(named)) or 'none'})")
+    arguments = {}
+    for p in rest:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if p.default is p.empty:
+        if p.name not in given and p.default is p.empty:
             raise CaptureError(
                 f"{type(model).__name__}.forward needs the argument {p.name!r} besides the input; "
-                "camfunc explains models called as model(x). Wrap it in a module whose "
-                f"forward(x) calls it with {p.name}=..., or build a camfunc.Split by hand"
+                f"pass it to camfunc.split(..., forward_kwargs={{{p.name!r}: ...}}), wrap the model "
+                f"in a module whose forward(x) calls it with {p.name}=..., or build a camfunc.Split by hand"
             )
-        defaults[p.name] = p.default
-    return defaults
+        arguments[p.name] = given.pop(p.name) if p.name in given else p.default
+    return {**arguments, **given}
 
 
 _CONV_FUNCTIONS: dict[torch.fx.node.Target, int] = {
@@ -217,9 +240,19 @@ def _fetch(obj: Any, qualname: str) -> Any:
     return obj
 
 
-def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = False) -> Captured:
-    """Symbolic tracing; raises :class:`CaptureError` when fx cannot trace the model."""
-    defaults = _forward_defaults(model)
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or forward pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = False,
+             forward_kwargs: Mapping[str, Any] | None = None) -> Captured:
+    """Symbolic tracing; raises :class:`CaptureError` when fx cannot trace the model.
+    ``forward_kwargs`` are passed to ``forward`` as constants."""
+    if has_forward_hooks(model):
+        raise CaptureError(f"torch.fx could not trace {type(model).__name__}: the model has forward "
+                           "hooks of its own, and fx does not run them")
+    defaults = forward_arguments(model, forward_kwargs)
     tracer = _CutTracer(targets, record_all=record_all)
     with TRACE_LOCK.tracing(), preserved(model), warnings.catch_warnings():
         # A tensor default cannot be asserted on; camfunc never passes another value.
@@ -247,7 +280,8 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
 
 
 def example_for(model: nn.Module) -> Tensor | None:
-    """An example input from the model's own metadata (Hugging Face config, timm cfg), if any."""
+    """An example input from the model's own metadata (Hugging Face config, the size a timm
+    model was built for, timm cfg), if any."""
     shape = None
     config = getattr(model, "config", None)
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
@@ -256,8 +290,16 @@ def example_for(model: nn.Module) -> Tensor | None:
     elif isinstance(size, (tuple, list)) and isinstance(channels, int):
         shape = (channels, *size)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if shape is None and isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-        shape = tuple(cfg["input_size"])
+    cfg_shape = tuple(cfg["input_size"]) if isinstance(cfg, dict) and isinstance(
+        cfg.get("input_size"), (tuple, list)) else None
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm, as built
+    if isinstance(built, int):
+        built = (built, built)
+    if shape is None and isinstance(built, (tuple, list)) and len(built) == 2 and all(
+            isinstance(b, int) for b in built):
+        shape = (cfg_shape[0] if cfg_shape else 3, *built)  # img_size= overrides the cfg's size
+    if shape is None:
+        shape = cfg_shape
     if shape is None:
         return None
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -277,25 +319,90 @@ def _module_path(path: str, names: set[str]) -> str:
     return cleaned
 
 
-def _export(model: nn.Module, example: Tensor):
-    export = torch.export.export
+def _dynamic_shapes(example: Tensor, spatial: bool, kwargs: Mapping[str, Any]) -> list[Any]:
+    """Export's ``dynamic_shapes`` to try, most general first: the batch and, when asked and
+    torch can (``Dim.AUTO``: dimensions it must fix are fixed, not refused), the spatial sizes."""
     dim = torch.export.Dim
-    batch = dim.AUTO if hasattr(dim, "AUTO") else dim("batch")
+    auto = getattr(dim, "AUTO", None)
+    batch = {0: auto if auto is not None else dim("batch")}
+    tries = []
+    if spatial and auto is not None and example.ndim > 2:
+        tries.append({**batch, **{i: auto for i in range(2, example.ndim)}})
+    tries.append(batch)
+    # Some models specialise the batch; then the capture takes that batch only.
+    return [(shapes, *[None] * len(kwargs)) for shapes in tries] + [None]
+
+
+def _export(model: nn.Module, example: Tensor, kwargs: Mapping[str, Any], spatial: bool):
+    error: Exception | None = None
+    for shapes in _dynamic_shapes(example, spatial, kwargs):
+        try:
+            return torch.export.export(model, (example,), dict(kwargs), strict=False,
+                                       dynamic_shapes=shapes)
+        except Exception as err:  # export raises many kinds; the last try's error is reported
+            error = err
+    assert error is not None
+    raise error
+
+
+def _guard_function(ep: Any) -> Callable[..., Any] | None:
+    """torch's own check of an exported program's inputs: its guards on their sizes, as
+    ``ExportedProgram.module()`` runs them (torch 2.9 and newer), or None."""
     try:
-        return export(model, (example,), strict=False, dynamic_shapes=({0: batch},)), None
-    except Exception:
-        # Some models specialise the batch; then the capture takes that batch only.
-        return export(model, (example,), strict=False), example.shape[0]
+        return getattr(ep.module(), "_guards_fn", None)
+    except Exception:  # an older torch, or a program it cannot unlift: no function
+        return None
+
+
+def _admits(ep: Any, example: Tensor) -> Callable[[Tensor], bool]:
+    """Whether the exported graph holds for an input: the dtype and device it was captured
+    with, and sizes torch's guards admit. Where torch gives no guard function, only the
+    example's sizes (any batch when the batch was exported dynamic). Verdicts are kept per shape."""
+    dtype, device, shape = example.dtype, example.device, tuple(example.shape)
+    guards = _guard_function(ep)
+    leaves = torch.utils._pytree.tree_leaves(getattr(ep, "example_inputs", None) or ((), {}))
+    placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder"
+                       and n.name in ep.graph_signature.user_inputs)
+    dynamic_batch = not isinstance(placeholder.meta["val"].shape[0], int)
+
+    def sizes_fit(size: tuple[int, ...]) -> bool:
+        if guards is not None and leaves and isinstance(leaves[0], Tensor):
+            try:
+                guards(torch.empty(size, device="meta", dtype=dtype), *leaves[1:])
+                return True
+            except Exception:  # AssertionError: "Guard failed: ..."
+                return False
+        return len(size) == len(shape) and size[1:] == shape[1:] and (
+            dynamic_batch or size[0] == shape[0])
+
+    verdicts: dict[tuple[int, ...], bool] = {}
+
+    def admits(x: Tensor) -> bool:
+        if x.dtype != dtype or x.device != device:
+            return False
+        size = tuple(int(s) for s in x.shape)
+        verdict = verdicts.get(size)
+        if verdict is None:
+            verdict = verdicts[size] = sizes_fit(size)
+        return verdict
+
+    verdicts[shape] = True  # exported at this size
+    return admits
 
 
 def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
-                 record_all: bool = False) -> Captured:
-    """``torch.export`` (non-strict) into a graph that reads the model's own tensors."""
+                 record_all: bool = False, spatial: bool = False,
+                 forward_kwargs: Mapping[str, Any] | None = None) -> Captured:
+    """``torch.export`` (non-strict) into a graph that reads the model's own tensors.
+
+    The batch is exported dynamic; with ``spatial``, the spatial sizes too where torch can.
+    ``Captured.admits`` tells the inputs the graph holds for."""
     if example.shape[0] == 1:  # a batch of 1 would be specialised; export sees 2
         example = torch.cat([example, example])
+    kwargs = dict(forward_kwargs or {})
     with TRACE_LOCK.tracing(), preserved(model), torch.no_grad():
         try:
-            ep, batch = _export(model, example)
+            ep = _export(model, example, kwargs, spatial)
         except Exception as err:
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -310,13 +417,16 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
     graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    env: dict[torch.fx.Node, Any] = {}
     root: dict[str, Any] = {}
     user_inputs = []
     specs = {s.arg.name: s for s in signature.input_specs if hasattr(s.arg, "name")}
     for node in ep.graph.nodes:
         if node.op == "placeholder":
             spec = specs.get(node.name)
+            if spec is not None and spec.kind.name == "USER_INPUT" and hasattr(spec.arg, "value"):
+                env[node] = spec.arg.value  # a constant forward argument, fixed in the graph
+                continue
             if spec is None or spec.kind.name == "USER_INPUT":
                 env[node] = graph.placeholder(node.name)
                 env[node].meta = dict(node.meta)
@@ -347,7 +457,8 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
 
     calls = _calls_from_stack(graph, model, targets, record_all)
     return Captured(graph, root, user_inputs[0], {}, calls, unflatten=unflatten,
-                    input_ndim=example.ndim, method="export", batch=batch)
+                    input_ndim=example.ndim, method="export",
+                    admits=_admits(ep, example), example_shape=tuple(example.shape))
 
 
 def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence[str],

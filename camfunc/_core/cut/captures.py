@@ -1,0 +1,184 @@
+"""A split's captures, kept valid for the input and for the model as it is now.
+
+A captured graph holds for the model as it was captured: the modules in it,
+its parameters and buffers (export reads them as tensors), the forward hooks
+that ran. An exported graph also holds only for the inputs torch's guards admit
+(sizes, dtype, device). :class:`Captures` keeps every capture of one split;
+``bound(split, x)`` hands back one valid for ``x``, capturing again when none is:
+
+- for another input size, once with dynamic spatial sizes (torch.export's
+  ``Dim.AUTO``), which then serves every size its guards admit, and a capture
+  per size beyond that;
+- after a module, parameter, buffer or forward hook of the model was replaced,
+  added or removed (:class:`Snapshot`), from scratch.
+
+Values changed in place (``load_state_dict``, an optimiser step) need nothing:
+every graph reads the model's own tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from camfunc._core.cut.capture import CaptureError
+from camfunc._core.validate import refuse_while_compiling
+
+if TYPE_CHECKING:
+    from camfunc._core.split import Split
+
+__all__ = ["Capture", "Captures", "Snapshot", "MAX_CAPTURES"]
+
+#: Captures kept per split; the least recently used goes first.
+MAX_CAPTURES = 8
+
+
+class Snapshot:
+    """The model's structure when it was captured, cheap to compare with the model now.
+
+    Every module's children, parameters, buffers, forward hooks and forward
+    pre-hooks, by identity: a replaced, added or removed one shows. About 20 µs
+    on a ResNet-18 (``benchmarks/bench_staleness.py``).
+
+    Example:
+        >>> snapshot = Snapshot(model)
+        >>> model.fc = nn.Linear(512, 10)
+        >>> snapshot.unchanged()
+        False
+    """
+
+    def __init__(self, model: nn.Module):
+        tables: list[dict[Any, Any]] = [table for m in model.modules() for table in (
+            m._modules, m._parameters, m._buffers, m._forward_hooks, m._forward_pre_hooks)]
+        self._sizes = [(table, len(table)) for table in tables]
+        self._items = [(table, key, value) for table in tables for key, value in table.items()]
+
+    def unchanged(self) -> bool:
+        return all(len(table) == size for table, size in self._sizes) and all(
+            table.get(key) is value for table, key, value in self._items)
+
+
+class Capture(NamedTuple):
+    """One capture: its split, which inputs it holds for (None: every input), and the
+    input shape torch.export was shown (None: fx, which needs none)."""
+
+    split: Split
+    admits: Callable[[Tensor], bool] | None
+    shape: tuple[int, ...] | None
+
+    def holds_for(self, x: Tensor) -> bool:
+        return self.admits is None or self.admits(x)
+
+
+class _Guarded:
+    """An exported head that refuses inputs its graph does not hold for, when called
+    directly (methods, ``split(x)`` and ``split.bound(x)`` pick or make a capture that does)."""
+
+    def __init__(self, head: Callable[..., Any], admits: Callable[[Tensor], bool], model: str):
+        self.head, self.admits, self.model = head, admits, model
+
+    def __call__(self, x: Any, *rest: Any) -> Any:
+        if not torch.compiler.is_compiling() and isinstance(x, Tensor) and not self.admits(x):
+            raise ValueError(
+                f"this capture of {self.model} does not hold for inputs of shape {tuple(x.shape)} "
+                f"({x.dtype}, {x.device}): torch.export fixed sizes it depends on. Call split(x) or "
+                "a camfunc method, which capture the model again for it, or use split.bound(x).head"
+            )
+        return self.head(x, *rest)
+
+    def __repr__(self) -> str:
+        return f"_Guarded({self.head!r})"
+
+
+class Captures:
+    """Every capture of one split, most recently used first, and how to make another:
+    ``build(example, spatial)`` captures the model for ``example`` (None: the first
+    example), with dynamic spatial sizes when ``spatial``.
+
+    Example:
+        >>> s = camfunc.split(hf_vit, "vit.layers.1")     # camfunc.split makes them
+        >>> camfunc.gradcam(s, x_other_size, 1).shape      # captured again for that size
+        torch.Size([2, 6, 8])
+    """
+
+    def __init__(self, model: nn.Module, build: Callable[[Tensor | None, bool], Capture]):
+        self._model, self._build = model, build
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot(model)
+        self._spatial_tried = False  # whether a capture asked for dynamic spatial sizes
+        self._captures = [self._owned(build(None, False))]
+
+    @property
+    def first(self) -> Split:
+        return self._captures[0].split
+
+    def _owned(self, capture: Capture) -> Capture:
+        """The capture with its split pointing here, and its head guarded when it is exported."""
+        head = capture.split.head
+        if capture.admits is not None:
+            head = _Guarded(head, capture.admits, type(self._model).__name__)
+        return capture._replace(split=dataclasses.replace(capture.split, head=head, source=self))
+
+    def bound(self, split: Split, x: Tensor, *, check_model: bool = True) -> Split:
+        """A split valid for ``x`` and the model as it is now: ``split`` itself when it is."""
+        if torch.compiler.is_compiling():
+            return self._compiled_choice(split, x)
+        if check_model and not self._snapshot.unchanged():
+            return self._renew(x)
+        captures = self._captures
+        if any(c.split is split and c.holds_for(x) for c in captures):
+            return split
+        for capture in captures:
+            if capture.holds_for(x):
+                self._touch(capture)
+                return capture.split
+        return self._add(x)
+
+    def _compiled_choice(self, split: Split, x: Tensor) -> Split:
+        # No capture while compiling: an eager call at this size (or the split's own) serves.
+        if any(c.split is split and c.holds_for(x) for c in self._captures):
+            return split
+        for capture in self._captures:
+            if capture.holds_for(x):
+                return capture.split
+        refuse_while_compiling(
+            f"camfunc's captures of {type(self._model).__name__} do not hold for inputs of shape "
+            f"{tuple(x.shape)}; call the method once without torch.compile at this size, so that "
+            "it captures the model for it")
+        return split
+
+    def _touch(self, capture: Capture) -> None:
+        with self._lock:
+            if any(c is capture for c in self._captures):
+                self._captures = [capture] + [c for c in self._captures if c is not capture]
+
+    def _add(self, x: Tensor) -> Split:
+        # The first other size asks for dynamic sizes; sizes those do not serve get one each.
+        spatial, self._spatial_tried = not self._spatial_tried, True
+        known = sorted({c.shape for c in self._captures if c.shape is not None})
+        try:  # outside the lock: tracing takes the trace lock, which waits for running stages
+            capture = self._owned(self._build(x, spatial))
+        except CaptureError as err:
+            raise CaptureError(
+                f"the capture of {type(self._model).__name__} made for inputs of shape "
+                f"{', '.join(map(str, known)) or 'another shape'} does not hold for "
+                f"{tuple(x.shape)} ({x.dtype}, {x.device}), and capturing it again for them "
+                f"failed: {err}") from err
+        with self._lock:
+            self._captures = [capture, *self._captures][:MAX_CAPTURES]
+        return capture.split
+
+    def _renew(self, x: Tensor) -> Split:
+        snapshot = Snapshot(self._model)  # before capturing: a change while it runs shows later
+        capture = self._owned(self._build(x, False))
+        with self._lock:
+            self._captures, self._snapshot, self._spatial_tried = [capture], snapshot, False
+        return capture.split
+
+    def __repr__(self) -> str:
+        return f"Captures({len(self._captures)} of {type(self._model).__name__})"
