@@ -12,10 +12,9 @@ Two ways in, one result (:class:`Captured`):
   layer's output is read from the ``nn_module_stack`` metadata: the value its
   call hands to the rest of the graph.
 
-A module with forward hooks is traced as a leaf, so its hooks run when the
-stage calls it, as in ``model(x)``; fx cannot run the hooks of a module it
-traces through (the model itself, or one holding a target), so such models go
-to ``torch.export``, which runs them while it traces.
+Forward hooks are part of the model: fx traces those of the modules it traces
+through, a leaf's run when the stage calls it, and torch.export traces them all.
+fx does not run the model's own hooks, so such a model goes to torch.export.
 
 Both read the model's own parameters and buffers (no copies) and leave the
 model as it was.
@@ -104,14 +103,8 @@ class _CutTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
         if any(_is_inside(t, name) or (not name and t) for t in self.targets):
-            if has_forward_hooks(m):
-                raise CaptureError(
-                    f"torch.fx could not trace {type(self.root).__name__}: module {name!r} has "
-                    "forward hooks and holds a layer to cut, and fx does not run the hooks of a "
-                    "module it traces through"
-                )
             return False
-        if name in self.targets or has_forward_hooks(m):  # a call runs the hooks
+        if name in self.targets:
             return True
         return super().is_leaf_module(m, name)
 
@@ -268,9 +261,11 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
     x = placeholders[0]
     root = _graph_root(model, graph, tracer.constants)
     constants = {}
-    for node in placeholders[1:]:  # a concrete argument's placeholder holds its value
+    # Placeholders follow forward's arguments; each holds the value fx traced with (and asserts).
+    for node, name in zip(placeholders[1:], defaults):
         value = node.args[0] if node.args else None
-        constants[node] = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
+        value = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
+        constants[node] = value if isinstance(defaults[name], Tensor) else defaults[name]
     return Captured(graph, root, x, constants, tracer.outputs,
                     input_ndim=_input_ndim(graph, x, root), method="fx")
 
@@ -383,6 +378,8 @@ def _admits(ep: Any, example: Tensor) -> Callable[[Tensor], bool]:
         size = tuple(int(s) for s in x.shape)
         verdict = verdicts.get(size)
         if verdict is None:
+            if torch.compiler.is_compiling():  # guards run eagerly: a size not seen is not known
+                return False
             verdict = verdicts[size] = sizes_fit(size)
         return verdict
 
