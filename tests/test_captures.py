@@ -139,6 +139,30 @@ def test_threads_at_several_sizes_get_the_maps_of_sequential_calls():
         torch.testing.assert_close(results[i], camfunc.gradcam(s, x, [1, 2], normalize=False))
 
 
+def test_a_torch_export_in_another_thread_does_not_turn_eager_checks_off():
+    # torch.compiler.is_compiling() is a process-wide flag that torch.export sets; camfunc's
+    # eager checks and locks must not read it as "this call is being compiled".
+    started, release = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):
+        def forward(self, x):
+            started.set()
+            release.wait(60)
+            return x * 2
+
+    s = camfunc.split(small_cnn(), "3")
+    exporting = threading.Thread(target=torch.export.export, args=(Waits(), (torch.ones(2, 3),)),
+                                 kwargs={"strict": False})
+    exporting.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(ValueError, match="do not depend on the layer's activations"):
+            camfunc.gradcam(s, image((2, 3, 8, 8)), lambda out: out.detach()[:, 0])
+    finally:
+        release.set()
+        exporting.join()
+
+
 def test_compiled_methods_use_the_capture_made_eagerly_and_refuse_a_new_size():
     torch._dynamo.reset()
     model = SizeScaled().eval()

@@ -95,7 +95,7 @@ class Finer(_PerSampleClasses):
 
 def _check_references(ref: Tensor, index: Tensor, num_classes: int) -> None:
     """Reference classes in range and never the target itself (eagerly: they read values)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return
     low, high = int(ref.min()), int(ref.max())
     if low < 0 or high >= num_classes:
@@ -132,7 +132,7 @@ def _references(references: Any) -> Tensor | None:
     if ref.ndim not in (1, 2) or ref.shape[-1] == 0:
         raise ValueError(f"references must be a non-empty list of classes (T,) or a (B, T) tensor, "
                          f"got shape {tuple(ref.shape)}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         ordered = ref.sort(-1).values
         if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
             raise ValueError(f"references repeat a class: {ref.tolist()}; give each reference once")

@@ -102,7 +102,7 @@ def _check_depends(value: Tensor) -> None:
     Inside the function ``vjp`` differentiates, a value that depends on its
     input requires grad. Checked eagerly only, as the class range check is.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return
     if not value.requires_grad:
         raise ValueError(
@@ -122,7 +122,7 @@ def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: in
                  loop: bool = False) -> Any:
     """``fn`` of each class's cotangent, stacked on a new leading axis: one ``vmap``
     (a loop when ``loop``: ``torch.autograd.grad`` cannot run under ``vmap``)."""
-    if loop or cotangents.shape[0] == 1 or (torch.compiler.is_compiling() and not _VMAP_PULLBACK_COMPILES):
+    if loop or cotangents.shape[0] == 1 or (torch.compiler.is_dynamo_compiling() and not _VMAP_PULLBACK_COMPILES):
         outs = []
         for cotangent in cotangents.unbind(0):  # a plain loop: torch 2.4 cannot compile a
             outs.append(fn(cotangent))          # pullback called from a comprehension
@@ -158,7 +158,7 @@ class Pulled(NamedTuple):
 
 def autograd_path(differentiable: bool) -> bool:
     """Whether a call pulls back with ``torch.autograd.grad`` (differentiable maps, eagerly)."""
-    return differentiable and not torch.compiler.is_compiling()
+    return differentiable and not torch.compiler.is_dynamo_compiling()
 
 
 def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None) -> Pulled:
@@ -302,7 +302,7 @@ def curvature_maps(split: Split, x: Tensor, objective_for: Callable[[Any], Calla
     found, scores = carries(split, x, differentiable=differentiable)
     objective = objective_for(scores)
     with torch.set_grad_enabled(differentiable):
-        if torch.compiler.is_compiling():  # torch 2.4 cannot compile the context manager
+        if torch.compiler.is_dynamo_compiling():  # torch 2.4 cannot compile the context manager
             return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores
         with _forward_ad_turn():
             return _curvature_layers(split, found, objective, per_class, chunk_size, x.shape[0]), scores

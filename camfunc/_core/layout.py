@@ -264,7 +264,7 @@ _resolve_cached = functools.lru_cache(maxsize=1024)(_resolve)
 
 def resolve(rule: LayoutRule, input_shape: Sequence[int], act_shape: Sequence[int]) -> Layout:
     """The concrete layout of one cut, from the input's and the activation's shapes (no batch axis)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return _resolve(rule, tuple(input_shape), tuple(act_shape))
     return _resolve_cached(rule, tuple(int(s) for s in input_shape), tuple(int(s) for s in act_shape))
 

@@ -199,7 +199,7 @@ def check_range(index: Tensor, num_classes: int) -> None:
     would stall the host until the head has run, and the tail's launches would no longer
     hide behind the device's work. When compiling, nothing is read.
     """
-    if torch.compiler.is_compiling() or index.numel() == 0:
+    if torch.compiler.is_dynamo_compiling() or index.numel() == 0:
         return
     if index.device.type == "cpu":
         low, high = int(index.min()), int(index.max())

@@ -41,14 +41,14 @@ def _refuse(message: str) -> None:
 
 def refuse_while_compiling(message: str) -> None:
     """Raises ``message`` when called inside ``torch.compile``; nothing in eager mode."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         _refuse(message)
 
 
 def check_compilable(method: str) -> None:
     """A clear error while ``torch.compile`` traces ``method`` on a torch whose compiler cannot."""
     since = COMPILES_SINCE.get(method, (0, 0))
-    if torch.compiler.is_compiling() and TORCH_VERSION < since:
+    if torch.compiler.is_dynamo_compiling() and TORCH_VERSION < since:
         _refuse(f"camfunc.{method} cannot be compiled before torch {since[0]}.{since[1]} (this is "
                 f"{torch.__version__}); call it without torch.compile, or use a newer torch")
 
@@ -71,7 +71,7 @@ def nonfinite_maps(maps: Tensor, inputs: Tensor | None = None) -> Tensor:
     if inputs is not None:
         bad = bad | ~torch.isfinite(inputs).flatten(1).all(1)
     maps = torch.where(bad.reshape(-1, *(1,) * (maps.ndim - 1)), torch.full_like(maps, float("nan")), maps)
-    if maps.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+    if maps.device.type == "cpu" and not torch.compiler.is_dynamo_compiling() and bool(bad.any()):
         samples = bad.nonzero().flatten().tolist()
         warnings.warn(
             f"the maps of sample(s) {samples} are NaN: their input or the model's activations "

@@ -149,7 +149,7 @@ def cam(split: Split, x: Tensor, cls: _targets.Target, *, classifier: Any = None
             raise ValueError("camfunc.cam takes a split at one layer: the one before the pooling")
         return _cam_from_classifier(split, x, cls, classifier, normalize=normalize,
                                     eigen_smooth=eigen_smooth)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         with torch.no_grad():
             _check_pooled_linear_tail(split, x)
     return gradient_cam(split, x, cls, _summed_gradient, normalize=normalize, chunk_size=chunk_size,
@@ -181,7 +181,7 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
     def raw_map(a: Tensor) -> Tensor:
         w = weights
         if w is None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_dynamo_compiling():
                 raise ValueError("randomcam cannot draw inside torch.compile; pass weights=")
             device = generator.device if generator is not None else a.device
             w = torch.rand(a.shape[:2], generator=generator, device=device) * 2 - 1

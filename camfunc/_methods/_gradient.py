@@ -295,7 +295,7 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
             )
         return noise.to(device=x.device, dtype=x.dtype)
     _validate.check_count(num_samples, "num_samples")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         raise ValueError(
             "smooth_gradcampp cannot draw noise inside torch.compile (inductor's random "
             "numbers differ from eager's); draw it outside and pass noise="

@@ -56,7 +56,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
     shared = None
     # Skipping flat masks reads values: free on the CPU, a host-device sync elsewhere.
     if (flat_shortcut and not whole and transform is None and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_dynamo_compiling()):
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]
@@ -196,7 +196,7 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
     """
     _validate.check_count(batch_size, "batch_size")
     _validate.check_count(num_samples, "num_samples")
-    if noise is None and torch.compiler.is_compiling():
+    if noise is None and torch.compiler.is_dynamo_compiling():
         raise ValueError("sscam cannot draw noise inside torch.compile; pass noise=")
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:

@@ -378,7 +378,7 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
     kept = kept_patches(score, pre_filter_ratio)
     weights = score_weights(score)
     positions: Sequence[int] = range(batch * num_patches)
-    if pre_filter_ratio > 0 and not torch.compiler.is_compiling():
+    if pre_filter_ratio > 0 and not torch.compiler.is_dynamo_compiling():
         # Skip the patches no class keeps: which ones depends on values, so not when compiling.
         positions = kept.flatten(0, 1).any(-1).nonzero().flatten().tolist()
 

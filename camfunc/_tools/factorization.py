@@ -77,7 +77,7 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
         offset = torch.where(bad_columns, torch.inf, v).amin(1, keepdim=True)
         v = torch.where(bad_columns, 0.0, v - offset)
         if init is None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_dynamo_compiling():
                 raise ValueError("dff cannot draw its initialisation inside torch.compile; pass init=")
             scale = (v.mean() / n_components).sqrt()
             device = generator.device if generator is not None else v.device

@@ -341,7 +341,7 @@ def _check_recomputed(family: _Family, i: int, z: Tensor, values: Tensor, probab
     """The recomputed block must be the block (eagerly, once per block: it depends on the
     block's code, not on the input; a library change must not pass silently)."""
     block = family.blocks[i]
-    if torch.compiler.is_compiling() or block in _VERIFIED:
+    if torch.compiler.is_dynamo_compiling() or block in _VERIFIED:
         return
     recomputed, actual = family.rest(block, z, values, probabilities), block(z)
     # Fused and math attention differ by rounding: allow 100 ulps of the output's scale.

@@ -378,7 +378,7 @@ def _admits(ep: Any, example: Tensor) -> Callable[[Tensor], bool]:
         size = tuple(int(s) for s in x.shape)
         verdict = verdicts.get(size)
         if verdict is None:
-            if torch.compiler.is_compiling():  # guards run eagerly: a size not seen is not known
+            if torch.compiler.is_dynamo_compiling():  # guards run eagerly: a size not seen is not known
                 return False
             verdict = verdicts[size] = sizes_fit(size)
         return verdict

@@ -6,9 +6,11 @@ that ran. An exported graph also holds only for the inputs torch's guards admit
 (sizes, dtype, device). :class:`Captures` keeps every capture of one split;
 ``bound(split, x)`` hands back one valid for ``x``, capturing again when none is:
 
-- for another input size, once with dynamic spatial sizes (torch.export's
-  ``Dim.AUTO``), which then serves every size its guards admit, and a capture
-  per size beyond that;
+- for another input size, a capture for that size; from the third other size
+  on, once with dynamic spatial sizes (torch.export's ``Dim.AUTO``), which then
+  serves every size its guards admit (a dynamic export costs about what a fixed
+  one does on ViTs and CNNs, and ten times that where shapes need many guards:
+  24 s against 2 s on timm's MobileViT);
 - after a module, parameter, buffer or forward hook of the model was replaced,
   added or removed (:class:`Snapshot`), from scratch.
 
@@ -32,10 +34,12 @@ from camfunc._core.validate import refuse_while_compiling
 if TYPE_CHECKING:
     from camfunc._core.split import Split
 
-__all__ = ["Capture", "Captures", "Snapshot", "MAX_CAPTURES"]
+__all__ = ["Capture", "Captures", "Snapshot", "MAX_CAPTURES", "FIXED_SIZES_FIRST"]
 
 #: Captures kept per split; the least recently used goes first.
 MAX_CAPTURES = 8
+#: Other input sizes captured each for itself before one capture with dynamic sizes.
+FIXED_SIZES_FIRST = 2
 
 
 class Snapshot:
@@ -83,7 +87,7 @@ class _Guarded:
         self.head, self.admits, self.model = head, admits, model
 
     def __call__(self, x: Any, *rest: Any) -> Any:
-        if not torch.compiler.is_compiling() and isinstance(x, Tensor) and not self.admits(x):
+        if not torch.compiler.is_dynamo_compiling() and isinstance(x, Tensor) and not self.admits(x):
             raise ValueError(
                 f"this capture of {self.model} does not hold for inputs of shape {tuple(x.shape)} "
                 f"({x.dtype}, {x.device}): torch.export fixed sizes it depends on. Call split(x) or "
@@ -110,7 +114,7 @@ class Captures:
         self._model, self._build = model, build
         self._lock = threading.Lock()
         self._snapshot = Snapshot(model)
-        self._spatial_tried = False  # whether a capture asked for dynamic spatial sizes
+        self._added = 0  # captures made for other sizes, dynamic ones included
         self._captures = [self._owned(build(None, False))]
 
     @property
@@ -126,7 +130,7 @@ class Captures:
 
     def bound(self, split: Split, x: Tensor, *, check_model: bool = True) -> Split:
         """A split valid for ``x`` and the model as it is now: ``split`` itself when it is."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return self._compiled_choice(split, x)
         if check_model and not self._snapshot.unchanged():
             return self._renew(x)
@@ -158,8 +162,8 @@ class Captures:
                 self._captures = [capture] + [c for c in self._captures if c is not capture]
 
     def _add(self, x: Tensor) -> Split:
-        # The first other size asks for dynamic sizes; sizes those do not serve get one each.
-        spatial, self._spatial_tried = not self._spatial_tried, True
+        spatial = self._added == FIXED_SIZES_FIRST  # sizes keep changing: try dynamic ones, once
+        self._added += 1
         known = sorted({c.shape for c in self._captures if c.shape is not None})
         try:  # outside the lock: tracing takes the trace lock, which waits for running stages
             capture = self._owned(self._build(x, spatial))
@@ -177,7 +181,7 @@ class Captures:
         snapshot = Snapshot(self._model)  # before capturing: a change while it runs shows later
         capture = self._owned(self._build(x, False))
         with self._lock:
-            self._captures, self._snapshot, self._spatial_tried = [capture], snapshot, False
+            self._captures, self._snapshot, self._added = [capture], snapshot, 0
         return capture.split
 
     def __repr__(self) -> str:

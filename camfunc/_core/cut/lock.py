@@ -10,6 +10,10 @@ still trace (it steps out of its shared hold while it waits).
 
 Code camfunc does not run (a user's own ``symbolic_trace`` in another thread,
 or a model called directly) is outside this lock.
+
+camfunc asks ``torch.compiler.is_dynamo_compiling()``, never ``is_compiling()``,
+whether it is being compiled: the latter is a process-wide flag that
+``torch.export`` sets, so it reads True in every thread while any thread exports.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class TraceLock:
     @contextlib.contextmanager
     def calling(self) -> Iterator[None]:
         """Held while camfunc runs a model's stage; re-entrant within a thread."""
-        if torch.compiler.is_compiling():  # compiled code does not run Module.__call__
+        if torch.compiler.is_dynamo_compiling():  # compiled code does not run Module.__call__
             yield
             return
         depth = self._depth()
@@ -106,7 +110,7 @@ def holding_calls(fn: F) -> F:
     hand-built ones included (camfunc's own stages also hold it themselves)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return fn(*args, **kwargs)
         with TRACE_LOCK.calling():
             return fn(*args, **kwargs)

@@ -261,7 +261,7 @@ class Stage:
         return out[0] if self.single else out
 
     def __call__(self, *carry: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return self._run(*carry)
         with TRACE_LOCK.calling():
             return self._run(*carry)
