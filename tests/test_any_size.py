@@ -61,6 +61,9 @@ MODELS = {
             num_labels=4, image_size=64)),
         "segformer.stages.1", {}, [(64, 64), (96, 96), (64, 96)], segmentation_score,
         lambda size: identity),
+    "timm mobilevit (cfg 256)": (
+        lambda: timm.create_model("mobilevit_xxs", num_classes=5), "stages.3", {},
+        [(256, 256), (224, 224), (160, 224)], logit([1, 3]), lambda size: identity),
     "timm convit, built at 64 (its cfg says 224)": (
         lambda: timm.create_model("convit_tiny", num_classes=5, img_size=64, depth=3,
                                   embed_dim=48, local_up_to_layer=1),
