@@ -7,6 +7,7 @@ a split that ignored it would fail against the oracle.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import hypothesis.strategies as st
@@ -307,6 +308,37 @@ def test_a_snapshot_sees_exactly_the_structural_edits(edits):
     for edit in edits:
         _edit(model, edit, held)
     assert snapshot.unchanged() == (not STRUCTURAL.intersection(edits))
+
+
+def test_a_split_made_by_replacing_stages_keeps_them_or_is_refused():
+    model = SizeScaled().eval()
+    x = image((2, 3, 8, 8))
+    s = camfunc.split(model, "conv2", example_input=x)
+
+    def negated_tail(*carry):
+        return -s.tail(*carry)
+
+    made = dataclasses.replace(s, tail=negated_tail)  # as camfunc.testing's properties do
+    want = hook_gradcam(lambda v: -model(v), model.conv2, x, logit([1, 3]), identity)
+    torch.testing.assert_close(camfunc.gradcam(made, x, [1, 3], normalize=False), want)
+    with pytest.raises(ValueError, match=r"replacing its stages.*not for inputs of shape "
+                                         r"\(2, 3, 16, 16\).*split\.bound\(x\)"):
+        camfunc.gradcam(made, image((2, 3, 16, 16)), 1)
+    model.conv1.register_forward_hook(scale_channels)
+    with pytest.raises(ValueError, match="the model has changed since"):
+        camfunc.gradcam(made, x, 1)
+    assert_oracle(s, model, model.conv2, x, [1, 3])  # the split itself is captured again
+
+
+def test_a_layout_given_afterwards_stays_given():
+    model = ResNetish().eval()
+    s = camfunc.split(model, "block1")
+    x = image((2, 3, 8, 8))
+    last = camfunc.with_layout(s, "channels_last")  # (B, 6, 8, 8) read as (B, 8, 8, 6)
+    assert camfunc.gradcam(last, x, 1).shape == (2, 6, 8)
+    model.fc = nn.Linear(6, 7)
+    with pytest.raises(ValueError, match="the model has changed since"):
+        camfunc.gradcam(last, x, 1)
 
 
 # ----------------------------------------------------------------------------

@@ -102,9 +102,12 @@ class Split(Generic[MapsT]):
         forward hook of the model may have been replaced since). Methods call it themselves.
 
         Example:
-            >>> s = camfunc.split(hf_vit, "vit.layers.1")      # exported at the config's size
-            >>> s.bound(x_other_size).head(x_other_size)[0].shape
-            torch.Size([2, 32, 6, 8])
+            >>> s.bound(x) is s                                # its capture holds for x
+            True
+            >>> handle = model.layer3.register_forward_hook(lambda m, i, out: out * 2)
+            >>> s.bound(x) is s                                # a hook since: captured again
+            False
+            >>> handle.remove()
         """
         if self.source is None:
             return self

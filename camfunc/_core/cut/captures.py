@@ -99,21 +99,37 @@ class _Guarded:
         return f"_Guarded({self.head!r})"
 
 
+class _Origin:
+    """What a split :class:`Captures` made points back to (``Split.source``): the captures,
+    and which capture of which generation (captures since the model last changed) it is."""
+
+    def __init__(self, captures: Captures, admits: Callable[[Tensor], bool] | None, generation: int):
+        self.captures, self.admits, self.generation = captures, admits, generation
+        self.split: Split | None = None  # the capture's own split, set once it is made
+
+    def holds_for(self, x: Tensor) -> bool:
+        return self.admits is None or self.admits(x)
+
+    def bound(self, split: Split, x: Tensor, *, check_model: bool = True) -> Split:
+        return self.captures.bound(self, split, x, check_model=check_model)
+
+
 class Captures:
     """Every capture of one split, most recently used first, and how to make another:
     ``build(example, spatial)`` captures the model for ``example`` (None: the first
-    example), with dynamic spatial sizes when ``spatial``.
+    example), with dynamic spatial sizes when ``spatial``. :func:`camfunc.split` makes
+    one and returns its first split; ``Split.bound`` calls :meth:`bound`.
 
-    Example:
-        >>> s = camfunc.split(hf_vit, "vit.layers.1")     # camfunc.split makes them
-        >>> camfunc.gradcam(s, x_other_size, 1).shape      # captured again for that size
-        torch.Size([2, 6, 8])
+    A split made from one of these by replacing its fields (``camfunc.with_layout``,
+    ``dataclasses.replace``) keeps its own stages: it is bound to itself while its
+    capture holds, and refused, not swapped for another capture, when it does not.
     """
 
     def __init__(self, model: nn.Module, build: Callable[[Tensor | None, bool], Capture]):
         self._model, self._build = model, build
         self._lock = threading.Lock()
         self._snapshot = Snapshot(model)
+        self._generation = 0
         self._added = 0  # captures made for other sizes, dynamic ones included
         self._captures = [self._owned(build(None, False))]
 
@@ -126,30 +142,46 @@ class Captures:
         head = capture.split.head
         if capture.admits is not None:
             head = _Guarded(head, capture.admits, type(self._model).__name__)
-        return capture._replace(split=dataclasses.replace(capture.split, head=head, source=self))
+        origin = _Origin(self, capture.admits, self._generation)
+        origin.split = dataclasses.replace(capture.split, head=head, source=origin)
+        return capture._replace(split=origin.split)
 
-    def bound(self, split: Split, x: Tensor, *, check_model: bool = True) -> Split:
+    def bound(self, origin: _Origin, split: Split, x: Tensor, *, check_model: bool = True) -> Split:
         """A split valid for ``x`` and the model as it is now: ``split`` itself when it is."""
         if torch.compiler.is_dynamo_compiling():
-            return self._compiled_choice(split, x)
-        if check_model and not self._snapshot.unchanged():
+            return self._compiled_choice(origin, split, x)
+        changed = check_model and not self._snapshot.unchanged()
+        stale = changed or origin.generation != self._generation
+        if split is not origin.split:  # made from a capture: only its own stages will do
+            if not stale and origin.holds_for(x):
+                return split
+            why = "the model has changed since" if stale else (
+                f"not for inputs of shape {tuple(x.shape)} ({x.dtype}, {x.device})")
+            raise ValueError(
+                "this split was made from camfunc.split's by replacing its stages, and the "
+                f"capture it was made from no longer holds ({why}); make it again from "
+                "split.bound(x)")
+        if changed:
             return self._renew(x)
-        captures = self._captures
-        if any(c.split is split and c.holds_for(x) for c in captures):
+        if not stale and origin.holds_for(x):
             return split
-        for capture in captures:
+        return self._search(x)
+
+    def _search(self, x: Tensor) -> Split:
+        for capture in self._captures:
             if capture.holds_for(x):
                 self._touch(capture)
                 return capture.split
         return self._add(x)
 
-    def _compiled_choice(self, split: Split, x: Tensor) -> Split:
+    def _compiled_choice(self, origin: _Origin, split: Split, x: Tensor) -> Split:
         # No capture while compiling: an eager call at this size (or the split's own) serves.
-        if any(c.split is split and c.holds_for(x) for c in self._captures):
+        if origin.holds_for(x):
             return split
-        for capture in self._captures:
-            if capture.holds_for(x):
-                return capture.split
+        if split is origin.split:
+            for capture in self._captures:
+                if capture.holds_for(x):
+                    return capture.split
         refuse_while_compiling(
             f"camfunc's captures of {type(self._model).__name__} do not hold for inputs of shape "
             f"{tuple(x.shape)}; call the method once without torch.compile at this size, so that "
@@ -179,6 +211,8 @@ class Captures:
 
     def _renew(self, x: Tensor) -> Split:
         snapshot = Snapshot(self._model)  # before capturing: a change while it runs shows later
+        with self._lock:
+            self._generation += 1
         capture = self._owned(self._build(x, False))
         with self._lock:
             self._captures, self._snapshot, self._added = [capture], snapshot, 0
