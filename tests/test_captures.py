@@ -274,13 +274,14 @@ EDITS = ["replace a module", "add a module", "delete a module", "add a hook", "a
 STRUCTURAL = set(EDITS[:8])
 
 
-def _edit(model: nn.Sequential, edit: str, held: list) -> None:
+def _edit(model: nn.Sequential, edit: str, held: list, originals: list) -> None:
     if edit == "replace a module":
         model[3] = nn.Conv2d(6, 6, 3, padding=1)
     elif edit == "add a module":
         model.append(nn.Identity())
-    elif edit == "delete a module":
-        del model[-1]
+    elif edit == "delete a module":  # an original one, so an added module never cancels it
+        name = [n for n, m in model.named_children() if any(m is o for o in originals)][-1]
+        delattr(model, name)
     elif edit == "add a hook":
         held.append(model[0].register_forward_hook(lambda *a: None))
     elif edit == "add a pre-hook":
@@ -304,9 +305,10 @@ def _edit(model: nn.Sequential, edit: str, held: list) -> None:
 def test_a_snapshot_sees_exactly_the_structural_edits(edits):
     model = small_cnn()
     held: list = [model[4].register_forward_hook(lambda *a: None)]  # one to remove
+    originals = list(model.children())
     snapshot = Snapshot(model)
     for edit in edits:
-        _edit(model, edit, held)
+        _edit(model, edit, held, originals)
     assert snapshot.unchanged() == (not STRUCTURAL.intersection(edits))
 
 
