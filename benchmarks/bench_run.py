@@ -21,7 +21,11 @@ normalisation. Rows, measured in this one process, interleaved:
   into a fresh folder each time. Its time is the run loop the manifest
   reports (loader start to last shard written), so model loading, the
   weights hash and the final merge of the tables are not in it; they are
-  printed separately as the call's total.
+  printed separately as the call's total. JPEGs are decoded as ``--decode``
+  says: on the device (``auto`` on CUDA: ``torchvision.io.decode_jpeg``,
+  batched, the workers only read bytes) or by Pillow in the workers.
+* ``run, Pillow decoding`` (CUDA only): the same run with ``decode="pillow"``,
+  what the run did before it decoded on the device.
 
 Images per second, the best of ``--repeats`` (after one untimed warm-up of
 each row). The verdict is run / limit, target >= 0.8, where the loader can
@@ -109,7 +113,7 @@ def limit_throughput(split, batches: list[torch.Tensor], device) -> float:
     return sum(len(x) for x in batches) / (time.perf_counter() - start)
 
 
-def run_throughput(model, folder: Path, args, device) -> tuple[float, float]:
+def run_throughput(model, folder: Path, args, device, decode: str) -> tuple[float, float]:
     from camfunc.runs._loading import IMAGENET_MEAN, IMAGENET_STD
     from camfunc.runs import run
 
@@ -118,7 +122,7 @@ def run_throughput(model, folder: Path, args, device) -> tuple[float, float]:
         result = run(folder, Path(out) / "run", model=model, layer="layer4", size=args.size,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD, methods=["gradcam"],
                      batch_size=args.batch_size, shard_size=args.shard_size,
-                     num_workers=args.workers, device=device, progress=False)
+                     num_workers=args.workers, device=device, progress=False, decode=decode)
         total = time.perf_counter() - start
     return result.images_per_second, total
 
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pillow", "device"])
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -157,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             "loader": lambda: loader_throughput(loaded, folder, args, device),
             "limit": lambda: limit_throughput(split, batches, device),
             "forward": lambda: forward_throughput(model, loaded, folder, args, device),
-            "camfunc.runs.run": lambda: run_throughput(model, folder, args, device),
+            "camfunc.runs.run": lambda: run_throughput(model, folder, args, device, args.decode),
         }
+        if device.type == "cuda":
+            rows["run, Pillow decoding"] = []
+            calls["run, Pillow decoding"] = lambda: run_throughput(model, folder, args, device,
+                                                                   "pillow")
         for call in calls.values():  # warm-up
             call()
         for _ in range(args.repeats):  # interleaved, so machine noise falls on every row
             for name, call in calls.items():
                 value = call()
-                if name == "camfunc.runs.run":
+                if name.startswith("camfunc.runs.run") or name.startswith("run,"):
                     value, total = value
-                    totals.append(total)
+                    if name == "camfunc.runs.run":
+                        totals.append(total)
                 rows[name].append(value)
     best = {name: max(values) for name, values in rows.items()}
     feedable = min(best["loader"], best["limit"])

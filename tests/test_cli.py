@@ -252,3 +252,17 @@ def test_the_console_script_is_declared_and_runs():
     result = subprocess.run([sys.executable, "-c", "import sys; from camfunc.cli import main; "
                              "sys.exit(main(['--version']))"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("camfunc ")
+
+
+def test_explain_draws_on_the_image_as_viewers_turn_it_unless_no_exif(tmp_path):
+    path = tmp_path / "phone.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers turn it 90 degrees clockwise
+    Image.fromarray(np.full((40, 72, 3), 90, np.uint8)).save(path, exif=exif.tobytes())
+    for extra, size in (([], (40, 72)), (["--no-exif"], (72, 40))):
+        out = tmp_path / f"out{len(extra)}"
+        result = camfunc_cli("explain", path, "--class", "circle", "--out", out, *extra)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        (file,) = summary["images"][0]["classes"][0]["files"].values()
+        assert png_size(file) == ("PNG", size)

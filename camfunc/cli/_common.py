@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from camfunc._util.images import read_image
-from camfunc.runs._loading import UsageError
+from camfunc.runs._loading import LoadedModel, UsageError
 
 
 def safe_name(text: str) -> str:
@@ -42,9 +42,11 @@ def squash_warning(path: Path, stored: Tensor, size: tuple[int, int]) -> str | N
             "distorted image; crop it to the model's aspect first")
 
 
-def read_batches(paths: list[Path], size: tuple[int, int], batch_size: int,
-                 failed: list[dict[str, str]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-    """``(index, as stored, resized)`` of each readable image, ``batch_size`` paths at a time.
+def read_batches(paths: list[Path], loaded: LoadedModel, batch_size: int,
+                 failed: list[dict[str, str]], *, exif: bool = True
+                 ) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    """``(index, as shown, as the model takes it)`` of each readable image, ``batch_size``
+    paths at a time.
 
     Read a batch at a time, so a folder of large photos never sits in memory at once; an
     unreadable file is reported on stderr and appended to ``failed``, and the rest go on; an
@@ -54,12 +56,13 @@ def read_batches(paths: list[Path], size: tuple[int, int], batch_size: int,
         batch = []
         for index in range(start, min(start + batch_size, len(paths))):
             try:
-                stored, resized = read_image(paths[index], size)
+                stored, resized = read_image(paths[index], loaded.size,
+                                             channels=loaded.channels, exif=exif)
             except (OSError, ValueError) as error:
                 error_line(str(error))
                 failed.append({"path": str(paths[index]), "reason": str(error)})
                 continue
-            warning = squash_warning(paths[index], stored, size)
+            warning = squash_warning(paths[index], stored, loaded.size)
             if warning is not None:
                 warning_line(warning)
             batch.append((index, stored, resized))

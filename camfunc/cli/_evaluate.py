@@ -78,7 +78,7 @@ def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dic
     """(names, images, classes or None, None) batches of readable image files, read a batch
     at a time; failures recorded."""
     paths = expand_images(args.images)
-    for batch in read_batches(paths, loaded.size, args.batch_size, failed):
+    for batch in read_batches(paths, loaded, args.batch_size, failed, exif=not args.no_exif):
         yield ([str(paths[index]) for index, _, _ in batch],
                torch.stack([image for _, _, image in batch]), None, None)
 

@@ -1,7 +1,8 @@
 """``camfunc explain``: overlays for images, per method and class, and a JSON summary.
 
-Overlays are drawn on each image as stored, at its own size; the model sees
-it resized to its input size.
+Overlays are drawn on each image as viewers show it (EXIF orientation
+applied, unless ``--no-exif``), at its own size; the model sees it resized
+to its input size, with the channels it takes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square size images are resized to, for non-builtin models (default 224)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="images per batch (default 16)")
+    parser.add_argument("--no-exif", action="store_true",
+                        help="keep images as stored, not turned by their EXIF orientation")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +113,7 @@ def explain(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
 
-    batches = read_batches(paths, loaded.size, args.batch_size, failed)
+    batches = read_batches(paths, loaded, args.batch_size, failed, exif=not args.no_exif)
     total = -(-len(paths) // args.batch_size)
     for batch in progress(batches, total, "explain", unit="batch"):
         indices = [index for index, _, _ in batch]

@@ -26,7 +26,8 @@ def run_command(args: argparse.Namespace) -> int:
             metrics=args.metrics, batch_size=args.batch_size, shard_size=args.shard_size,
             num_workers=args.workers, map_dtype=args.map_dtype, upsample=args.upsample,
             seed=args.seed, device=args.device, compile=args.compile,
-            compile_backend=args.compile_backend, progress=not args.no_progress)
+            compile_backend=args.compile_backend, progress=not args.no_progress,
+            exif=not args.no_exif, decode=args.decode)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if _is_rank_zero():
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run methods through torch.compile")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (default inductor)")
+    parser.add_argument("--decode", default="auto", choices=["auto", "pillow", "device"],
+                        help="where JPEGs are decoded: device (torchvision, batched), pillow "
+                             "(the loader's workers), or auto: device on CUDA (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

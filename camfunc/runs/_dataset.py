@@ -16,37 +16,47 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc._util.images import IMAGE_SUFFIXES, read_resized_bytes
+from camfunc._util.images import IMAGE_SUFFIXES, read_resized_bytes, unit_float
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class Item(NamedTuple):
     """One dataset entry; ``error`` is empty when the image was read."""
 
     dataset_index: int
-    image: Tensor          # (3, H, W) in [0, 1]; zeros when the read failed
+    image: Tensor          # (C, H, W): uint8, or float in [0, 1]; zeros when the read failed
     label: int
     mask: Tensor | None    # (H, W) bool object mask (generated scenes only)
     error: str
+    encoded: Tensor | None = None   # a JPEG file's bytes, to decode on the device (image unset)
 
 
 class Batch(NamedTuple):
     """Items stacked by :func:`collate`."""
 
     indices: Tensor        # (B,) long
-    images: Tensor         # (B, 3, H, W)
+    images: Tensor         # (B, C, H, W): uint8, or float in [0, 1] if any image is deeper
     labels: Tensor         # (B,) long
     masks: Tensor | None   # (B, H, W) bool, or None
     errors: list[str]
+    encoded: list[Tensor | None] | None = None   # JPEG bytes per row, to decode on the device
 
 
 def collate(items: Sequence[Item]) -> Batch:
+    images = [item.image for item in items]
+    if len({image.dtype for image in images}) > 1:  # an 8-bit and a 16-bit file in one batch
+        images = [unit_float(image) for image in images]
+    encoded = [item.encoded for item in items]
     return Batch(torch.tensor([item.dataset_index for item in items], dtype=torch.long),
-                 torch.stack([item.image for item in items]),
+                 torch.stack(images),
                  torch.tensor([item.label for item in items], dtype=torch.long),
-                 _stacked_masks(items), [item.error for item in items])
+                 _stacked_masks(items), [item.error for item in items],
+                 encoded if any(e is not None for e in encoded) else None)
 
 
 def _stacked_masks(items: Sequence[Item]) -> Tensor | None:
@@ -87,12 +97,16 @@ def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """An ImageFolder tree read with Pillow, each image resized to ``size`` (H, W)."""
+    """An ImageFolder tree read with Pillow, each image resized to ``size`` (H, W) with
+    ``channels`` channels, turned by its EXIF orientation when ``exif``. With
+    ``jpeg_bytes``, JPEG files are only read, for the device to decode."""
 
-    def __init__(self, root: str | Path, size: tuple[int, int]) -> None:
+    def __init__(self, root: str | Path, size: tuple[int, int], channels: int = 3,
+                 exif: bool = True, jpeg_bytes: bool = False) -> None:
         self.root = Path(root).resolve()
         height, width = size
         self.size = (height, width)
+        self.channels, self.exif, self.jpeg_bytes = channels, exif, jpeg_bytes
         self.classes, self.files, self.labels = list_image_folder(self.root)
 
     def __len__(self) -> int:
@@ -104,15 +118,23 @@ class ImageFolderData(torch.utils.data.Dataset):
     def identity(self) -> dict:
         listing = "\n".join(f"{label}\t{self.name(i)}" for i, label in enumerate(self.labels))
         return {"kind": "image_folder", "root": str(self.root), "images": len(self),
-                "classes": self.classes,
+                "classes": self.classes, "channels": self.channels, "exif": self.exif,
                 "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
     def __getitem__(self, index: int) -> Item:
+        blank = torch.zeros(self.channels, *self.size, dtype=torch.uint8)
         try:
-            # uint8: workers ship a quarter of float32's bytes; made float on the device.
-            image, error = read_resized_bytes(self.files[index], self.size), ""
+            if self.jpeg_bytes:
+                data = self.files[index].read_bytes()
+                if data.startswith(JPEG_MAGIC):
+                    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    return Item(index, blank, self.labels[index], None, "", encoded)
+            # uint8 for 8-bit files: workers ship a quarter of float32's bytes.
+            image = read_resized_bytes(self.files[index], self.size, channels=self.channels,
+                                       exif=self.exif)
+            error = ""
         except Exception as failure:  # any unreadable file is recorded, never fatal
-            image = torch.zeros(3, *self.size, dtype=torch.uint8)
+            image = blank
             error = str(failure) if isinstance(failure, (OSError, ValueError)) \
                 else f"{type(failure).__name__}: {failure}"
         return Item(index, image, self.labels[index], None, error)
@@ -162,11 +184,15 @@ def parse_scenes(spec: str) -> tuple[int, int] | None:
     return numbers[0], numbers[1] if len(numbers) == 2 else DEFAULT_SCENES_SEED
 
 
-def open_data(data: str | Path, size: tuple[int, int]) -> ImageFolderData | ScenesData:
+def open_data(data: str | Path, size: tuple[int, int], channels: int = 3, exif: bool = True,
+              jpeg_bytes: bool = False) -> ImageFolderData | ScenesData:
     """The dataset ``data`` names: a folder, or ``scenes:N[:SEED]``."""
     scenes = parse_scenes(data) if isinstance(data, str) else None
     if scenes is not None:
+        if channels != 3:
+            raise ValueError(f"scenes are RGB, but the model takes {channels} channel(s); "
+                             "use an image folder")
         return ScenesData(*scenes, size)
     if not isinstance(data, (str, Path)):
         raise TypeError(f"data must be a folder path or 'scenes:N[:SEED]', got {type(data).__name__}")
-    return ImageFolderData(data, size)
+    return ImageFolderData(data, size, channels, exif, jpeg_bytes)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,9 +18,17 @@ from torch import Tensor, nn
 from camfunc._core import engine as _engine, split as _split
 from camfunc._util.atomic import write_json
 from camfunc._util.progress import progress_bar
-from camfunc.runs import _distributed, _settings, _shards
+from camfunc.runs import _distributed, _lock, _settings, _shards
 from camfunc.runs._dataset import Batch, collate, open_data
-from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.runs._decode import decoded_batch
+from camfunc.runs._loading import (
+    LoadedModel,
+    UsageError,
+    input_channels,
+    load_model,
+    make_split,
+    resolve_methods,
+)
 from camfunc.runs._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
@@ -76,7 +86,8 @@ def load(model: str | nn.Module, weights: str | None, layer: str | None, size: i
     if isinstance(model, nn.Module):
         # A training-mode model is refused by the split, with camfunc's usual message.
         loaded = LoadedModel(model, layer, (size, size),
-                             None if mean is None else tuple(mean), None if std is None else tuple(std))
+                             None if mean is None else tuple(mean), None if std is None else tuple(std),
+                             channels=input_channels(model))
     elif isinstance(model, str):
         # Seeded, so a model with random weights is the same on every rank and restart.
         with torch.random.fork_rng(devices=[]):
@@ -94,7 +105,7 @@ def load(model: str | nn.Module, weights: str | None, layer: str | None, size: i
 
 def probe(split: _split.Split, loaded: LoadedModel, device: torch.device) -> tuple[int, int, tuple]:
     """``(channels, num_classes, layer spatial size)`` from one blank image."""
-    x = loaded.normalise(torch.zeros(1, 3, *loaded.size)).to(device)
+    x = loaded.normalise(torch.zeros(1, loaded.channels, *loaded.size)).to(device)
     with torch.no_grad():
         activations = _engine.head(split, x)[0]
         scores = split(x)
@@ -122,8 +133,8 @@ def metric_columns(metrics: bool, has_masks: bool) -> list[str]:
         ["pointing_game", "energy_pointing_game"] if has_masks else [])
 
 
-def check_folder(out: Path, fingerprint: str, count: int) -> tuple[list[int], str | None]:
-    """Finished shards, or why ``out`` cannot be resumed with these settings."""
+def check_folder(out: Path, fingerprint: str, count: int) -> _shards.Survey:
+    """Finished and damaged shards, or why ``out`` cannot be resumed with these settings."""
     manifest = out / MANIFEST
     if manifest.is_file():
         try:
@@ -131,10 +142,11 @@ def check_folder(out: Path, fingerprint: str, count: int) -> tuple[list[int], st
         except (OSError, ValueError, AttributeError):
             found = None
         if found != fingerprint:
-            return [], (f"{out} holds a run with other settings (fingerprint "
-                        f"{str(found)[:12]}, this run {fingerprint[:12]}); use the same "
-                        f"arguments to resume, another --out folder, or delete {out}")
-    return _shards.finished_shards(out, count, fingerprint)
+            return _shards.Survey([], [], (
+                f"{out} holds a run with other settings (fingerprint {str(found)[:12]}, this "
+                f"run {fingerprint[:12]}); use the same arguments to resume, another --out "
+                f"folder, or delete {out}"))
+    return _shards.survey_shards(out, count, fingerprint)
 
 
 def batch_plan(shards: list[int], num_images: int, shard_size: int,
@@ -195,7 +207,8 @@ def merge(out: Path, manifest: dict[str, Any], data, count: int, class_names,
         failed += shard["failed"]
         shards.append({"shard": number, "file": _shards.shard_path(Path("."), number).as_posix(),
                        "start": shard["start"], "stop": shard["stop"],
-                       "images": len(shard["indices"]), "failed": len(shard["failed"])})
+                       "images": len(shard["indices"]), "failed": len(shard["failed"]),
+                       _shards.DIGEST: shard[_shards.DIGEST]})
     _shards.write_csv(out / INDEX, ["index", "name", "label", "status", "shard", "file", "row",
                                     "reason"],
                       _shards.index_rows(out, count, names, labels))
@@ -217,7 +230,7 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         num_workers: int = 0, map_dtype: str = "float16", upsample: bool = False, seed: int = 0,
         device: str | torch.device | None = None, compile: bool = False,
         compile_backend: str | Callable[..., Any] = "inductor",
-        progress: bool = True) -> RunResult:
+        progress: bool = True, exif: bool = True, decode: str = "auto") -> RunResult:
     r"""Explain a whole dataset with CAM methods, in resumable shards, on one or many processes.
 
     (No formula: this drives the methods of :data:`camfunc.METHODS` over a dataset.)
@@ -226,9 +239,16 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     classes are the sorted sub-folder names, images sorted by path within
     each) or ``"scenes:N"`` / ``"scenes:N:SEED"`` for ``camfunc.zoo.scenes(N,
     seed=SEED)`` (seed 0 by default), which adds object masks and so the pointing games.
-    Images are read with Pillow, as RGB in [0, 1], resized to the model's
-    size, and normalised as the model expects. An unreadable image is
-    recorded as failed, with the reason, and the run goes on.
+    Images are read as they are: every Pillow mode, 16-bit and float ones
+    scaled to [0, 1] by their range (never clipped), turned by their EXIF
+    orientation (``exif=False`` keeps them as stored), with the channels the
+    model takes (grayscale to RGB only for a three-channel model), resized to
+    the model's size and normalised as it expects. An unreadable image is
+    recorded as failed, with the reason, and the run goes on. JPEG files are
+    decoded on the device (``torchvision.io.decode_jpeg``, batched; the
+    loader's workers only read bytes) with ``decode="device"``, the default
+    on CUDA (``"auto"``); ``decode="pillow"`` decodes everything on the CPU.
+    A file the device cannot decode falls back to Pillow, alone.
 
     **Model.** ``model`` is a spec, as for the command line (``"builtin"``,
     ``"torchvision:NAME"``, ``"package.module:factory"``, with ``weights`` a
@@ -257,14 +277,21 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     renamed, so a shard under its name is complete. At the end rank 0 writes
     ``index.csv`` (each image's shard and row, or its failure),
     ``metrics.csv`` (one row per image, method and class) and
-    ``manifest.json`` (settings, fingerprint, versions, failed images, shards,
-    timing). Read maps back with ``camfunc.runs.read_maps(out, method)``.
+    ``manifest.json`` (settings, fingerprint, versions, failed images, shards
+    and their digests, the decoder, timing). Every shard carries a BLAKE2b
+    digest of its content. Read maps back with
+    ``camfunc.runs.read_maps(out, method)``, which verifies them.
 
-    **Resume.** Run again with the same arguments: finished shards are kept
-    (never rewritten) and the rest are done, with results equal to an
-    uninterrupted run. A folder made with other settings (the fingerprint in
-    its manifest or shards differs) is refused with an error; batch size,
-    workers, device, ``compile`` and the number of processes may change.
+    **Resume.** Run again with the same arguments: finished shards are
+    verified against their digests and kept (never rewritten), damaged ones
+    are recomputed (each named on stderr and in the manifest's
+    ``recomputed``), and the rest are done, with results equal to an
+    uninterrupted run. Temporary files a killed run left are removed. A
+    folder made with other settings (the fingerprint in its manifest or
+    shards differs) is refused with an error; batch size, workers, device,
+    ``compile`` and the number of processes may change. One run writes a
+    folder at a time: a second is refused, naming the first's process (an
+    ``flock`` on ``OUT/.camfunc-run.lock``, which a killed run does not keep).
 
     **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group
     starts from torchrun's environment, nccl on CUDA and gloo on the CPU.
@@ -297,9 +324,10 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         raise ValueError(f"size must be a positive int, got {size!r}")
     out = Path(out)
     device = choose_device(device)
+    decoder = _settings.check_reading(exif, decode, device)
     loaded, state = load(model, weights, layer, size, mean, std, options.seed, device)
     split = _user_error(lambda: make_split(loaded, layer))
-    dataset = open_data(data, loaded.size)
+    dataset = open_data(data, loaded.size, loaded.channels, exif, jpeg_bytes=decoder == "device")
     channels, num_classes, layer_size = probe(split, loaded, device)
     if options.topk is not None and options.topk > num_classes:
         raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
@@ -311,15 +339,17 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     count = _shards.shard_count(len(dataset), options.shard_size)
 
     group = _distributed.start(device)
+    lock = _lock.FolderLock(out)
     try:
-        pending = pending_shards(group, out, fingerprint, count)
+        pending, damaged = pending_shards(group, out, fingerprint, count, lock)
         manifest = {"format": _shards.FORMAT, "status": "running", "fingerprint": fingerprint,
                     "settings": settings,
                     "run": {"world_size": group.world, "batch_size": options.batch_size,
                             "num_workers": options.num_workers, "device": str(device),
-                            "compile": bool(compile), "data": str(data), "out": str(out)},
+                            "compile": bool(compile), "data": str(data), "out": str(out),
+                            "decode": decoder},
                     "versions": _settings.versions(), "num_images": len(dataset),
-                    "num_shards": count}
+                    "num_shards": count, "recomputed": damaged}
         if group.rank == 0:
             write_json(out / MANIFEST, manifest)
 
@@ -329,6 +359,10 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         work = Work(split, compiled, loaded.normalise, options.topk,
                     class_of_label, options.metrics, options.map_dtype, map_size, options.seed,
                     device, options.batch_size if compile else None, channels)
+        if decoder == "device":
+            work = dataclasses.replace(work, decode=functools.partial(
+                decoded_batch, size=loaded.size, channels=loaded.channels, exif=exif,
+                device=device))
         empty = empty_result(options.methods, options.topk or 1, map_size or layer_size,
                              options.map_dtype, columns)
         common = {"format": _shards.FORMAT, "fingerprint": fingerprint,
@@ -364,6 +398,7 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         _raise_any(failure, [shared["error"]])
         return shared["summary"]
     finally:
+        lock.release()
         _distributed.finish(group)
 
 
@@ -392,23 +427,33 @@ def result_settings(dataset, model: str | nn.Module, state: str, split: _split.S
             "upsample": options.upsample, "shard_size": options.shard_size, "seed": options.seed}
 
 
-def pending_shards(group: _distributed.Group, out: Path, fingerprint: str,
-                   count: int) -> list[int]:
-    """The unfinished shards, as rank 0 finds them, on every rank (or everyone's same error)."""
+def pending_shards(group: _distributed.Group, out: Path, fingerprint: str, count: int,
+                   lock: _lock.FolderLock) -> tuple[list[int], list[dict[str, Any]]]:
+    """The unfinished shards, as rank 0 finds them, on every rank (or everyone's same error),
+    and the damaged ones among them, each with why (also said on stderr). Rank 0 takes the
+    folder's lock first: another job writing it is refused."""
     if len(set(_distributed.gather(group, fingerprint))) != 1:
         raise ValueError("the ranks disagree on the settings or the data (different files, "
                          "model or arguments); every rank must see the same data and model")
     verdict = None
     if group.rank == 0:
-        finished, error = check_folder(out, fingerprint, count)
-        verdict = {"pending": [j for j in range(count) if j not in set(finished)], "error": error}
-        if error is None:
+        refused = lock.acquire()
+        survey = check_folder(out, fingerprint, count) if refused is None \
+            else _shards.Survey([], [], refused)
+        finished = set(survey.finished)
+        damaged = [{"shard": j, "reason": why} for j, why in survey.damaged]
+        verdict = {"pending": [j for j in range(count) if j not in finished],
+                   "damaged": damaged, "error": survey.error}
+        if survey.error is None:
             (out / _shards.SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
             _shards.remove_partial_files(out)
+            for entry in damaged:
+                print(f"camfunc run: recomputing shard {entry['shard']}: {entry['reason']}",
+                      file=sys.stderr)
     verdict = _distributed.broadcast(group, verdict)
     if verdict["error"]:
         raise ValueError(verdict["error"])
-    return verdict["pending"]
+    return verdict["pending"], verdict["damaged"]
 
 
 def timing(stats: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
@@ -451,6 +496,8 @@ def process(work: Work, dataset, out: Path, shards: list[int], options: _setting
 
 
 def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset) -> None:
+    if work.decode is not None:
+        batch = work.decode(batch, [dataset.files[i] for i in batch.indices.tolist()])
     for index, error in zip(batch.indices.tolist(), batch.errors):
         if error:
             buffer.failed.append({"index": index, "name": dataset.name(index), "reason": error})

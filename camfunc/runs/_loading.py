@@ -35,6 +35,7 @@ class LoadedModel:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     class_names: tuple[str, ...] | None = None
+    channels: int = 3            # image channels the model takes (1 or 3)
 
     def normalise(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, 3, H, W) as the model expects them."""
@@ -91,7 +92,25 @@ def _torchvision(name: str, weights: str | None, size: int) -> LoadedModel:
     model = torchvision.models.get_model(name, weights=None)
     if weights is not None:
         _load_weights(model, weights)
-    return LoadedModel(model.eval(), None, (size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return _imagenet_style(model.eval(), size)
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels ``model`` takes: a Hugging Face config's ``num_channels``, else the
+    first convolution's input channels, else 3."""
+    configured = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(configured, int):
+        return configured
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return int(first.in_channels) if first is not None else 3
+
+
+def _imagenet_style(model: nn.Module, size: int) -> LoadedModel:
+    """ImageNet's normalisation for a three-channel model; none for a grayscale one."""
+    channels = input_channels(model)
+    if channels == 3:
+        return LoadedModel(model, None, (size, size), IMAGENET_MEAN, IMAGENET_STD, None, 3)
+    return LoadedModel(model, None, (size, size), None, None, None, channels)
 
 
 def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
@@ -108,7 +127,7 @@ def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
         raise UsageError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     if weights is not None:
         _load_weights(model, weights)
-    return LoadedModel(model.eval(), None, (size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return _imagenet_style(model.eval(), size)
 
 
 def load_model(spec: str, weights: str | None = None, size: int = 224) -> LoadedModel:
@@ -137,7 +156,7 @@ def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
         if layer is None:
             parameter = next(loaded.model.parameters(), None)
             device = parameter.device if parameter is not None else None
-            example = torch.zeros(1, 3, *loaded.size, device=device)
+            example = torch.zeros(1, loaded.channels, *loaded.size, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", _splitter.LayerChoiceWarning)
                 return _splitter.split(loaded.model, example_input=example)

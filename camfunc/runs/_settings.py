@@ -74,6 +74,28 @@ def check_options(methods: Any, classes: Any, metrics: Any, batch_size: Any, sha
                    check_count(num_workers, "num_workers", minimum=0), map_dtype, upsample, seed, progress)
 
 
+DECODERS = ("auto", "pillow", "device")
+
+
+def check_reading(exif: Any, decode: Any, device: torch.device) -> str:
+    """The JPEG decoder to use: "device" (auto on CUDA, with torchvision) or "pillow"."""
+    if not isinstance(exif, bool):
+        raise ValueError(f"exif must be True or False, got {exif!r}")
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    if decode != "pillow":
+        try:
+            import torchvision.io  # noqa: F401
+        except ImportError:
+            if decode == "device":
+                raise ValueError("decode='device' needs torchvision: pip install torchvision; "
+                                 "or use decode='pillow'") from None
+            return "pillow"
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "pillow"
+    return decode
+
+
 def state_sha256(model: nn.Module) -> str:
     """A hash of the model's class and every parameter and buffer, bit for bit."""
     digest = hashlib.sha256(type(model).__qualname__.encode())

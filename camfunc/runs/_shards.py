@@ -4,17 +4,20 @@ Shard ``j`` always holds dataset indices ``[j * shard_size, (j + 1) * shard_size
 (the last one fewer), whatever the number of ranks or the batch size, so a
 finished shard is finished for any later run with the same settings. A shard
 file is a ``torch.save`` dict written to a temporary file and renamed: a file
-under its final name is complete.
+under its final name is complete. It carries a digest of its content (every
+tensor's bytes, dtype and shape, and every other value), so damage that still
+loads (a flipped byte in tensor data) is caught when it is read or resumed.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,7 +25,8 @@ from torch import Tensor
 from camfunc._util.atomic import write_atomic
 
 SHARD_FOLDER = "shards"
-FORMAT = "camfunc-run/1"
+FORMAT = "camfunc-run/2"
+DIGEST = "digest"
 MAP_DTYPES = {"float16": torch.float16, "uint8": torch.uint8, "float32": torch.float32}
 UINT8_LEVELS = 255.0
 
@@ -54,12 +58,77 @@ def decode_maps(stored: Tensor) -> Tensor:
     return stored.float()
 
 
+class DamagedShardError(ValueError):
+    """A shard file that cannot be read, or whose content does not match its digest."""
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Hash ``value`` in a canonical order: dict keys sorted, tensors by dtype, shape and bytes."""
+    if isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=str):
+            digest.update(json.dumps(str(key)).encode())
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    elif isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous()
+        digest.update(f"<{data.dtype}{tuple(data.shape)}>".encode())
+        # Bytes as stored; the uint8 view works for every dtype (bfloat16 has no numpy twin).
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+    else:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """BLAKE2b-128 of a shard's content, its own digest left out (about 1 GB/s on one core)."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, {k: v for k, v in payload.items() if k != DIGEST})
+    return digest.hexdigest()
+
+
 def write_shard(path: Path, payload: dict[str, Any]) -> Path:
-    return write_atomic(path, lambda file: torch.save(payload, file))
+    """Write ``payload`` with its digest, atomically."""
+    signed = {**payload, DIGEST: content_digest(payload)}
+    return write_atomic(path, lambda file: torch.save(signed, file))
 
 
-def read_shard(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+def _loaded(path: Path, mmap: bool) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch raises many kinds for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DamagedShardError(f"{path} cannot be read ({reason})") from None
+    if not isinstance(payload, dict):
+        raise DamagedShardError(f"{path} holds a {type(payload).__name__}, not a shard's dict")
+    return payload
+
+
+def verified(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` if its content matches the digest it was written with, else DamagedShardError."""
+    written = payload.get(DIGEST)
+    if written is None:
+        raise DamagedShardError(f"{path} has no digest (written by camfunc before "
+                                f"{FORMAT}); delete it and run again to recompute it")
+    found = content_digest(payload)
+    if found != written:
+        raise DamagedShardError(f"{path} is damaged: its content hashes to {found[:12]}, but it "
+                                f"was written as {written[:12]}; run the same command again to "
+                                "recompute it")
+    return payload
+
+
+def read_shard(path: str | Path, *, mmap: bool = False, verify: bool = True) -> dict[str, Any]:
     """A shard file's dict (tensors, lists, strings; loaded with ``weights_only=True``).
+
+    With ``verify`` (the default) its content is hashed again and compared with
+    the digest it was written with (BLAKE2b-128 over every tensor's bytes and
+    every other value); a damaged or unreadable file raises ``ValueError``
+    naming it. ``verify=False`` skips the hashing, for speed.
 
     No formula: shard j holds dataset indices ``[j S, (j + 1) S)`` (see :func:`camfunc.runs.run`).
 
@@ -69,45 +138,53 @@ def read_shard(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         >>> shard["maps"]["gradcam"].shape                # (n, K, h, w), as stored
         torch.Size([8, 1, 16, 16])
     """
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    path = Path(path)
+    payload = _loaded(path, mmap)
+    return verified(path, payload) if verify else payload
 
 
-def shard_fingerprint(path: Path) -> str | None:
-    """The fingerprint a shard file was written with, or None if it cannot be read."""
-    try:
-        payload = read_shard(path, mmap=True)
-    except Exception:  # a damaged file is simply redone
-        return None
-    return payload.get("fingerprint") if isinstance(payload, dict) else None
+class Survey(NamedTuple):
+    """What a resume finds in the shard folder."""
+
+    finished: list[int]                   # shards to keep
+    damaged: list[tuple[int, str]]        # (shard, why) to recompute
+    error: str | None                     # a shard of other settings: refuse the folder
 
 
-def finished_shards(out: Path, count: int, fingerprint: str) -> tuple[list[int], str | None]:
-    """``(finished shard numbers, error)``: error when a shard was made with other settings."""
-    finished = []
+def survey_shards(out: Path, count: int, fingerprint: str) -> Survey:
+    """Every shard file checked: readable, its digest, its settings' fingerprint."""
+    finished, damaged = [], []
     for shard in range(count):
         path = shard_path(out, shard)
         if not path.is_file():
             continue
-        found = shard_fingerprint(path)
-        if found is None:
+        try:
+            payload = read_shard(path, mmap=True)
+        except DamagedShardError as error:
+            damaged.append((shard, str(error)))
             continue
+        found = str(payload.get("fingerprint"))
         if found != fingerprint:
-            return [], (f"{path} was written with other settings (fingerprint {found[:12]}, "
-                        f"this run {fingerprint[:12]}); use another --out folder, or delete "
-                        f"{out} to start over")
+            return Survey([], [], f"{path} was written with other settings (fingerprint "
+                                  f"{found[:12]}, this run {fingerprint[:12]}); use another "
+                                  f"--out folder, or delete {out} to start over")
         finished.append(shard)
-    return finished, None
+    return Survey(finished, damaged, None)
 
 
-def remove_partial_files(out: Path) -> None:
-    """Temporary files a killed run left behind (never taken for shards)."""
-    for tmp in (out / SHARD_FOLDER).glob(".shard-*.tmp"):
+def remove_partial_files(out: Path) -> list[Path]:
+    """Temporary files a killed run left behind (never taken for results): the shards',
+    and those of the tables and the manifest. Returns what it removed."""
+    found = [*(out / SHARD_FOLDER).glob(".shard-*.tmp"), *out.glob(".*.tmp")]
+    for tmp in found:
         tmp.unlink(missing_ok=True)
+    return found
 
 
 def shards_in_order(out: Path, count: int) -> Iterator[dict[str, Any]]:
+    """Every shard, unhashed: the resume verified the kept ones and this run wrote the rest."""
     for shard in range(count):
-        yield read_shard(shard_path(out, shard), mmap=True)
+        yield read_shard(shard_path(out, shard), mmap=True, verify=False)
 
 
 def metric_rows(shard: dict[str, Any], names: list[str],
@@ -158,11 +235,14 @@ def index_rows(out: Path, count: int, names: list[str], labels: list[int]) -> It
                    "row": rows.get(index, ""), "reason": reasons.get(index, "")}
 
 
-def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
+def read_maps(out: str | Path, method: str, *, verify: bool = True) -> tuple[Tensor, Tensor]:
     """All of a finished run's maps for ``method``: ``(indices (N,), maps (N, K, h, w) float32)``,
     in dataset order (failed images are absent). Refuses a run that has not finished
-    (its ``manifest.json`` not ``"complete"``) and shards of other settings. No formula: it
-    reads what :func:`camfunc.runs.run` wrote.
+    (its ``manifest.json`` not ``"complete"``) and shards of other settings. With
+    ``verify`` (the default) every shard's content must match its digest and the
+    digest the manifest recorded for it, else ``ValueError`` naming the shard;
+    ``verify=False`` skips the hashing. No formula: it reads what
+    :func:`camfunc.runs.run` wrote.
 
     Example:
         >>> result = camfunc.runs.run("scenes:8", "out", methods=["gradcam"], progress=False)
@@ -182,11 +262,17 @@ def read_maps(out: str | Path, method: str) -> tuple[Tensor, Tensor]:
     if len(files) != manifest.get("num_shards"):
         raise ValueError(f"{out} holds {len(files)} shard files but its run wrote "
                          f"{manifest.get('num_shards')}; run the same command again to redo them")
+    recorded = {entry.get("file"): entry.get(DIGEST) for entry in manifest.get("shards", [])}
     indices, maps = [], []
     for path in files:
-        shard = read_shard(path)
+        shard = read_shard(path, verify=verify)
         if shard.get("fingerprint") != manifest.get("fingerprint"):
             raise ValueError(f"{path} was written with other settings than {manifest_path}")
+        written = recorded.get(path.relative_to(out).as_posix())
+        if verify and written != shard.get(DIGEST):
+            raise ValueError(f"{path} is not the shard {manifest_path} recorded (digest "
+                             f"{str(shard.get(DIGEST))[:12]}, recorded {str(written)[:12]}); run "
+                             "the same command again to recompute it")
         if method not in shard["maps"]:
             raise ValueError(f"{path} has no maps for {method!r}; it has {list(shard['maps'])}")
         indices.append(shard["indices"])

@@ -41,6 +41,7 @@ class Work:
     device: torch.device
     pad_to: int | None                       # pad every batch to this size (compiled methods)
     layer_channels: int
+    decode: Callable[[Batch, list[Any]], Batch] | None = None   # JPEG bytes -> images, on device
 
 
 class Explained(NamedTuple):
