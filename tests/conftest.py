@@ -1,8 +1,8 @@
-import hashlib
+import ast
 import os
 import random
-import subprocess
 import sys
+from pathlib import Path
 
 # pytester runs a researcher's test files against the installed plugin (tests/test_pytest_plugin.py).
 pytest_plugins = ["pytester"]
@@ -15,49 +15,45 @@ import torch  # noqa: E402
 import tempfile  # noqa: E402
 
 from hypothesis import settings  # noqa: E402
-from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+from hypothesis.database import (  # noqa: E402
+    DirectoryBasedExampleDatabase,
+    MultiplexedDatabase,
+    ReadOnlyDatabase,
+)
 
 # Timings on a shared 2-core machine are noise: no deadline in any profile.
 # dev (the default): a quick search, the same every run.
-# ci (HYPOTHESIS_PROFILE=ci, set by .ci/run): more examples, from a seed taken from the code
-# and tests under test (git's tree hashes of camfunc/ and tests/). A new change explores new
-# examples, yet one commit always runs the same ones: the gate is reproducible (what passed
-# here passes on CI), not a lottery. The seed is printed in the header; a failure also
-# prints its @reproduce_failure blob.
-# hunt (HYPOTHESIS_PROFILE=hunt): many examples from a fresh seed each run, and a database
-# of what it finds kept outside the repository. Run it to look for counterexamples, then pin
-# each one found as an @example.
-# dev and ci keep no example database: replaying examples saved by earlier runs (a hunt, a
-# run against broken code) would make the same command test different examples.
+# ci (HYPOTHESIS_PROFILE=ci, set by .ci/run): more examples, from one fixed seed (CI_SEED),
+# after replaying the committed example database (EXAMPLES) read-only. The examples depend
+# only on the tests' strategies and the pinned hypothesis: two clones of one commit run the
+# same ones, and an edit elsewhere (a comment, a new module) changes none of them.
+# hunt (HYPOTHESIS_PROFILE=hunt, tests/hunt.py): many examples from a fresh seed each run,
+# saving what fails to a database of its own (and, with --save, to EXAMPLES, for CI to
+# replay). It never gates a change; pin what it finds as @example.
+# Tests keep the profile's example count; an override says why, on its line ("# examples:").
+EXAMPLES = os.path.join(os.path.dirname(__file__), "hypothesis-examples")
+CI_SEED = 20261205
+HUNT_DATABASE = os.environ.get("CAMFUNC_HUNT_DATABASE",
+                               os.path.join(tempfile.gettempdir(), "camfunc-hypothesis"))
 settings.register_profile("dev", max_examples=15, deadline=None, derandomize=True, database=None)
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=False, database=None,
-                          print_blob=True)
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
+                          database=ReadOnlyDatabase(DirectoryBasedExampleDatabase(EXAMPLES)))
 settings.register_profile(
     "hunt", max_examples=200, deadline=None, derandomize=False, print_blob=True,
-    database=DirectoryBasedExampleDatabase(os.path.join(tempfile.gettempdir(), "camfunc-hypothesis")))
+    database=MultiplexedDatabase(DirectoryBasedExampleDatabase(HUNT_DATABASE),
+                                 ReadOnlyDatabase(DirectoryBasedExampleDatabase(EXAMPLES))))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-
-def code_seed() -> int:
-    """A seed from the committed trees of camfunc/ and tests/ (0 outside a git checkout)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:camfunc", "HEAD:tests"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return 0
-    return int(hashlib.sha256(trees.encode()).hexdigest()[:8], 16)
 
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin reads the seed
 def pytest_configure(config):
     """One seed for the whole run unless one is given, so that a failure can be replayed with
-    ``--hypothesis-seed``: the code's under ci, a fresh one under hunt."""
+    ``--hypothesis-seed``: the fixed CI_SEED under ci, a fresh one under hunt."""
     if config.getoption("hypothesis_seed") is not None:
         return
     profile = settings.get_current_profile_name()
     if profile == "ci":
-        config.option.hypothesis_seed = str(code_seed())
+        config.option.hypothesis_seed = str(CI_SEED)
     elif profile == "hunt":
         config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
 
@@ -69,12 +65,36 @@ def pytest_report_header(config):
     return None
 
 
+def _is_core_mark(node: ast.AST) -> bool:
+    """``pytest.mark.core`` (or ``mark.core``), also inside a list or tuple of marks."""
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return any(_is_core_mark(item) for item in node.elts)
+    return isinstance(node, ast.Attribute) and node.attr == "core" and \
+        isinstance(node.value, ast.Attribute) and node.value.attr == "mark"
+
+
+def declares_core(path) -> bool:
+    """Whether a test file marks anything core: its ``pytestmark`` (a mark or a list of
+    them), or a ``@pytest.mark.core`` on a test or class. Read from the source, not imported:
+    a core run must not import files that need the reference libraries."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            if _is_core_mark(node.value):
+                return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and any(
+                _is_core_mark(d) for d in node.decorator_list):
+            return True
+    return False
+
+
 def pytest_ignore_collect(collection_path, config):
     """A core run (``pytest -m core``, as on the oldest torch) does not import the modules
     that hold no core tests: they need the reference libraries, which are not installed there."""
     if config.getoption("markexpr") == "core" and collection_path.name.startswith("test_") \
             and collection_path.suffix == ".py":
-        return "pytestmark = pytest.mark.core" not in collection_path.read_text(encoding="utf-8")
+        return not declares_core(collection_path)
     return None
 
 

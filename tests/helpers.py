@@ -208,3 +208,21 @@ def tokens_to_grid(prefix: int, grid: tuple[int, ...]):
 
 def channels_last_to_grid(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(-1, 1)
+
+
+def assert_cut_at(split, model: nn.Module, layer: str, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """The split's head gives what ``model.<layer>`` outputs, taken by a forward hook here,
+    and its tail after its head gives ``model(x)``: a cut at the wrong layer fails the first."""
+    module = model.get_submodule(layer)
+    kept = {}
+    handle = module.register_forward_hook(lambda m, i, o: kept.__setitem__("a", o))
+    try:
+        with torch.no_grad():
+            want_scores = model(x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        carry = split.bound(x).head(x)
+        head = carry[0] if isinstance(carry, tuple) else carry
+        torch.testing.assert_close(head, kept["a"], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(split(x), want_scores, atol=atol, rtol=1e-4)

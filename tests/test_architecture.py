@@ -1,7 +1,9 @@
 """The package's layering: imports point down, never up, and never in a circle.
 
-Read from the source (every import, at module level or inside a function), so a
-call-time import that works around a cycle is caught too.
+Read from the source (every import, at module level or inside a function, and
+``importlib.import_module("camfunc...")`` / ``__import__`` with a literal name), so
+a call-time import that works around a cycle is caught too. Every module belongs
+to a listed group; ``camfunc`` (the package's namespace) is the ``__init__`` alone.
 """
 
 from __future__ import annotations
@@ -47,12 +49,31 @@ def module_files() -> dict[str, pathlib.Path]:
 MODULES = module_files()
 
 
-def imports_of(name: str) -> list[tuple[str, str]]:
-    """``(module, imported name)`` for each ``from module import name`` (name '' for ``import``)."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+def dynamic_import(node: ast.AST) -> str | None:
+    """The literal module name of ``import_module("...")``, ``importlib.import_module("...")``
+    or ``__import__("...")``."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    function = node.func
+    called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
+    first = node.args[0]
+    if called in ("import_module", "__import__") and isinstance(first, ast.Constant) \
+            and isinstance(first.value, str):
+        return first.value
+    return None
+
+
+def imports_of(name: str, source_text: str | None = None) -> list[tuple[str, str]]:
+    """``(module, imported name)`` for each ``from module import name`` (name '' for ``import``
+    and for a dynamic import of a literal name)."""
+    path = MODULES.get(name)
+    package = name if path is not None and path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    text = source_text if source_text is not None else path.read_text()
+    for node in ast.walk(ast.parse(text)):
+        literal = dynamic_import(node)
+        if literal is not None and literal.split(".")[0] == "camfunc":
+            found.append((literal, ""))
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
             source = ".".join([*base, node.module] if node.module else base) if node.level else node.module
@@ -63,19 +84,25 @@ def imports_of(name: str) -> list[tuple[str, str]]:
     return found
 
 
+def targets_of(name: str, source_text: str | None = None) -> set[str]:
+    targets = set()
+    for source, imported in imports_of(name, source_text):
+        as_module = f"{source}.{imported}"
+        targets.add(as_module if as_module in MODULES else source)
+    return {t for t in targets if t in MODULES and t != name}
+
+
 def edges() -> dict[str, set[str]]:
-    graph = {}
-    for name in MODULES:
-        targets = set()
-        for source, imported in imports_of(name):
-            as_module = f"{source}.{imported}"
-            targets.add(as_module if as_module in MODULES else source)
-        graph[name] = {t for t in targets if t in MODULES and t != name}
-    return graph
+    return {name: targets_of(name) for name in MODULES}
+
+
+def in_group(name: str, group_name: str) -> bool:
+    """``camfunc`` holds the package's ``__init__`` only; every other group its sub-modules too."""
+    return name == group_name or (group_name != "camfunc" and name.startswith(group_name + "."))
 
 
 def group(name: str) -> str:
-    return max((g for g in RANK if name == g or name.startswith(g + ".")), key=len)
+    return max((g for g in RANK if in_group(name, g)), key=len)
 
 
 def core_position(name: str) -> int:
@@ -83,7 +110,9 @@ def core_position(name: str) -> int:
 
 
 def test_every_module_belongs_to_a_ranked_group():
-    assert [m for m in MODULES if not any(m == g or m.startswith(g + ".") for g in RANK)] == []
+    assert [m for m in MODULES if not any(in_group(m, g) for g in RANK)] == []
+    # A new top-level module is in no group until it is ranked: it cannot hide in "camfunc".
+    assert not any(in_group("camfunc.newtool", g) for g in RANK)
     assert sorted({m.split(".")[2] for m in MODULES if m.startswith("camfunc._core.")}) == sorted(CORE_ORDER)
 
 
@@ -155,3 +184,16 @@ def test_the_checks_read_real_edges_and_catch_planted_ones():
     assert upward_edges({"camfunc.runs._settings": {"camfunc"}}) != []
     assert upward_edges({"camfunc._tools.guided": {"camfunc._methods._gradient"}}) == []
     assert cycles_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_a_dynamic_import_is_an_edge_like_any_other():
+    planted = ("import importlib\n"
+               "def later():\n"
+               "    return importlib.import_module('camfunc.runs._job')\n"
+               "def sooner():\n"
+               "    return __import__('camfunc.cli')\n")
+    found = targets_of("camfunc._core.engine", planted)
+    assert found == {"camfunc.runs._job", "camfunc.cli"}
+    assert upward_edges({"camfunc._core.engine": found}) != []
+    # A user's module named at run time (a model spec) is not the package's edge.
+    assert targets_of("camfunc.runs._loading", "import importlib\nimportlib.import_module(name)\n") == set()

@@ -14,7 +14,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from torch import nn
 
 import camfunc
@@ -287,7 +287,8 @@ def _edit(model: nn.Sequential, edit: str, held: list, originals: list) -> None:
     elif edit == "add a pre-hook":
         held.append(model[3].register_forward_pre_hook(lambda *a: None))
     elif edit == "remove a hook":
-        held.pop().remove() if held else model.append(nn.Identity())
+        # The hook held from before the snapshot first, so an added one never cancels it.
+        held.pop(0).remove() if held else model.append(nn.Identity())
     elif edit == "replace a parameter":
         model[0].bias = nn.Parameter(model[0].bias.detach().clone())
     elif edit == "replace a buffer":
@@ -301,6 +302,8 @@ def _edit(model: nn.Sequential, edit: str, held: list, originals: list) -> None:
         model.note = "checked"
 
 
+@example(edits=["add a hook", "remove a hook"])  # found by tests/hunt.py, seed 3564434265
+@example(edits=["add a module", "delete a module"])  # found by CI's old code-derived seed
 @given(edits=st.lists(st.sampled_from(EDITS), min_size=0, max_size=4))
 def test_a_snapshot_sees_exactly_the_structural_edits(edits):
     model = small_cnn()

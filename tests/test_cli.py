@@ -1,7 +1,10 @@
 """The command line, run for real in a subprocess on small inputs; its files checked."""
 
+import contextlib
+import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -11,11 +14,21 @@ import torch
 from PIL import Image
 
 from camfunc import zoo
+from camfunc.cli import main
 
 
-def camfunc_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "camfunc", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+def camfunc_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``camfunc ARGS`` run in this process through ``camfunc.cli.main`` (a subprocess each cost
+    seconds of imports): its exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            contextlib.chdir(cwd or os.getcwd()):
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse's usage errors and --version
+            status = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +279,30 @@ def test_explain_draws_on_the_image_as_viewers_turn_it_unless_no_exif(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         (file,) = summary["images"][0]["classes"][0]["files"].values()
         assert png_size(file) == ("PNG", size)
+
+
+def test_explain_writes_what_the_python_api_computes(images, tmp_path):
+    # Values, not only files: each overlay is the public overlay of the public method's map
+    # for the image as read, and the scores are the model's, for the top classes.
+    import camfunc
+    from camfunc.viz import overlay
+
+    path = images["good"][1]  # 64x64: the embedded model's own size, so no resizing
+    result = camfunc_cli("explain", path, "--method", "gradcam", "--method", "layercam",
+                         "--topk", "2", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["images"][0]
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
+    x = x.permute(2, 0, 1)[None]
+    model = zoo.shapesnet()
+    with torch.no_grad():
+        scores = model(x)[0]
+    top = scores.topk(2).indices.tolist()
+    assert [entry["class"] for entry in record["classes"]] == top
+    for k, entry in enumerate(record["classes"]):
+        assert entry["score"] == pytest.approx(float(scores[top[k]]), abs=1e-5)
+        assert entry["probability"] == pytest.approx(float(scores.softmax(0)[top[k]]), abs=1e-6)
+        for name, file in entry["files"].items():
+            cam = camfunc.METHODS[name](camfunc.split(model, zoo.LAYER), x, top[k])[0]
+            want = np.asarray(overlay(x[0], cam))
+            assert np.array_equal(np.asarray(Image.open(file).convert("RGB")), want), (name, k)

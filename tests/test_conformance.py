@@ -64,6 +64,42 @@ def test_shapes_for_1d_2d_3d_activations(name, dims):
     assert multi.shape == (3, 2, *x.shape[2:])
 
 
+def same_cnn_in(dims: int, model2d: nn.Sequential) -> nn.Sequential:
+    """``small_cnn(dims)`` computing what ``model2d`` computes on inputs one sample deep:
+    a 3x3 kernel on a one-row input sees only its middle row (1-D); a 3x3x3 kernel on a
+    one-slice input, only its middle slice (3-D)."""
+    model = small_cnn(dims)
+    with torch.no_grad():
+        for i in (0, 3):
+            if dims == 1:
+                model[i].weight.copy_(model2d[i].weight[:, :, 1, :])
+            else:
+                model[i].weight.zero_()
+                model[i].weight[:, :, 1].copy_(model2d[i].weight)
+            model[i].bias.copy_(model2d[i].bias)
+        for i in (1, 7):
+            model[i].load_state_dict(model2d[i].state_dict())
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_1d_and_3d_maps_are_the_2d_maps_of_the_same_computation(name):
+    # Values, not only shapes: a 1-D signal is a one-row image, and a 2-D image a one-slice
+    # volume, to the same network. Every map must agree with the 2-D method's (itself
+    # pinned against the oracles and the papers' formulas).
+    model2d = small_cnn(2)
+    g = torch.Generator().manual_seed(1)
+    row, image = torch.randn(3, 3, 1, 7, generator=g), torch.randn(3, 3, 6, 5, generator=g)
+    cls = torch.tensor([[0, 4]] * 3)
+    want_row = run(name, camfunc.split(model2d, "4"), row, cls)[:, :, 0]
+    got_row = run(name, camfunc.split(same_cnn_in(1, model2d), "4"), row[:, :, 0], cls)
+    torch.testing.assert_close(got_row, want_row, atol=1e-6, rtol=1e-5)
+    want_image = run(name, camfunc.split(model2d, "4"), image, cls)
+    got_image = run(name, camfunc.split(same_cnn_in(3, model2d), "4"), image[:, :, None], cls)
+    torch.testing.assert_close(got_image[:, :, 0], want_image, atol=1e-6, rtol=1e-5)
+    assert want_image.flatten(2).amax(2).min() > 0  # real maps, not zeros
+
+
 # The properties every method must have are camfunc.testing's, run here on one fixed model;
 # the kit hands a random method the same seeded draws in each call it compares.
 @pytest.mark.parametrize("name", NAMES)

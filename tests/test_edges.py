@@ -48,6 +48,17 @@ class WritesAcrossTheCut(nn.Module):
         return self.fc(pooled)
 
 
+class OutOfPlaceTwin(WritesAcrossTheCut):
+    """The same network with every write made out of place: what the in-place one computes."""
+
+    def forward(self, x):
+        idn = self.stem(x)
+        idn = idn + self.block(idn)
+        if self.inplace_relu:
+            idn = torch.relu(idn)
+        return self.fc(idn.mean((2, 3)))
+
+
 @pytest.mark.parametrize("inplace_relu", [False, True])
 def test_inplace_write_across_the_cut_is_ordered_as_the_model_orders_it(inplace_relu):
     model = WritesAcrossTheCut(inplace_relu).eval()
@@ -57,10 +68,16 @@ def test_inplace_write_across_the_cut_is_ordered_as_the_model_orders_it(inplace_
     want = hook_gradcam(model, model.block, x, logit([0, 2]), lambda t: t)
     assert want.amax() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    # The tail re-runs (Score-CAM, Ablation-CAM under vmap) each see the same context.
+    # The tail re-runs (Score-CAM, Ablation-CAM under vmap) each see the context the model
+    # would: the maps equal those of the out-of-place twin, and a second call the first.
+    twin = OutOfPlaceTwin(inplace_relu).eval()
+    twin.load_state_dict(model.state_dict())
+    plain = camfunc.split(twin, "block")
     for name in ("scorecam", "ablationcam", "shapleycam", "layercam"):
-        first = camfunc.METHODS[name](s, x, 1)
-        torch.testing.assert_close(camfunc.METHODS[name](s, x, 1), first)
+        first = camfunc.METHODS[name](s, x, [0, 2], normalize=False)
+        torch.testing.assert_close(first, camfunc.METHODS[name](plain, x, [0, 2], normalize=False))
+        assert first.amax() > 0
+        torch.testing.assert_close(camfunc.METHODS[name](s, x, [0, 2], normalize=False), first)
     camfunc.check(s, model, x)
 
 

@@ -100,7 +100,6 @@ def test_a_sixteen_bit_image_is_never_clipped_to_white(tmp_path):
     assert float(read.mean()) < 0.9  # not the white image convert("RGB") made of it
 
 
-@settings(max_examples=25, deadline=None)
 @given(low=st.integers(-2**31, 2**31 - 2), span=st.integers(1, 2**32), ties=st.booleans())
 def test_an_int_image_beyond_sixteen_bits_is_scaled_by_its_own_range(low, span, ties, tmp_path_factory):
     high = min(low + span, 2**31 - 1)
@@ -120,7 +119,6 @@ def test_an_int_image_beyond_sixteen_bits_is_scaled_by_its_own_range(low, span, 
     torch.testing.assert_close(read, want, atol=1e-6, rtol=0)
 
 
-@settings(max_examples=25, deadline=None)
 @given(values=st.lists(st.floats(-1e6, 1e6, allow_subnormal=True, width=32), min_size=H * W,
                        max_size=H * W))
 def test_a_float_image_is_kept_within_unit_range_else_scaled_by_its_own(values, tmp_path_factory):

@@ -37,6 +37,35 @@ def documented() -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str]]
     return verdicts, notes
 
 
+def test_the_matrix_doc_was_generated_from_the_code_as_it_is():
+    generator = importlib.import_module("gen_properties")
+    recorded = re.search(r"from the code whose digest is\s+`(\w+)`", DOC.read_text())
+    assert recorded, "docs/properties.md records no code digest"
+    assert recorded.group(1) == generator.code_digest(), (
+        "the methods, core, tools or kit changed since docs/properties.md was generated: "
+        "run python docs/gen_properties.py")
+
+
+def test_the_code_digest_sees_code_and_not_comments(tmp_path):
+    generator = importlib.import_module("gen_properties")
+    for source in generator.SOURCES:
+        origin = generator.ROOT / source
+        target = tmp_path / source
+        if origin.is_dir():
+            for file in origin.rglob("*.py"):
+                (target / file.relative_to(origin)).parent.mkdir(parents=True, exist_ok=True)
+                (target / file.relative_to(origin)).write_text(file.read_text())
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(origin.read_text())
+    assert generator.code_digest(tmp_path) == generator.code_digest()
+    gradient = tmp_path / "camfunc/_methods/_gradient.py"
+    gradient.write_text("# a comment\n" + gradient.read_text().replace('"""', '"""Edited. ', 1))
+    assert generator.code_digest(tmp_path) == generator.code_digest()
+    gradient.write_text(gradient.read_text() + "\nEXTRA = 1\n")
+    assert generator.code_digest(tmp_path) != generator.code_digest()
+
+
 def test_the_matrix_doc_covers_every_method_and_property():
     verdicts, _ = documented()
     assert list(verdicts) == list(camfunc.METHODS)

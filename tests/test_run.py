@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import camfunc
 from camfunc import zoo
 from camfunc.cli._run import main as run_main
-from camfunc.runs import read_maps, read_shard
-from camfunc.runs import run as run_dataset
+from camfunc.runs import read_maps, read_shard, run as run_dataset
 
 ATOL = 1e-5
 NUM_IMAGES = 16
@@ -204,27 +202,37 @@ def shard_files(out: Path) -> dict[str, tuple[int, int]]:
             for p in (out / "shards").glob("shard-*.pt")}
 
 
+# Kills itself (SIGKILL) as it renames the named file into place: after the shards before it.
+KILL_AT = """
+import os, signal, sys
+target, real_replace = sys.argv[1], os.replace
+
+def replace(src, dst):
+    if os.path.basename(dst) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+os.replace = replace
+from camfunc.cli._run import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_killed_run_resumes_to_the_same_results_without_rewriting_shards(weights, tmp_path):
     methods = ("gradcam", "randomcam")
     args = cli_args("scenes:16", tmp_path / "killed", weights, 4, methods, classes="top2")
     args[args.index("--shard-size") + 1] = "4"
-    process = subprocess.Popen([sys.executable, "-m", "camfunc", "run", *args],
-                               env=subprocess_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not shard_files(tmp_path / "killed") and process.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, "shard-000002.pt", *args],
+                            env=subprocess_env(), capture_output=True, timeout=300)
+    assert killed.returncode == -9
     before = shard_files(tmp_path / "killed")
-    assert 1 <= len(before) < 4, f"the run was not killed part-way: {sorted(before)}"
+    assert sorted(before) == ["shard-000000.pt", "shard-000001.pt"]  # stopped after shard 1
 
     assert run_main(args) == 0  # the same arguments resume
     after = shard_files(tmp_path / "killed")
     assert len(after) == 4
     assert {name: after[name] for name in before} == before  # not rewritten
-    assert not list((tmp_path / "killed" / "shards").glob(".*.tmp"))
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
     manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert manifest["timing"]["images_this_call"] == 16 - 4 * len(before)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run import assert_same_results, shard_files, subprocess_env
+from test_run import KILL_AT, assert_same_results, shard_files, subprocess_env
 
 import camfunc
 from camfunc.cli._run import main as run_main
@@ -144,27 +144,13 @@ def test_read_maps_refuses_a_shard_of_other_settings(tmp_path):
         read_maps(tmp_path / "a", "gradcam")
 
 
-KILL_INSIDE_WRITE = """
-import os, signal, sys
-target, argv = sys.argv[1], sys.argv[2:]
-real_replace = os.replace
-
-def replace(src, dst):
-    if os.path.basename(dst) == target:  # the file is written, not yet renamed into place
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_replace(src, dst)
-
-os.replace = replace
-from camfunc.cli._run import main
-sys.exit(main(argv))
-"""
 
 
 @pytest.mark.parametrize("target", ["manifest.json", "shard-000001.pt", "index.csv",
                                     "metrics.csv"])
 def test_no_temporary_file_survives_a_kill_inside_any_write(whole, tmp_path, target):
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_INSIDE_WRITE, target, *cli(out)],
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, target, *cli(out)],
                             env=subprocess_env(), capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     left = sorted(p.name for p in out.rglob("*.tmp"))

@@ -149,7 +149,7 @@ def test_blur_is_opencv_gaussian_blur(size):
     torch.testing.assert_close(gaussian_blur(maps), torch.from_numpy(want), atol=1e-6, rtol=0)
 
 
-@settings(max_examples=10)
+@settings(max_examples=10)  # examples: each runs SESS's scales and windows, about 1 s
 @given(seed=st.integers(0, 2**16), cls=st.integers(0, 4), pool=st.sampled_from(["mean", "max"]))
 def test_one_scale_one_window_is_the_upsampled_method_map(seed, cls, pool):
     # One patch, the image itself, weight s / max s = 1: every positive pixel
@@ -171,7 +171,7 @@ def symmetric_cnn(seed: int) -> nn.Sequential:
     return model
 
 
-@settings(max_examples=10)
+@settings(max_examples=10)  # examples: each runs SESS twice (flipped), about 2 s
 @given(seed=st.integers(0, 2**16), cls=st.integers(0, 4), pool=st.sampled_from(["mean", "max"]),
        step=st.sampled_from([4, 8]))
 def test_flip_commutes_when_the_windows_are_symmetric(seed, cls, pool, step):

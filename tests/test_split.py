@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import camfunc
-from helpers import ResNetish, small_cnn
+from helpers import ResNetish, assert_cut_at, small_cnn
 
 pytestmark = pytest.mark.core
 
@@ -59,7 +59,7 @@ def test_parameter_read_through_get_attr_is_handled():
     model = ResNetish().eval()
     x = torch.randn(3, 3, 8, 8)
     for layer in ("stem", "block1", "block2"):
-        camfunc.check(camfunc.split(model, layer), model, x)
+        assert_cut_at(camfunc.split(model, layer), model, layer, x)
     # The split shares the model's parameter: changing it changes the split's output.
     s = camfunc.split(model, "block1")
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_parameter_read_through_get_attr_is_handled():
 def test_convnext_layer_scale_model_splits_exactly():
     model = torchvision.models.convnext_tiny().eval()
     x = torch.randn(1, 3, 64, 64)
-    camfunc.check(camfunc.split(model, "features.5.1"), model, x, atol=1e-4)
+    assert_cut_at(camfunc.split(model, "features.5.1"), model, "features.5.1", x, atol=1e-4)
 
 
 def test_layer_given_as_module_object():
@@ -268,7 +268,7 @@ def test_torchvision_models_split_exactly(name, layer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", camfunc.RepeatedLayerWarning)
         s = camfunc.split(model, layer)
-    camfunc.check(s, model, x, atol=1e-4)
+    assert_cut_at(s, model, layer, x, atol=1e-4)
 
 
 def test_a_split_records_the_modes_it_was_traced_in():

@@ -26,7 +26,7 @@ def test_camfuncs_methods_have_the_kits_properties(method, name, data):
     kit.PROPERTIES[name](method, case)
 
 
-@settings(max_examples=4)
+@settings(max_examples=4)  # examples: each is a torch.compile, seconds on 2 cores
 @given(case=kit.cases(dims=st.just(2)))
 def test_compiled_gradcam_equals_eager(case):
     kit.compile_equivalent(camfunc.gradcam, case)
@@ -49,7 +49,7 @@ def classes_in_reverse(split, x, cls, **options):
     (classes_in_reverse, "class_axis_consistent", "class column"),
 ])
 def test_a_few_lines_find_each_planted_bug(bug, name, message):
-    @settings(max_examples=100, database=None)
+    @settings(max_examples=100, database=None)  # examples: a researcher's budget, whatever the profile
     @given(case=kit.cases())
     def researchers_test(case):
         kit.PROPERTIES[name](bug, case)
@@ -121,7 +121,7 @@ def centre_biased_gradcam(split, x, cls, **options):
     (camfunc.eigencam, "randomisation_sensitive", "Spearman rank correlation of 1.000", {}),
 ])
 def test_a_few_lines_find_each_planted_bug_of_the_model_properties(bug, name, message, options):
-    @settings(max_examples=100, database=None)
+    @settings(max_examples=100, database=None)  # examples: a researcher's budget, whatever the profile
     @given(case=kit.cases(**{**options, **kit.CASES_FOR.get(name, {})}))
     def researchers_test(case):
         kit.PROPERTIES[name](bug, case)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import camfunc
-from helpers import pytorch_grad_cam_raw, tokens_to_grid
+from helpers import hook_gradcam, logit, pytorch_grad_cam_raw, tokens_to_grid
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
                     "gradcam_elementwise", "eigengradcam", "shapleycam", "finercam"]
@@ -213,7 +213,10 @@ def test_timm_style_prefix_tokens_are_recognised():
         with torch.no_grad():
             grid, aside = s.head(x)[:2]
         assert grid.shape == (2, 8, 4, 4) and aside.shape == (2, 2, 8)
-        assert camfunc.gradcam(s, x, 1).shape == (2, 4, 4)
+        want = hook_gradcam(model, model.blocks[0], x, logit([1, 1]), tokens_to_grid(2, (4, 4)))
+        assert want.amax() > 0
+        torch.testing.assert_close(camfunc.gradcam(s, x, 1, normalize=False), want,
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_swin_channels_last_blocks_become_channels_first():
