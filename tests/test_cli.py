@@ -71,9 +71,12 @@ def test_explain_writes_an_overlay_per_image_method_and_class(images, tmp_path):
         assert probabilities[0] >= probabilities[1] and 0 < sum(probabilities) <= 1 + 1e-6
         for entry in record["classes"]:
             assert entry["name"] in zoo.CLASSES
-            assert set(entry["files"]) == {"gradcam", "scorecam"}
-            for file in entry["files"].values():
+            assert set(entry["files"]) == set(entry["overlays"]) == {"gradcam", "scorecam"}
+            for file in entry["overlays"].values():
                 assert png_size(file) == ("PNG", (width, height))  # drawn on the image as stored
+            for file in entry["files"].values():  # figures worth showing: at least 256 px
+                assert png_size(file)[0] == "PNG" and min(png_size(file)[1]) >= 200
+                assert max(png_size(file)[1]) >= 256
 
 
 def test_explain_goes_on_past_bad_images_and_says_so(images, tmp_path):
@@ -118,9 +121,36 @@ def test_a_corrupt_weights_file_is_named(images, tmp_path):
 
 def test_weights_that_do_not_fit_are_refused(images, tmp_path):
     weights = tmp_path / "other.pt"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, weights)
+    torch.save({"nosuch.weight": torch.zeros(3, 3)}, weights)
     result = camfunc_cli("explain", images["good"][0], "--weights", weights, "--out", tmp_path / "o")
     assert result.returncode == 2 and "do not fit the model" in result.stderr
+    assert "1 unexpected key(s) (nosuch.weight)" in result.stderr
+    assert "missing key(s) (" in result.stderr and "and " in result.stderr  # a few, then a count
+    assert len(result.stderr.strip().splitlines()) == 1
+    state = zoo.shapesnet(pretrained=False).state_dict()
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    torch.save({**state, name: torch.zeros(1, 1, 1, 1)}, weights)  # the right keys, a wrong shape
+    result = camfunc_cli("explain", images["good"][0], "--weights", weights, "--out", tmp_path / "o")
+    assert result.returncode == 2 and f"size mismatch for {name}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_factory_model_in_the_working_directory_and_a_grayscale_one(images, tmp_path):
+    (tmp_path / "mymodels_cwd.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def gray():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n\n"
+        "def two():\n    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten())\n")
+    result = camfunc_cli("explain", images["good"][1], "--model", "mymodels_cwd:gray", "--layer",
+                         "1", "--size", "32", "--class", "2", "--out", tmp_path / "out",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr  # an RGB image, read as grayscale for it
+    result = camfunc_cli("explain", images["good"][1], "--model", "mymodels_cwd:two",
+                         "--out", tmp_path / "out2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the model takes 2-channel images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_factory_model_with_the_layer_chosen_automatically(images, tmp_path):
@@ -144,7 +174,7 @@ def test_a_torchvision_model_by_name(images, tmp_path):
                          "--layer", "layer4", "--class", "7", "--out", out)
     assert result.returncode == 0, result.stderr
     (entry,) = json.loads((out / "summary.json").read_text())["images"][0]["classes"]
-    assert entry["class"] == 7 and png_size(entry["files"]["gradcam"]) == ("PNG", (64, 64))
+    assert entry["class"] == 7 and png_size(entry["overlays"]["gradcam"]) == ("PNG", (64, 64))
 
 
 def test_demo_writes_figures_and_scores_and_prints_a_table(tmp_path):
@@ -277,7 +307,7 @@ def test_explain_draws_on_the_image_as_viewers_turn_it_unless_no_exif(tmp_path):
         result = camfunc_cli("explain", path, "--class", "circle", "--out", out, *extra)
         assert result.returncode == 0, result.stderr
         summary = json.loads((out / "summary.json").read_text())
-        (file,) = summary["images"][0]["classes"][0]["files"].values()
+        (file,) = summary["images"][0]["classes"][0]["overlays"].values()
         assert png_size(file) == ("PNG", size)
 
 
@@ -302,7 +332,7 @@ def test_explain_writes_what_the_python_api_computes(images, tmp_path):
     for k, entry in enumerate(record["classes"]):
         assert entry["score"] == pytest.approx(float(scores[top[k]]), abs=1e-5)
         assert entry["probability"] == pytest.approx(float(scores.softmax(0)[top[k]]), abs=1e-6)
-        for name, file in entry["files"].items():
+        for name, file in entry["overlays"].items():
             cam = camfunc.METHODS[name](camfunc.split(model, zoo.LAYER), x, top[k])[0]
             want = np.asarray(overlay(x[0], cam))
             assert np.array_equal(np.asarray(Image.open(file).convert("RGB")), want), (name, k)

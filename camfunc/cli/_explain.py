@@ -1,8 +1,11 @@
 """``camfunc explain``: overlays for images, per method and class, and a JSON summary.
 
-Overlays are drawn on each image as viewers show it (EXIF orientation
-applied, unless ``--no-exif``), at its own size; the model sees it resized
-to its input size, with the channels it takes.
+For each image, method and class: a figure (the image beside its overlay,
+titled with the class and its probability, with a colour bar, at least 256
+px) and the bare overlay at the image's own pixels (``...-overlay.png``).
+Both are drawn on each image as viewers show it (EXIF orientation applied,
+unless ``--no-exif``); the model sees it resized to its input size, with the
+channels it takes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from camfunc._util.images import expand_images
 from camfunc._util.progress import progress
 from camfunc.cli._common import read_batches, safe_name
 from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
-from camfunc.viz import overlay
+from camfunc.viz import figure, overlay
 
 
 def positive_int(text: str) -> int:
@@ -36,7 +39,10 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="builtin",
-                        help="builtin, torchvision:NAME or package.module:factory (default: builtin)")
+                        help="builtin, torchvision:NAME or package.module:factory (default: "
+                             "builtin; a module in the working directory is found). The model is "
+                             "put in eval mode, as explaining needs; the Python API refuses a "
+                             "training-mode model instead")
     parser.add_argument("--weights", help="state dict to load (torch.load with weights_only=True)")
     parser.add_argument("--layer", help="layer to explain (default: the model's, or chosen automatically)")
     parser.add_argument("--size", type=positive_int, default=224,
@@ -81,8 +87,16 @@ def maps_per_class(maps: Tensor) -> Tensor:
 
 
 def save_overlay(path: Path, image: Tensor, cam: Tensor) -> Path:
+    """The map over the image, at the image's own pixels (for tools that align them)."""
     picture = overlay(image, cam)
     return write_atomic(path, lambda file: picture.save(file, format="PNG"))
+
+
+def save_figure(path: Path, image: Tensor, method: str, cam: Tensor, title: str) -> Path:
+    """The image beside the overlay, at least 256 px, titled with the class and its
+    probability, with a colour bar: what a person looks at."""
+    figure(image, {method: cam}, classes=[title], path=path)
+    return path
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -133,14 +147,18 @@ def explain(args: argparse.Namespace) -> int:
             folder = out / stems[index]
             entries = []
             for k, c in enumerate(classes[row].tolist()):
-                files = {}
+                files, overlays = {}, {}
+                title = f"{loaded.class_name(c)} ({float(probabilities[row, c]):.1%})"
                 for name, maps in per_method.items():
-                    target = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}.png"
-                    save_overlay(target, originals[row], maps[row, k])
-                    files[name] = str(target)
+                    stem = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}"
+                    files[name] = str(save_figure(stem.with_suffix(".png"), originals[row],
+                                                  name, maps[row, k], title))
+                    overlays[name] = str(save_overlay(stem.with_name(stem.name + "-overlay.png"),
+                                                      originals[row], maps[row, k]))
                 entries.append({"class": c, "name": loaded.class_name(c),
                                 "score": float(scores[row, c]),
-                                "probability": float(probabilities[row, c]), "files": files})
+                                "probability": float(probabilities[row, c]), "files": files,
+                                "overlays": overlays})
             records.append({"path": str(paths[index]), "classes": entries})
     summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
                "methods": list(methods), "images": records, "failed": failed}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -64,10 +66,28 @@ def _load_weights(model: nn.Module, weights: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UsageError(f"weights {path} must hold a state dict, got {type(state).__name__}")
+    mismatch = _key_mismatch(model, state)
+    if mismatch:
+        raise UsageError(f"weights {path} do not fit the model: {mismatch}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        raise UsageError(f"weights {path} do not fit the model: {str(error).splitlines()[0]}") from None
+    except RuntimeError as error:  # same keys, other shapes: torch names each on its own line
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:4] if line.strip())
+        raise UsageError(f"weights {path} do not fit the model: {details or error}") from None
+
+
+def _key_mismatch(model: nn.Module, state: dict) -> str:
+    """The keys missing from ``state`` and the unexpected ones, a few of each, or ''."""
+    expected, given = set(model.state_dict()), set(state)
+    parts = []
+    for label, keys in (("missing", sorted(expected - given)), ("unexpected", sorted(given - expected))):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            parts.append(f"{len(keys)} {label} key(s) ({shown})")
+    if not parts:
+        return ""
+    return "; ".join(parts) + " (is it a checkpoint of this architecture? a 'module.' prefix " \
+        "from DataParallel must be stripped)"
 
 
 def _builtin(weights: str | None) -> LoadedModel:
@@ -108,6 +128,10 @@ def input_channels(model: nn.Module) -> int:
 def _imagenet_style(model: nn.Module, size: int) -> LoadedModel:
     """ImageNet's normalisation for a three-channel model; none for a grayscale one."""
     channels = input_channels(model)
+    if channels not in (1, 3):
+        raise UsageError(f"the model takes {channels}-channel images; camfunc reads images as "
+                         "1 (grayscale) or 3 (RGB) channels: explain it from Python with your "
+                         "own tensors")
     if channels == 3:
         return LoadedModel(model, None, (size, size), IMAGENET_MEAN, IMAGENET_STD, None, 3)
     return LoadedModel(model, None, (size, size), None, None, None, channels)
@@ -116,9 +140,10 @@ def _imagenet_style(model: nn.Module, size: int) -> LoadedModel:
 def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
     module_name, _, attribute = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except ImportError as error:
-        raise UsageError(f"cannot import {module_name!r} for model {spec!r}: {error}") from None
+        raise UsageError(f"cannot import {module_name!r} for model {spec!r}: {error} (searched "
+                         "the working directory and sys.path)") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UsageError(f"model {spec!r}: {module_name} has no callable {attribute!r}")
@@ -128,6 +153,19 @@ def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
     if weights is not None:
         _load_weights(model, weights)
     return _imagenet_style(model.eval(), size)
+
+
+def _import_from_here(name: str):
+    """Import ``name``, looking in the working directory too, as ``python -m`` would: a
+    ``mymodels.py`` beside the user works without ``PYTHONPATH=.``."""
+    here = os.getcwd()
+    if here in sys.path or "" in sys.path:
+        return importlib.import_module(name)
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(here)
 
 
 def load_model(spec: str, weights: str | None = None, size: int = 224) -> LoadedModel:
