@@ -323,3 +323,29 @@ def test_a_block_whose_recomputation_differs_is_an_error():
     model.blocks[1].attn.scale = model.blocks[1].attn.scale * 3
     with pytest.raises(ValueError, match="recomputed block 1 of this timm model.*differs"):
         legrad(model, image(batch=2), 1)
+
+
+def test_a_score_projection_that_ignores_the_tokens_is_an_error():
+    # torchcam raises here too; an all-zero map would say "no attention matters".
+    model = OwnViT().eval()
+    x = image(batch=2)
+    fixed = torch.randn(2, CLASSES)
+    with pytest.raises(ValueError, match="score_projection returned scores that do not depend"):
+        legrad(model, x, [2, 5], layers=["blocks.0"], score_projection=lambda tokens: fixed * 1.0)
+
+
+class DropsTokens(EncoderBlock):
+    """A block that keeps only the first half of its tokens (token pruning)."""
+
+    def forward(self, input):
+        out = super().forward(input)
+        return out[:, : out.shape[1] // 2 + 1]
+
+
+def test_a_block_that_drops_tokens_is_a_clear_error():
+    model = OwnViT().eval()
+    model.blocks[0] = DropsTokens(2, 32, 64, 0.0, 0.0).eval()
+    x = image(batch=2)
+    with pytest.raises(ValueError, match=r"block 0 .* drops or merges tokens"):
+        legrad(model, x, [2, 5], layers=["blocks.0"],
+               score_projection=lambda t: model.fc(model.norm(t.mean(1))))

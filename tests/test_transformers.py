@@ -251,3 +251,29 @@ def test_with_layout_for_a_split_built_by_hand():
     torch.testing.assert_close(camfunc.gradcam(s, x, 2), camfunc.gradcam(via_fx, x, 2))
     with pytest.raises(ValueError, match="layout must be"):
         camfunc.Layout("rows")
+
+
+def test_a_callable_target_reads_a_model_output_as_it_reads_a_tensor():
+    # Hugging Face's ModelOutput, through the methods that re-run the tail on many inputs.
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    from helpers import small_cnn
+
+    class HFStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, x):
+            return ImageClassifierOutput(logits=self.net(x))
+
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = small_cnn()
+    wrapped = HFStyle().eval()
+    for name in ("scorecam", "ablationcam", "smooth_gradcampp", "gradcam"):
+        want = camfunc.METHODS[name](camfunc.split(plain, "4"), x, lambda out: out[:, 2],
+                                     normalize=False)
+        # A split hands the tail's output back as a dict of the ModelOutput's fields.
+        got = camfunc.METHODS[name](camfunc.split(wrapped, "net.4", example_input=x), x,
+                                    lambda out: out["logits"][:, 2], normalize=False)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)

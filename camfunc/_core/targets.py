@@ -267,7 +267,7 @@ def class_count(cls: Target, scores: Any) -> tuple[int, bool]:
     return index.shape[1], keep_k
 
 
-def picker(cls: Target, scores: Tensor) -> tuple[Picker, bool]:
+def picker(cls: Target, scores: Any, batch: int) -> tuple[Picker, bool]:
     """Selects, from a batch of outputs, the target value of each row's own sample.
 
     For methods that run the model on many inputs per sample: ``pick(out, rows)``
@@ -276,17 +276,19 @@ def picker(cls: Target, scores: Tensor) -> tuple[Picker, bool]:
     for the image batch: each row's output is placed, at its sample's position,
     into a copy of the clean output, and the callable reads that copy. A caller
     whose rows are ``copies`` whole image batches passes ``copies=`` to skip that
-    (``pick.whole_batches`` says the target would rather have them).
+    (``pick.whole_batches`` says the target would rather have them). ``batch`` is
+    the input's batch size: outputs of any structure (a tensor, a dict or
+    ``ModelOutput``, a tuple, a list of per-sample dicts) are read by it, never
+    guessed from them.
     """
     if is_objective(cls):
         keep_k = objective_rows(cls(scores))[1]
-        batch = any_scores(scores).shape[0]
 
         def pick(out: Any, rows: Tensor, copies: int | None = None) -> Tensor:
             if hasattr(cls, "for_rows"):
                 values = cls.for_rows(scores, rows)(out)
             elif copies is not None:
-                values = _PerCopy(cls, copies)(out)
+                values = _PerCopy(cls, copies, batch)(out)
             else:
                 values = _each_row_in_its_batch(cls, scores, out, rows, batch)
             return values.unsqueeze(1) if values.ndim == 1 else values
@@ -299,22 +301,63 @@ def picker(cls: Target, scores: Tensor) -> tuple[Picker, bool]:
     return pick_index, keep_k
 
 
+def _per_sample_list(value: Any, total: int) -> bool:
+    """A list (or plain tuple) of one item per sample, as detectors return (dicts, boxes):
+    ``total`` items that are not themselves batched tensors."""
+    return isinstance(value, (list, tuple)) and not hasattr(value, "_fields") and \
+        len(value) == total and not all(
+            isinstance(item, Tensor) and item.ndim and item.shape[0] == total for item in value)
+
+
+def _batched(value: Any, total: int) -> bool:
+    """A part of an output with one row per sample: a tensor, or a per-sample list."""
+    return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == total) or \
+        _per_sample_list(value, total)
+
+
+def _parts(out: Any, total: int) -> tuple[list[Any], Any]:
+    """The output's leaves, with per-sample lists kept whole, and its structure."""
+    return torch.utils._pytree.tree_flatten(out, is_leaf=lambda v: _per_sample_list(v, total))
+
+
+def _rows_taken(out: Any, total: int, start: int, stop: int) -> Any:
+    """``out`` with its per-sample parts cut to rows ``[start, stop)``."""
+    parts, spec = _parts(out, total)
+    cut = [part[start:stop] if _batched(part, total) else part for part in parts]
+    return torch.utils._pytree.tree_unflatten(
+        [list(c) if isinstance(c, tuple) and not isinstance(p, Tensor) else c
+         for c, p in zip(cut, parts)], spec)
+
+
 def _each_row_in_its_batch(cls: Objective, clean: Any, out: Any, rows: Tensor,
                            batch: int) -> Tensor:
     """A plain callable's value for each row: the row's output put into a copy of the clean
     batch's output at its sample's position, read there."""
     count = rows.shape[0]
     positions = torch.arange(count, device=rows.device)
+    # (count, batch): row r's copy takes its own output at its sample's position. Selected
+    # out of place, so it also runs under vmap (Ablation-CAM's channels).
+    own = rows[:, None] == torch.arange(batch, device=rows.device)[None, :]
+    clean_parts, _ = _parts(clean, batch)
+    out_parts, spec = _parts(out, count)
+    if len(clean_parts) != len(out_parts):
+        raise ValueError("the model's output has another structure for the re-run rows than "
+                         "for the image batch; a callable cls needs the same structure")
 
-    def embed(clean_leaf: Any, out_leaf: Any) -> Any:
-        if not (isinstance(out_leaf, Tensor) and isinstance(clean_leaf, Tensor) and out_leaf.ndim
-                and out_leaf.shape[0] == count and clean_leaf.shape[:1] == (batch,)):
-            return out_leaf
-        copies = clean_leaf.unsqueeze(0).expand(count, *clean_leaf.shape).clone()
-        copies[positions, rows] = out_leaf.to(copies.dtype)
-        return copies.flatten(0, 1)
-    stacked = torch.utils._pytree.tree_map(embed, clean, out)
-    values = _PerCopy(cls, count)(stacked)  # (count * batch, ...)
+    def embed(clean_part: Any, out_part: Any) -> Any:
+        if isinstance(out_part, Tensor) and isinstance(clean_part, Tensor) and \
+                _batched(out_part, count) and _batched(clean_part, batch):
+            chosen = own.reshape(count, batch, *(1,) * (clean_part.ndim - 1))
+            copies = clean_part.unsqueeze(0).expand(count, *clean_part.shape)
+            return torch.where(chosen, out_part.unsqueeze(1).to(copies.dtype), copies).flatten(0, 1)
+        if _per_sample_list(out_part, count) and _per_sample_list(clean_part, batch):
+            at = rows.tolist()  # host objects: the list is on the host already
+            return [out_part[r] if j == at[r] else clean_part[j]
+                    for r in range(count) for j in range(batch)]
+        return out_part
+    stacked = torch.utils._pytree.tree_unflatten(
+        [embed(c, o) for c, o in zip(clean_parts, out_parts)], spec)
+    values = _PerCopy(cls, count, batch)(stacked)  # (count * batch, ...)
     return values.reshape(count, batch, *values.shape[1:])[positions, rows]
 
 
@@ -324,44 +367,43 @@ class _PerCopy:
 
     cls: Objective
     copies: int
+    batch: int
 
     def __call__(self, out: Any) -> Tensor:
-        total = class_scores(out).shape[0] if not isinstance(out, Tensor) else out.shape[0]
-        batch = total // self.copies
-
-        def block(i: int) -> Any:
-            return torch.utils._pytree.tree_map(
-                lambda t: t[i * batch:(i + 1) * batch]
-                if isinstance(t, Tensor) and t.ndim and t.shape[0] == total else t, out)
-        return torch.cat([self.cls(block(i)) for i in range(self.copies)])
+        total = self.copies * self.batch
+        return torch.cat([self.cls(_rows_taken(out, total, i * self.batch, (i + 1) * self.batch))
+                          for i in range(self.copies)])
 
 
-def tiled(cls: Target, copies: int, clean_scores: Callable[[], Any]) -> Target:
+def tiled(cls: Target, copies: int, clean_scores: Callable[[], Any], batch: int) -> Target:
     """``cls`` for a batch of ``copies`` stacked copies of the image batch (copy-major).
 
     Class indices repeat; ``topk`` and re-indexable targets (``finer``, ``rest``)
     are fixed on the clean scores, ``clean_scores()``, called only then; a plain
-    callable reads each copy's block as the image batch it was written for.
+    callable reads each copy's block as the image batch (of ``batch`` images) it
+    was written for.
     """
     cls = _as_tensor(cls)
     if isinstance(cls, numbers.Integral) or (isinstance(cls, Tensor) and cls.ndim == 0):
         return cls
     if is_objective(cls):
-        return tiled_objective(cls, copies, clean_scores)
+        return tiled_objective(cls, copies, clean_scores, batch)
     if isinstance(cls, TopK):
         cls = class_indices(cls, clean_scores())[0]
     index = cls if isinstance(cls, Tensor) else torch.as_tensor(cls)
     return torch.cat([index] * copies)
 
 
-def tiled_objective(cls: Objective, copies: int, clean_scores: Callable[[], Any]) -> Objective:
+def tiled_objective(cls: Objective, copies: int, clean_scores: Callable[[], Any],
+                    batch: int) -> Objective:
     """A callable ``cls`` for ``copies`` stacked copies of the image batch: see :func:`tiled`."""
     if hasattr(cls, "for_rows"):
         scores = clean_scores()
-        batch = class_scores(scores).shape[0]
-        rows = torch.arange(batch, device=class_scores(scores).device).repeat(copies)
+        device = next((t.device for t in torch.utils._pytree.tree_leaves(scores)
+                       if isinstance(t, Tensor)), None)
+        rows = torch.arange(batch, device=device).repeat(copies)
         return cls.for_rows(scores, rows)
-    return _PerCopy(cls, copies)
+    return _PerCopy(cls, copies, batch)
 
 
 @dataclasses.dataclass
@@ -377,12 +419,13 @@ class _InTheirBatches:
         return _each_row_in_its_batch(self.cls, self.clean, out, self.rows, self.batch)
 
 
-def for_rows(cls: Target, scores: Any, rows: Tensor) -> Target:
-    """``cls`` for a batch whose row r belongs to sample ``rows[r]`` (classes fixed on ``scores``)."""
+def for_rows(cls: Target, scores: Any, rows: Tensor, batch: int) -> Target:
+    """``cls`` for a batch whose row r belongs to sample ``rows[r]`` (classes fixed on
+    ``scores``, the output for the ``batch`` images)."""
     cls = _as_tensor(cls)
     if is_objective(cls):
         if hasattr(cls, "for_rows"):
             return cls.for_rows(scores, rows)
-        return _InTheirBatches(cls, scores, rows, any_scores(scores).shape[0])
+        return _InTheirBatches(cls, scores, rows, batch)
     index, keep_k = class_indices(cls, scores)
     return index[rows] if keep_k else index[rows, 0]

@@ -41,7 +41,7 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
     """
     _validate.check_count(batch_size, "batch_size")
     found, scores = _engine.carries(split, x)
-    pick, keep_k = _targets.picker(cls, scores)
+    pick, keep_k = _targets.picker(cls, scores, x.shape[0])
     rows = torch.arange(x.shape[0], device=x.device)
     base = pick(scores, rows).float()  # (B, K)
     maps = []

@@ -46,7 +46,11 @@ def _check_pooled_linear_tail(split: Split, x: Tensor) -> None:
         return
 
     def tail(v: Tensor) -> Tensor:
-        return _engine.run_from(split, 0, (v, *context))
+        # Every floating tensor of the output, flat: a dict, tuple or list of per-sample
+        # dicts is probed as the scores a tensor output would be.
+        leaves = torch.utils._pytree.tree_leaves(_engine.run_from(split, 0, (v, *context)))
+        return torch.cat([t.flatten() for t in leaves
+                          if isinstance(t, Tensor) and t.is_floating_point()])
 
     g = torch.Generator(device=a.device).manual_seed(0)
     step = torch.randn(a.shape, generator=g, device=a.device, dtype=a.dtype) * a.float().std().to(a.dtype)

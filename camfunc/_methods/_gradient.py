@@ -366,7 +366,7 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
 
     # The classes are fixed on the clean scores, then asked of every noisy copy.
     if _targets.is_objective(cls):  # read block by block on the noisy batch
-        objective = _targets.tiled_objective(cls, samples, lambda: scores)
+        objective = _targets.tiled_objective(cls, samples, lambda: scores, x.shape[0])
         pulled = _engine.pullback(split, noisy, objective, differentiable=differentiable)
         cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
     else:

@@ -91,7 +91,7 @@ def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores
                    normalize: bool, eigen_smooth: bool = False) -> Computed:
     """Shared driver: ``channel_scores(layer, a, pick) -> (B, C, K)`` becomes softmax weights."""
     acts, scores = _engine.forward(split, x)
-    pick, keep_k = _targets.picker(cls, scores)
+    pick, keep_k = _targets.picker(cls, scores, x.shape[0])
     maps = []
     for layer, a in enumerate(acts):
         check_activations(a)

@@ -344,6 +344,12 @@ def _check_recomputed(family: _Family, i: int, z: Tensor, values: Tensor, probab
     if torch.compiler.is_dynamo_compiling() or block in _VERIFIED:
         return
     recomputed, actual = family.rest(block, z, values, probabilities), block(z)
+    if recomputed.shape != actual.shape:
+        raise ValueError(
+            f"legrad recomputed block {i} of this {family.name} model as giving shape "
+            f"{tuple(recomputed.shape)}, but the block gives {tuple(actual.shape)}: a block that "
+            "drops or merges tokens is not one legrad can read. Explain it with a gradient "
+            "method instead, or give layers= blocks that keep every token")
     # Fused and math attention differ by rounding: allow 100 ulps of the output's scale.
     tolerance = 100 * torch.finfo(actual.dtype).eps * float(actual.abs().amax()) + 1e-12
     if not torch.allclose(recomputed.float(), actual.float(), rtol=0, atol=tolerance):
@@ -353,6 +359,16 @@ def _check_recomputed(family: _Family, i: int, z: Tensor, values: Tensor, probab
             "its forward is not the one legrad knows. Explain it with a gradient method instead"
         )
     _VERIFIED.add(block)
+
+
+def _check_reads_the_tokens(scores: list[Tensor]) -> None:
+    """Inside vjp, scores computed from the blocks' tokens require grad; scores that do not
+    would give an all-zero map, so they are an error (as a disconnected target is elsewhere)."""
+    if not torch.compiler.is_dynamo_compiling() and not all(s.requires_grad for s in scores):
+        raise ValueError(
+            "legrad's score_projection returned scores that do not depend on the tokens it is "
+            "given, so no block's attention can matter; it must map the tokens (B, N, D) to "
+            "class scores, e.g. lambda y: head(norm(y[:, 0]))")
 
 
 @holding_calls
@@ -410,9 +426,10 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
 
         def every_block_scores(*probabilities: Tensor) -> Tensor:
             # Block l's score depends on its own P only: one vjp serves every block.
-            return torch.stack([
-                family.project(family.rest(family.blocks[i], inputs[i], parts[i][1], p))
-                for i, p in zip(chosen, probabilities)])
+            scores = [family.project(family.rest(family.blocks[i], inputs[i], parts[i][1], p))
+                      for i, p in zip(chosen, probabilities)]
+            _check_reads_the_tokens(scores)
+            return torch.stack(scores)
 
         # Without has_aux, vjp gives (outputs, pullback); its annotation also allows a triple.
         scores_and_pull = torch.func.vjp(every_block_scores, *(parts[i][0] for i in chosen))

@@ -54,7 +54,7 @@ def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
                                  "pass generator= instead")
         batch = x.shape[0]
         stacked = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in variants])
-        target = _targets.tiled(cls, len(variants), lambda: _engine.forward(split, x)[1])
+        target = _targets.tiled(cls, len(variants), lambda: _engine.forward(split, x)[1], batch)
         maps, scores = method(split, stacked, target, normalize=normalize, return_scores=True, **kwargs)
         layers = maps if isinstance(maps, list) else [maps]
         averaged = []

@@ -43,6 +43,7 @@ class FixedTarget:
     scores: Any
     pick: Callable[[Any, Tensor], Tensor]
     index: Tensor | None  # (B,) class indices, or None for a callable target
+    batch: int            # images in the clean batch
 
     def values(self, out: Any, rows: Tensor) -> Tensor:
         """``(R,)`` target values of a batch whose row ``r`` belongs to sample ``rows[r]``."""
@@ -52,7 +53,7 @@ class FixedTarget:
         """The ``cls`` to give a CAM method for such a batch."""
         if self.index is not None:
             return self.index[rows]
-        return _targets.for_rows(self.cls, self.scores, rows)
+        return _targets.for_rows(self.cls, self.scores, rows, self.batch)
 
 
 def fix_target(model: Callable[[Tensor], Any], x: Tensor,
@@ -72,7 +73,7 @@ def fix_target(model: Callable[[Tensor], Any], x: Tensor,
                 "pass cls (a callable for other outputs)"
             )
         cls = scores.argmax(1)
-    pick, _ = _targets.picker(cls, scores)
+    pick, _ = _targets.picker(cls, scores, x.shape[0])
     rows = torch.arange(x.shape[0], device=x.device)
     clean = pick(scores, rows)
     if clean.ndim != 2 or clean.shape[1] != 1:
@@ -81,7 +82,7 @@ def fix_target(model: Callable[[Tensor], Any], x: Tensor,
             "give an int, one class per sample, or a callable returning (B,)"
         )
     index = None if _targets.is_objective(cls) else _targets.class_indices(cls, scores)[0][:, 0]
-    return FixedTarget(cls, scores, pick, index), clean[:, 0].float()
+    return FixedTarget(cls, scores, pick, index, x.shape[0]), clean[:, 0].float()
 
 
 Block = tuple[Tensor, Tensor]  # inputs (R, ...) and the sample of each row (R,)

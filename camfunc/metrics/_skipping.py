@@ -47,7 +47,7 @@ def target_rows(cls: Any, keep: Tensor, model: Callable[[Tensor], Any], x: Tenso
     if _targets.is_objective(cls):
         with torch.no_grad():
             clean = model(x)
-        return _targets.for_rows(cls, clean, keep.to(x.device))
+        return _targets.for_rows(cls, clean, keep.to(x.device), x.shape[0])
     return rows_of(cls, keep)
 
 
