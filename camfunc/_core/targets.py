@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from typing_extensions import TypeIs
 
+from camfunc._util.host import reads_are_free
+
 __all__ = ["TopK", "topk", "Target", "class_scores"]
 
 
@@ -201,7 +203,7 @@ def check_range(index: Tensor, num_classes: int) -> None:
     """
     if torch.compiler.is_dynamo_compiling() or index.numel() == 0:
         return
-    if index.device.type == "cpu":
+    if reads_are_free(index):
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= num_classes:
             raise _out_of_range(low if low < 0 else high, num_classes)

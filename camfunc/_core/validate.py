@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from camfunc._core.split import TRAINING_MESSAGE, Split, modes_of, unwrap
+from camfunc._util.host import reads_are_free
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -71,7 +72,7 @@ def nonfinite_maps(maps: Tensor, inputs: Tensor | None = None) -> Tensor:
     if inputs is not None:
         bad = bad | ~torch.isfinite(inputs).flatten(1).all(1)
     maps = torch.where(bad.reshape(-1, *(1,) * (maps.ndim - 1)), torch.full_like(maps, float("nan")), maps)
-    if maps.device.type == "cpu" and not torch.compiler.is_dynamo_compiling() and bool(bad.any()):
+    if reads_are_free(maps) and bool(bad.any()):
         samples = bad.nonzero().flatten().tolist()
         warnings.warn(
             f"the maps of sample(s) {samples} are NaN: their input or the model's activations "

@@ -116,7 +116,8 @@ def _cam_from_classifier(split: Split, x: Tensor, cls: _targets.Target, classifi
     return (maps if keep_k else maps[:, 0],), scores
 
 
-@cam_method()
+@cam_method(syncs="checks on the host that the tail is a pooled linear map, without which its "
+                  "formula gives a silently wrong map (unless classifier= is given)")
 def cam(split: Split, x: Tensor, cls: _targets.Target, *, classifier: Any = None,
         normalize: bool = True, chunk_size: int | None = None,
         eigen_smooth: bool = False) -> Computed:

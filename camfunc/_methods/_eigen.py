@@ -16,6 +16,12 @@ from camfunc._methods._gradient import gradient_weights
 from camfunc._methods._method import cam_method
 from camfunc._methods._projection import first_component, mark_nonfinite, set_aside_nonfinite
 
+# Why these methods wait for the device once a call (each method's ``syncs``).
+_SVD_SYNCS = ("torch.linalg.svd reads its solver's convergence flag on the host (an error if the "
+              "SVD did not converge)")
+_EIGH_SYNCS = ("torch.linalg.eigh reads its solver's convergence flag on the host (an error if "
+               "the eigendecomposition did not converge)")
+
 
 def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float) -> Tensor:
     """scikit-learn's kernels, for rows of ``x``: ``(B, N, C) -> (B, N, N)``."""
@@ -66,7 +72,7 @@ def first_kernel_component(features: Tensor, kernel: str = "sigmoid", gamma: flo
     return mark_nonfinite(top.reshape(features.shape[0], *features.shape[2:]).to(dtype), bad)
 
 
-@cam_method()
+@cam_method(syncs=_EIGH_SYNCS)
 def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = "sigmoid",
             gamma: float | None = None, degree: int = 3, coef0: float = 1.0,
             normalize: bool = True) -> Computed:
@@ -97,7 +103,7 @@ def kpcacam(split: Split, x: Tensor, cls: _targets.Target = 0, *, kernel: str = 
     return activation_cam(split, x, cls, raw_map, normalize=normalize)
 
 
-@cam_method()
+@cam_method(syncs=_SVD_SYNCS)
 def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bool = True) -> Computed:
     r"""Eigen-CAM: the activations' first principal component, class-agnostic.
 
@@ -120,7 +126,7 @@ def eigencam(split: Split, x: Tensor, cls: _targets.Target = 0, *, normalize: bo
     return activation_cam(split, x, cls, first_component, normalize=normalize)
 
 
-@cam_method()
+@cam_method(syncs=_SVD_SYNCS)
 def eigengradcam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None,
                  differentiable: bool = False) -> Computed:
     r"""Eigen-Grad-CAM: the first principal component of activations times gradients.
@@ -147,7 +153,7 @@ def absolute_gradient_weights(a: Tensor, g: Tensor) -> Tensor:
     return g.abs()
 
 
-@cam_method()
+@cam_method(syncs=_SVD_SYNCS)
 def segeigencam(split: Split, x: Tensor, cls: _targets.Target, *, normalize: bool = True, chunk_size: int | None = None,
                  differentiable: bool = False) -> Computed:
     r"""Seg-Eigen-CAM: the first principal component of activations times absolute gradients.

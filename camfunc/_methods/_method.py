@@ -60,16 +60,18 @@ class CamMethod(Protocol):
     Returns the maps, ``(B, *spatial)`` or ``(B, K, *spatial)`` for a ``Split[Tensor]``
     (one layer) and a list of those for a ``Split[list[Tensor]]``; with
     ``return_scores=True``, ``(maps, scores)``. ``draws`` says which random numbers
-    the method takes (None: none).
+    the method takes (None: none); ``syncs``, why it makes the host wait for an
+    accelerator on every call (None: it never does).
 
     Example:
         >>> method: camfunc.CamMethod = camfunc.METHODS["gradcam"]
-        >>> method(s, x, 3).shape, method.draws
-        (torch.Size([2, 4, 4]), None)
+        >>> method(s, x, 3).shape, method.draws, method.syncs
+        (torch.Size([2, 4, 4]), None, None)
     """
 
     __name__: str
     draws: Draws | None
+    syncs: str | None
 
     @overload
     def __call__(self, split: Split[MapsT], x: Tensor, cls: _targets.Target = ..., *,
@@ -105,11 +107,14 @@ def _with_return_scores(signature: inspect.Signature) -> inspect.Signature:
                              return_annotation="Any")
 
 
-def cam_method(*, draws: Draws | None = None, register: bool = True,
+def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register: bool = True,
                arranged: bool = False) -> Callable[[Callable[..., Any]], CamMethod]:
     """Turns ``compute(split, x, cls, **options) -> (maps, scores)`` into a public method.
 
     ``draws`` records the random numbers the method takes (see :class:`Draws`);
+    ``syncs`` says why the method reads a device value on the host in every call,
+    stalling it until the device catches up (None: it reads none, which
+    ``tests/test_sync_dispatch.py`` holds every registered method to);
     ``register=False`` keeps it out of ``METHODS`` (for methods whose maps are not
     at the layer's resolution); ``arranged=True`` is for a method that calls
     another and returns its maps already in the user's order.
@@ -152,6 +157,7 @@ def cam_method(*, draws: Draws | None = None, register: bool = True,
         functools.update_wrapper(method, compute)
         setattr(method, "__signature__", _with_return_scores(signature))
         setattr(method, "draws", draws)
+        setattr(method, "syncs", syncs)
         public = cast(CamMethod, method)
         if register:
             if name in REGISTRY:

@@ -24,6 +24,7 @@ from camfunc._core import engine as _engine, ops as _ops, targets as _targets, v
 from camfunc._core.split import Split
 from camfunc._methods._combine import Computed, check_activations, maps_from_class_weights
 from camfunc._methods._method import Draws, cam_method
+from camfunc._util.host import reads_are_free
 
 # A mask transform gets the upsampled masks of one chunk and the chunk's flat
 # (sample * channel) indices, and returns the masks to multiply the input by.
@@ -55,8 +56,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
         step = batch * max(1, batch_size // batch)
     shared = None
     # Skipping flat masks reads values: free on the CPU, a host-device sync elsewhere.
-    if (flat_shortcut and not whole and transform is None and x.device.type == "cpu"
-            and not torch.compiler.is_dynamo_compiling()):
+    if flat_shortcut and not whole and transform is None and reads_are_free(x):
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from camfunc._core import engine as _engine, ops as _ops, validate as _validate
 from camfunc._core.split import Split
+from camfunc._util.host import syncs
 
 
 class Factorization(NamedTuple):
@@ -33,6 +34,7 @@ def nmf(v: Tensor, w: Tensor, h: Tensor, iterations: int) -> tuple[Tensor, Tenso
     return w, h
 
 
+@syncs(None)
 def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200,
         init: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None,
         normalize: bool = True) -> Factorization:

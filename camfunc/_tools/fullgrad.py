@@ -23,6 +23,7 @@ from camfunc._core.cut.capture import traced_copy
 from camfunc._core.cut.partition import Stage
 from camfunc._core.split import Split
 from camfunc._methods._projection import first_component
+from camfunc._util.host import syncs
 
 _BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -145,6 +146,7 @@ def _eigen_smoothed(input_terms: Tensor, layer_maps: list[Tensor], size: tuple[i
     return _ops.upsample(_ops.normalize(projected, spatial_dims=len(size)), size)
 
 
+@syncs(None)
 def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.Target, *, normalize: bool = True,
              return_scores: bool = False, chunk_size: int | None = None,
              eigen_smooth: bool = False) -> Any:

@@ -22,6 +22,7 @@ from camfunc._core.cut.capture import traced_copy
 from camfunc._core.cut.partition import Stage
 from camfunc._core.split import Split, unwrap
 from camfunc._methods import gradcam
+from camfunc._util.host import syncs
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -105,6 +106,7 @@ def _rewrite(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
+@syncs(None)
 def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
                     chunk_size: int | None = None, return_scores: bool = False) -> Any:
     r"""Guided backpropagation: input gradients through ReLUs that pass only positive signal.
@@ -142,6 +144,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
     return (maps, scores) if return_scores else maps
 
 
+@syncs(None)
 def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
                    guided: torch.fx.GraphModule | None = None, chunk_size: int | None = None,
                    return_scores: bool = False) -> Any:

@@ -41,6 +41,7 @@ from camfunc._core import (
 from camfunc._core.cut.lock import holding_calls
 from camfunc._core.split import Split
 from camfunc._core.splitter import layer_name
+from camfunc._util.host import syncs
 
 _UNSUPPORTED = (
     "legrad supports torchvision's VisionTransformer (torchvision.models.vit_b_16 and "
@@ -371,6 +372,8 @@ def _check_reads_the_tokens(scores: list[Tensor]) -> None:
             "class scores, e.g. lambda y: head(norm(y[:, 0]))")
 
 
+@syncs("on its first call for each block, checks on the host that the block it recomputes from "
+       "its attention gives the block's own output (a library change must not pass silently)")
 @holding_calls
 def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers: Layers = None,
            normalize: bool = True, return_scores: bool = False, chunk_size: int | None = None,

@@ -1,2 +1,2 @@
 """Leaf utilities with no camfunc imports: atomic file writes, image reading, progress bars,
-Gaussian kernels."""
+Gaussian kernels, where host reads are free."""
