@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -98,3 +99,79 @@ def test_losses_train_through_differentiable_maps():
     total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert model[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------
+# Gradients, against finite differences (float64 gradcheck)
+
+
+def smooth_maps(shape, seed):
+    return torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.1
+
+
+def a_mask(shape, seed):
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) > 0.5).double()
+
+
+@pytest.mark.parametrize("loss", ["energy_outside", "right_reasons", "soft_pointing"])
+@pytest.mark.parametrize("maps_shape", [(2, 3, 4), (2, 2, 3, 4), (2, 3)])  # (B, sp), (B, K, sp), 1-D
+def test_each_losss_gradient_with_respect_to_the_maps(loss, maps_shape):
+    spatial = 1 if len(maps_shape) == 2 else 2
+    masks = a_mask((2, *[2 * n for n in maps_shape[-spatial:]]), 1)  # another grid: resized first
+    maps = smooth_maps(maps_shape, 0).requires_grad_()
+    function = {"energy_outside": losses.energy_outside, "right_reasons": losses.right_reasons,
+                "soft_pointing": lambda m, k: losses.soft_pointing(m, k, temperature=0.3)}[loss]
+    assert torch.autograd.gradcheck(lambda m: function(m, masks), (maps,))
+    (grad,) = torch.autograd.grad(function(maps, masks), maps)
+    assert grad.abs().sum() > 0
+
+
+def gain_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+
+
+def test_attention_minings_gradient_with_respect_to_the_maps_and_the_input():
+    model = gain_model()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    maps = smooth_maps((2, 3, 3), 2)
+    inputs = (maps.requires_grad_(), x.requires_grad_())
+    # sharpness 4: the sigmoid's slope stays where finite differences in float64 are exact.
+    assert torch.autograd.gradcheck(
+        lambda m, v: losses.attention_mining(model, v, m, torch.tensor([2, 0]), sharpness=4.0), inputs)
+    grads = torch.autograd.grad(losses.attention_mining(model, x, maps, 2, sharpness=4.0), inputs)
+    assert all(g.abs().sum() > 0 for g in grads)  # erasing depends on the map: its gradient is not zero
+
+
+def test_attention_minings_gradient_through_the_model_and_its_differentiable_maps():
+    # GAIN's full path: the loss on the erased input depends on the model's parameters
+    # through the classifier on x* and through the Grad-CAM that chose what to erase.
+    model = gain_model()
+    s = camfunc.split(model, "2")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cls = torch.tensor([1, 2])
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            maps = camfunc.gradcam(s, x, cls, differentiable=True, normalize=False)
+            return losses.attention_mining(s, x, maps / 0.05, cls, sharpness=4.0)
+
+    gain = Gain()
+    head_weight = model[0].weight.detach().clone().requires_grad_()
+    tail_weight = model[6].weight.detach().clone().requires_grad_()
+
+    def of(w0, w6, x):
+        return torch.func.functional_call(gain, {"model.0.weight": w0, "model.6.weight": w6}, (x,))
+
+    inputs = (head_weight, tail_weight, x.requires_grad_())
+    assert torch.autograd.gradcheck(of, inputs)
+    # The maps' path alone (the classifier on x* is a copy): it reaches the head's weights.
+    maps = camfunc.gradcam(s, x.detach(), cls, differentiable=True, normalize=False)
+    (through_maps,) = torch.autograd.grad(losses.attention_mining(copy.deepcopy(model), x.detach(), maps / 0.05,
+                                                                  cls, sharpness=4.0), model[0].weight)
+    assert through_maps.abs().sum() > 0

@@ -24,6 +24,48 @@ def mark_nonfinite(maps: Tensor, bad: Tensor) -> Tensor:
     return torch.where(_per_sample(bad, maps), torch.full_like(maps, float("nan")), maps)
 
 
+def _first_direction(centred: Tensor) -> Tensor:
+    r"""The first right singular vector :math:`v_1` of each ``(N, C)`` matrix, ``(B, C)``,
+    with its exact first derivative wherever :math:`\sigma_1 > \sigma_2`.
+
+    The SVD runs without a graph: torch's SVD backward divides by
+    :math:`\sigma_i^2 - \sigma_j^2` for *every* pair, so two equal lower singular
+    values (two dead channels, say) make the gradient NaN even though :math:`v_1`
+    does not depend on them. Instead, with :math:`M = X^T X`, the derivative is
+    perturbation theory's
+
+    .. math:: dv_1 = \sum_{j>1} \frac{v_j v_j^T}{\sigma_1^2 - \sigma_j^2}\, dM\, v_1
+              + \frac{I - V V^T}{\sigma_1^2}\, dM\, v_1, \quad
+              dM\, v_1 = dX^T X v_1 + X^T dX\, v_1
+
+    (the second term spans the directions :math:`X` has no extent in), added as a
+    term whose value is zero (:math:`dX = X - X` with a graph). Only first
+    derivatives are exact: a second derivative through :math:`v_1` is not.
+    A degenerate top pair (:math:`\sigma_1 = \sigma_2`, where :math:`v_1` has no
+    derivative) and an all-zero matrix get none.
+    """
+    fixed = centred.detach()
+    _, values, vh = torch.linalg.svd(fixed, full_matrices=False)
+    direction = vh[:, 0, :]
+    if not (torch.is_grad_enabled() and centred.requires_grad):
+        return direction
+    change = centred - fixed  # zero, with the graph
+    along = (fixed @ direction.unsqueeze(-1)).squeeze(-1)  # X v_1, (B, N)
+    moved = ((change.transpose(1, 2) @ along.unsqueeze(-1))
+             + fixed.transpose(1, 2) @ (change @ direction.unsqueeze(-1))).squeeze(-1)  # dM v_1, (B, C)
+    squares = values.square()
+    top = squares[:, :1]
+    gaps = top - squares  # (B, k): sigma_1^2 - sigma_j^2
+    # v_1 has a derivative where sigma_1 is simple (and not zero, for one singular value).
+    simple = gaps[:, 1:2] > 0 if gaps.shape[1] > 1 else top > 0
+    coefficients = (vh @ moved.unsqueeze(-1)).squeeze(-1)  # v_j^T dM v_1, (B, k)
+    inverse_gaps = torch.where((gaps > 0) & simple, 1 / torch.where(gaps > 0, gaps, 1), 0)
+    inside = ((coefficients * inverse_gaps).unsqueeze(-1) * vh).sum(1)
+    rest = moved - (coefficients.unsqueeze(-1) * vh).sum(1)  # the part outside V's span
+    outside = rest * torch.where(simple, 1 / torch.where(top > 0, top, 1), 0)
+    return direction + inside + outside
+
+
 def first_component(features: Tensor) -> Tensor:
     r"""Projection on the first principal direction, with a fixed sign: ``(B, C, *sp) -> (B, *sp)``.
 
@@ -47,8 +89,7 @@ def first_component(features: Tensor) -> Tensor:
     rounding = torch.finfo(centred.dtype).eps ** 0.5
     flat = centred.abs().flatten(1).amax(1) <= rounding * features.abs().flatten(1).amax(1)
     centred = torch.where(_per_sample(flat, centred), torch.zeros_like(centred), centred)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    direction = vh[:, 0, :]  # (B, C)
+    direction = _first_direction(centred)  # (B, C)
     projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # (B, N)
     lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
     # Two sides equal up to rounding are a tie, which the loadings settle; the rounding
