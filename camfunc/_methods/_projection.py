@@ -74,8 +74,10 @@ def first_component(features: Tensor) -> Tensor:
 
     An SVD's signs are arbitrary, so the sign is fixed by a rule: the map's
     largest magnitude is positive (Seg-Eigen-CAM, Chung & Ying, Appl. Sci.
-    2025, Eq. 13); on a tie (equal up to rounding), :math:`v_1`'s loadings sum
-    to a positive number. A sample whose positions are all equal up to rounding
+    2025, Eq. 13); on a tie, :math:`v_1`'s loadings sum to a positive number.
+    The two sides tie when they are equal up to rounding: the largest and the
+    smallest projection cancel to within :math:`16\epsilon (\max|X v_1| +
+    \sqrt{C} \max|A|)`, the rounding of the projection and of the centring. A sample whose positions are all equal up to rounding
     (within :math:`\sqrt{\epsilon}` of its largest feature) gets a zero map.
     A sample holding NaN or Inf gets a NaN map; the others are unaffected.
     """
@@ -93,8 +95,13 @@ def first_component(features: Tensor) -> Tensor:
     projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # (B, N)
     lean = projection.amax(1) + projection.amin(1)  # > 0 when the positive side is larger
     # Two sides equal up to rounding are a tie, which the loadings settle; the rounding
-    # noise's sign would be arbitrary.
-    tie = lean.abs() <= 16 * torch.finfo(projection.dtype).eps * projection.abs().amax(1)
+    # noise's sign would be arbitrary. Rounding moves the projection by ulps of its peak,
+    # and the centring by ulps of the features themselves: a mean off by d shifts every
+    # position's projection by d . v_1, up to sqrt(C) ulps of the largest feature. (A
+    # two-position map of features near 13 differing by 0.04 leaned by an ulp of 13.)
+    largest = features.abs().flatten(1).amax(1)
+    tie = lean.abs() <= 16 * torch.finfo(projection.dtype).eps * (
+        projection.abs().amax(1) + features.shape[1] ** 0.5 * largest)
     key = torch.where(tie, direction.sum(1), lean)
     sign = torch.where(key < 0, -1.0, 1.0).to(projection.dtype)
     maps = (projection * sign.unsqueeze(1)).reshape(features.shape[0], *features.shape[2:])
