@@ -92,7 +92,9 @@ def test_a_folder_of_nothing_is_one_line(tmp_path, capsys):
 
 def test_ten_thousand_rows_open_quickly(browser, tmp_path):
     rows = [{"name": f"img-{i}", "method": "gradcam", "class_name": f"c{i % 10}", "drop": (i * 7 % 100) / 100,
-             "increase": i % 2, "thumb": ""} for i in range(10_000)]
+             "increase": i % 2, "thumb": "t.png"} for i in range(10_000)]
+    from PIL import Image
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "t.png")
     (tmp_path / "index.html").write_text(page(rows, {"kind": "run"}, 100))
     start = time.perf_counter()
     browser.get((tmp_path / "index.html").as_uri())  # returns after the load event
