@@ -15,6 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import Select
 
 import camfunc.runs
+import camfunc.zoo
 from camfunc.cli import main
 from camfunc.cli._report import page
 
@@ -103,3 +104,19 @@ def test_ten_thousand_rows_open_quickly(browser, tmp_path):
     assert len(_names(browser)) == 100
     print(json.dumps({"open_10k_seconds": round(seconds, 3)}))
     assert seconds < 3
+
+
+def test_explain_report_shows_its_overlays(browser, tmp_path):
+    from PIL import Image
+
+    scenes = camfunc.zoo.scenes(2, seed=3)
+    for i, image in enumerate(scenes.images):
+        pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(pixels).save(tmp_path / f"s{i}.png")
+    out = tmp_path / "cams"
+    assert main(["explain", str(tmp_path / "s0.png"), str(tmp_path / "s1.png"), "--out", str(out)]) == 0
+    assert main(["report", str(out), "--quiet"]) == 0
+    browser.get((out / "report" / "index.html").as_uri())
+    assert _errors(browser) == []
+    assert len(_names(browser)) == 2
+    assert browser.execute_script("return [...document.images].every((i) => i.naturalWidth > 0)")
