@@ -16,6 +16,7 @@ from typing import Any
 
 from camfunc._util.atomic import write_text_atomic
 from camfunc._util.progress import progress
+from camfunc.cli._explain import positive_int
 from camfunc.runs._loading import UsageError
 
 THUMB = 128
@@ -169,7 +170,7 @@ def register(subparsers) -> None:
                                                "sortable and filterable, worst first, with settings.")
     parser.add_argument("folder", help="the --out folder of camfunc run, evaluate or explain")
     parser.add_argument("--out", help="report folder (default FOLDER/report)")
-    parser.add_argument("--page-size", type=int, default=100, help="rows per page (default 100)")
+    parser.add_argument("--page-size", type=positive_int, default=100, help="rows per page (default 100)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=report)
 
