@@ -1,4 +1,4 @@
-"""The ``camfunc`` command: ``demo``, ``explain``, ``evaluate`` and ``run``.
+"""The ``camfunc`` command: ``demo``, ``explain``, ``evaluate``, ``run`` and ``report``.
 
 Exit status: 0 when everything was done, 1 when some items failed (each is
 reported on stderr and in the JSON written), 2 for a usage error.
@@ -22,9 +22,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _subcommands():
-    from camfunc.cli import _demo, _evaluate, _explain, _run
+    from camfunc.cli import _demo, _evaluate, _explain, _report, _run
 
-    return [_demo, _explain, _evaluate, _run]
+    return [_demo, _explain, _evaluate, _run, _report]
 
 
 def _version() -> str:
