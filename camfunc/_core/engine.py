@@ -34,7 +34,7 @@ from torch import Tensor
 from camfunc._core import targets as _targets
 from camfunc._core.cut.lock import holding_calls
 from camfunc._core.layout import LayoutTag
-from camfunc._core.split import Split, as_tuple
+from camfunc._core.split import Split, as_tuple, math_twin
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
 # ``jvp`` at once corrupt each other's level. Eager calls take turns there.
@@ -154,6 +154,23 @@ class Pulled(NamedTuple):
     out: Tensor                                     # the differentiated value: scores or objective
     scores: Any                                     # the model's output
     pull: Callable[[Tensor], tuple[Tensor, ...]]    # cotangent of ``out`` -> G at every cut
+    batches: bool = True                            # ``vmap`` may batch ``pull`` over classes
+
+
+Stages = tuple[tuple[Callable[..., Any], ...], Callable[..., Any]]
+
+
+def differentiated(split: Split, *, twins: bool) -> Stages:
+    """``(middle, tail)``: the stages a vjp differentiates, with their attention on the math
+    kernel when ``twins`` (for ``vmap`` and forward AD), else as the model runs it (fused)."""
+    if not twins:
+        return split.middle, split.tail
+    return tuple(math_twin(stage) for stage in split.middle), math_twin(split.tail)
+
+
+def keeps_fused(split: Split) -> bool:
+    """Whether a differentiated stage runs fused attention, whose backward ``vmap`` cannot batch."""
+    return any(math_twin(stage) is not stage for stage in (*split.middle, split.tail))
 
 
 def autograd_path(differentiable: bool) -> bool:
@@ -165,14 +182,16 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
     """:func:`pullback` as one ordinary forward, with ``G`` from ``torch.autograd.grad``
     (``create_graph=True``): batch norm in training mode updates its statistics once, as in
     the forward, and dropout's masks are the forward's."""
+    # Double backward (a loss on the maps) needs attention's math kernel.
+    middle, tail = differentiated(split, twins=True)
     carry = as_tuple(split.head(x))
     if not carry[0].requires_grad:  # no graph to keep (frozen head, x without grad): the vjp
-        return _vjp_pullback(split, carry, objective)
+        return _vjp_pullback((middle, tail), carry, objective)
     acts = [carry[0]]
-    for stage in split.middle:
+    for stage in middle:
         carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
         acts.append(carry[0])
-    scores = split.tail(carry[0].clone(), *carry[1:])
+    scores = tail(carry[0].clone(), *carry[1:])
     out = (objective if objective is not None else _targets.class_scores)(scores)
     if not isinstance(out, Tensor):
         _targets.objective_rows(out)  # raises the callable cls's type error
@@ -182,19 +201,21 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
     def pull(cotangent: Tensor, out: Tensor = out, acts: tuple[Tensor, ...] = tuple(acts)) -> tuple[Tensor, ...]:
         return torch.autograd.grad(out, acts, cotangent, create_graph=True)
 
-    return Pulled(tuple(acts), out, scores, pull)
+    return Pulled(tuple(acts), out, scores, pull, batches=False)
 
 
-def _vjp_pullback(split: Split, carry: tuple[Any, ...], objective: Callable[[Any], Tensor] | None) -> Pulled:
+def _vjp_pullback(stages: Stages, carry: tuple[Any, ...], objective: Callable[[Any], Tensor] | None,
+                  *, batches: bool = True) -> Pulled:
     """:func:`pullback` from the head's output: each later stage under ``vjp``."""
+    middle, tail = stages
     acts = [carry[0]]
     pullbacks = []
-    for i, stage in enumerate(split.middle):
+    for i, stage in enumerate(middle):
         _, stage_pullback, carry = stage_vjp(stage, carry, context_is_constant=(i == 0))
         pullbacks.append(stage_pullback)
         acts.append(carry[0])
     out, pull_tail, scores = stage_vjp(
-        split.tail, carry, context_is_constant=len(split.middle) == 0,
+        tail, carry, context_is_constant=len(middle) == 0,
         objective=objective if objective is not None else _targets.class_scores)
 
     # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
@@ -207,7 +228,7 @@ def _vjp_pullback(split: Split, carry: tuple[Any, ...], objective: Callable[[Any
             layer_grads.append(grads[0])
         return tuple(reversed(layer_grads))
 
-    return Pulled(tuple(acts), out, scores, pull)
+    return Pulled(tuple(acts), out, scores, pull, batches)
 
 
 @holding_calls
@@ -219,13 +240,20 @@ def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None 
     when given; ``pull(cotangent)`` returns the gradient of ``<cotangent, out>``
     with respect to the activations at every cut. The head runs without a graph,
     unless ``differentiable`` (see the module's docstring).
+
+    The stages run the model's own attention, fused kernels included, so one class
+    costs what the model's own backward does; ``batches`` is then False and callers
+    pull classes back one at a time (a fused kernel's backward has no ``vmap`` rule).
+    Differentiable maps run attention by its math kernel, which has a double backward.
     """
     split = split.bound(x, check_model=False)
     if autograd_path(differentiable):
         with torch.enable_grad():
             return _autograd_pullback(split, x, objective)
     with torch.set_grad_enabled(differentiable):
-        return _vjp_pullback(split, as_tuple(split.head(x)), objective)
+        twins = differentiable  # compiled differentiable maps: a double backward too
+        return _vjp_pullback(differentiated(split, twins=twins), as_tuple(split.head(x)), objective,
+                             batches=twins or not keeps_fused(split))
 
 
 def layer_maps(maps: tuple[Tensor, ...], keep_k: bool) -> tuple[Tensor, ...]:
@@ -255,7 +283,7 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
         def maps_for(cotangent: Tensor, pull=pulled.pull, acts=pulled.acts) -> tuple[Tensor, ...]:
             return per_class(acts, pull(cotangent))
 
-        maps = over_classes(maps_for, cotangents, chunk_size, loop=autograd_path(differentiable))
+        maps = over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
         return layer_maps(maps, keep_k), pulled.scores
 
 
@@ -276,9 +304,14 @@ def carries(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[l
 @holding_calls
 def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
     """The model from cut ``layer`` on: later middles, then the tail."""
-    for stage in split.middle[layer:]:
+    return _run_stages((split.middle, split.tail), layer, carry)
+
+
+def _run_stages(stages: Stages, layer: int, carry: tuple[Any, ...]) -> Any:
+    middle, tail = stages
+    for stage in middle[layer:]:
         carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-    return split.tail(carry[0].clone(), *carry[1:])
+    return tail(carry[0].clone(), *carry[1:])
 
 
 @holding_calls
@@ -317,6 +350,7 @@ def _sets_tokens_aside(context: tuple[Any, ...]) -> bool:
 def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Callable[[Any], Tensor],
                       per_class: Callable[[Tensor, Tensor, Tensor], Tensor], chunk_size: int | None,
                       batch: int) -> tuple[Tensor, ...]:
+    stages = differentiated(split, twins=True)  # forward AD: the math kernel has its formula
     maps: list[Tensor] = []
     for layer, carry in enumerate(found):
         a, context = carry[0], carry[1:]
@@ -326,7 +360,7 @@ def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Cal
         rest = context[1:] if aside is not None else context
 
         def objective_at(v: Tensor, w: Tensor | None, layer: int = layer, rest: tuple = rest) -> Tensor:
-            return objective(run_from(split, layer, (v, *((w,) if w is not None else ()), *rest)))
+            return objective(_run_stages(stages, layer, (v, *((w,) if w is not None else ()), *rest)))
 
         cotangents, keep_k = _targets.objective_rows(objective_at(a, aside), batch)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from typing_extensions import TypeIs
 
-from camfunc._core.split import Split, as_tuple
+from camfunc._core.split import Split, as_tuple, math_twin
 
 __all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag"]
 
@@ -311,6 +311,11 @@ class _GridStage:
             return out if len(out) > 1 else out[0]
         grid, aside = layout.to_grid(out[0])
         return (grid, aside, LayoutTag(layout.kind, input_shape), *out[1:])
+
+    @property
+    def math_twin(self) -> _GridStage:
+        twin = math_twin(self.stage)
+        return self if twin is self.stage else _GridStage(twin, self.before, self.after, self.always_tag)
 
     def __repr__(self) -> str:
         return f"_GridStage({self.stage!r}, {self.after})"

@@ -16,7 +16,7 @@ from typing_extensions import TypeVar
 #: What a method returns for this split: a tensor for one layer, a list for several.
 MapsT = TypeVar("MapsT", default=Tensor, covariant=True)
 
-__all__ = ["MapsT", "Split", "Source", "as_tuple", "unwrap", "TRAINING_MESSAGE"]
+__all__ = ["MapsT", "Split", "Source", "as_tuple", "math_twin", "unwrap", "TRAINING_MESSAGE"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "
@@ -130,6 +130,14 @@ class Source(Protocol):
 def modes_of(model: nn.Module) -> tuple[bool, ...]:
     """Each of ``model.modules()``' ``training`` flag, in order."""
     return tuple(m.training for m in model.modules())
+
+
+def math_twin(stage: Callable[..., Any]) -> Callable[..., Any]:
+    """``stage`` with its attention on the math kernel, for ``vmap`` over classes and forward
+    AD (fused kernels batch and differentiate only by looping), or ``stage`` itself: a stage
+    :func:`camfunc.split` built, or a wrapper of one, carries its twin; any other callable
+    is its own."""
+    return getattr(stage, "math_twin", stage)
 
 
 def as_tuple(carry: Any) -> tuple[Any, ...]:

@@ -32,7 +32,7 @@ from camfunc._core.cut.capture import (
 from camfunc._core.cut.captures import Capture, Captures
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels
-from camfunc._core.split import Split, modes_of, unwrap
+from camfunc._core.split import Split, math_twin, modes_of, unwrap
 
 __all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
 
@@ -163,6 +163,11 @@ class _Selected:
 
     def __call__(self, *carry: Any) -> Any:
         return self.pick(self.tail(*carry))
+
+    @property
+    def math_twin(self) -> _Selected:
+        twin = math_twin(self.tail)
+        return self if twin is self.tail else _Selected(twin, self.pick)
 
     def __repr__(self) -> str:
         return f"_Selected({self.tail!r})"

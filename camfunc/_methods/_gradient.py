@@ -378,6 +378,5 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
         return per_class(pull(cotangent))
 
     with torch.set_grad_enabled(differentiable):
-        maps = _engine.over_classes(maps_for, cotangents, chunk_size,
-                                    loop=_engine.autograd_path(differentiable))
+        maps = _engine.over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
     return _engine.layer_maps(maps, keep_k), scores

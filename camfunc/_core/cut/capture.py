@@ -35,6 +35,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from camfunc._core.cut.lock import TRACE_LOCK
+from camfunc._core.cut.masks import drop_full_masks
 
 __all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy",
            "target_name"]
@@ -447,6 +448,7 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
             env[node] = graph.node_copy(node, env.__getitem__)
     if len(user_inputs) != 1:
         raise CaptureError(f"the exported graph takes {len(user_inputs)} inputs; camfunc needs model(x)")
+    drop_full_masks(graph, user_inputs[0], example)
     out_spec = ep.call_spec.out_spec
 
     def unflatten(leaves: Any) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from camfunc._core.cut import rows as _rows
 from camfunc._core.cut.capture import Captured, CaptureError, target_name
 from camfunc._core.cut.lock import TRACE_LOCK
 
@@ -233,12 +235,12 @@ def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)[0]
 
 
-def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[str, Any, tuple, dict] | None:
+def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple, dict] | None:
     """The node to run instead in a differentiated stage, when its kernel does not batch."""
     if node.op == "call_function" and node.target in _SDPA:
-        return "call_function", math_attention, node.args, node.kwargs
+        return math_attention, "call_function", node.args, node.kwargs
     if node.op == "call_module" and isinstance(captured.owner(node), nn.MultiheadAttention):
-        return "call_module", node.target, node.args, {**node.kwargs, "need_weights": True}
+        return node.target, "call_module", node.args, {**node.kwargs, "need_weights": True}
     return None
 
 
@@ -247,15 +249,38 @@ class Stage:
 
     Calls hold :data:`TRACE_LOCK` shared, so a trace in another thread never
     sees them. ``unflatten`` rebuilds an exported model's output structure.
+    ``math_twin`` is the same stage with its attention on the math kernel, which
+    ``vmap`` batches and forward AD differentiates (itself when it has none).
     """
 
-    def __init__(self, module: torch.fx.GraphModule, unflatten: Any = None, single: bool = False):
+    def __init__(self, module: torch.fx.GraphModule, unflatten: Any = None, single: bool = False,
+                 prunes: bool = False):
         self.module = module
         self.unflatten = unflatten
         self.single = single
+        self.math_twin: Stage = self
+        # A tail computes only the token rows its output reads (camfunc._core.cut.rows),
+        # rewritten once per input shape.
+        self.prunes = prunes
+        self._pruned: dict[Any, torch.fx.GraphModule] = {}
+        self._pruning = threading.Lock()
+
+    def _module_for(self, carry: tuple[Any, ...]) -> torch.fx.GraphModule:
+        if not self.prunes or torch.compiler.is_dynamo_compiling():
+            return self.module
+        try:
+            key = tuple((tuple(c.shape), c.dtype, c.device) if isinstance(c, torch.Tensor) else c
+                        for c in carry)
+            hash(key)
+        except TypeError:
+            return self.module
+        with self._pruning:
+            if key not in self._pruned:
+                self._pruned[key] = _rows.checked_pruning(self.module, carry) or self.module
+            return self._pruned[key]
 
     def _run(self, *carry: Any) -> Any:
-        out = self.module(*carry)
+        out = self._module_for(carry)(*carry)
         if self.unflatten is not None:
             return self.unflatten(out)
         return out[0] if self.single else out
@@ -298,17 +323,16 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
                     seen[inp] = None
         return list(seen)
 
-    stages = []
-    inputs: list[torch.fx.Node] = [captured.input]
-    for k in range(len(cuts) + 1):
-        body = [n for n in nodes if stage_of(n) == k]
+    def stage_module(k: int, body: list[torch.fx.Node], inputs: list[torch.fx.Node],
+                     outs: list[torch.fx.Node] | None, batched: bool) -> torch.fx.GraphModule:
+        """Stage ``k``'s graph; ``batched``: its attention by the math kernel (a math twin)."""
         written_roots = {root_of.get(w, w) for n in body for w in written(n, captured)}
         sub = torch.fx.Graph()
         env: dict[torch.fx.Node, Any] = {n: v for n, v in captured.constants.items()
                                          if not isinstance(v, torch.Tensor)}
         owners: dict[str, Any] = {}
         by_root: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-        for i, value in enumerate(inputs):
+        for value in inputs:
             placeholder = sub.placeholder(value.name if k else "x")
             placeholder.meta = dict(value.meta)
             env[value] = placeholder
@@ -348,31 +372,43 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
             raise CaptureError(f"stage {k} reads {node.name}, computed in a later stage")
 
         for node in body:
-            if node in rewrite:  # later readers of the written value see the new one
-                target, op, args, kwargs = rewrite[node]
-                new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
-                                      torch.fx.node.map_arg(kwargs, value_of), name=node.name)
-                new.meta = dict(node.meta)
-                env[node] = env[node.args[0]] = new
-            elif k > 0 and (batchable := _batchable(node, captured)) is not None:
-                op, target, args, kwargs = batchable  # in a stage the vjp differentiates
-                new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
-                                      torch.fx.node.map_arg(kwargs, value_of), name=node.name)
-                new.meta = dict(node.meta)
-                env[node] = new
-            else:
+            replaced = rewrite.get(node) or (_batchable(node, captured) if batched else None)
+            if replaced is None:
                 env[node] = sub.node_copy(node, value_of)
+                continue
+            target, op, args, kwargs = replaced
+            new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
+                                  torch.fx.node.map_arg(kwargs, value_of), name=node.name)
+            new.meta = dict(node.meta)
+            env[node] = new
+            if node in rewrite:  # later readers of the written value see the new one
+                written_value: Any = node.args[0]
+                env[written_value] = new
         for node in body:
             if node.op == "call_module":
-                owners[node.target] = captured.root[node.target]
-        if k < len(cuts):
-            outs = [cuts[k]] + [n for n in needed_after(k) if n is not cuts[k]]
+                owners[target_name(node)] = captured.root[target_name(node)]
+        if outs is not None:
             sub.output(tuple(value_of(n) for n in outs))
-            module = torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
-            stages.append(Stage(module, single=len(outs) == 1))
-            inputs = outs
         else:
             sub.output(torch.fx.node.map_arg(output.args[0], value_of))
-            module = torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
-            stages.append(Stage(module, unflatten=captured.unflatten))
+        return torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
+
+    stages = []
+    inputs: list[torch.fx.Node] = [captured.input]
+    for k in range(len(cuts) + 1):
+        body = [n for n in nodes if stage_of(n) == k]
+        outs = [cuts[k]] + [n for n in needed_after(k) if n is not cuts[k]] if k < len(cuts) else None
+        # Stages after the first are differentiated: where they hold fused attention,
+        # a math twin is kept beside them for vmap and forward AD.
+        has_fused = k > 0 and any(_batchable(n, captured) is not None for n in body)
+        versions = [stage_module(k, body, inputs, outs, batched) for batched in
+                    ((False, True) if has_fused else (False,))]
+        shape: dict[str, Any] = ({"single": len(outs) == 1} if outs is not None else
+                                 {"unflatten": captured.unflatten, "prunes": True})
+        stage = Stage(versions[0], **shape)
+        if has_fused:
+            stage.math_twin = Stage(versions[1], **shape)
+        stages.append(stage)
+        if outs is not None:
+            inputs = outs
     return stages
