@@ -308,7 +308,8 @@ _DRAWS_OR_WRITES = ("rand", "bernoulli", "normal", "uniform", "multinomial", "dr
 def _probe_is_pure(gm: torch.fx.GraphModule) -> bool:
     """Whether running ``gm`` on a made-up input changes nothing: no module in training mode
     (batch norm's statistics), no random draw (the global generator), no in-place write."""
-    if any(m.training for m in gm.modules() if m is not gm):
+    called = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    if any(m.training for module in called for m in module.modules()):
         return False
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
