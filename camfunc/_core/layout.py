@@ -284,6 +284,13 @@ def _tagged(carry: tuple[Any, ...]) -> bool:
     return len(carry) >= 3 and isinstance(carry[2], LayoutTag)
 
 
+def _list_output(layer: str, items: Sequence[Any]) -> ValueError:
+    name = layer or "the layer"
+    return ValueError(
+        f"layer {name!r} outputs a {type(items).__name__} of {len(items)}, not one tensor; "
+        f"pick an element with camfunc.split(model, '{name}[0]') (0 to {len(items) - 1})")
+
+
 class _GridStage:
     """A stage whose input and/or output is a grid.
 
@@ -306,6 +313,8 @@ class _GridStage:
         if self.after is None:
             return out
         out = as_tuple(out)
+        if isinstance(out[0], (list, tuple)):
+            raise _list_output(self.after.layer, out[0])
         layout = resolve(self.after, input_shape, tuple(out[0].shape[1:]))
         if layout.kind == "channels_first" and not self.always_tag:
             return out if len(out) > 1 else out[0]

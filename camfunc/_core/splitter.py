@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
@@ -31,7 +32,7 @@ from camfunc._core.cut.capture import (
 )
 from camfunc._core.cut.captures import Capture, Captures
 from camfunc._core.cut.lock import TRACE_LOCK
-from camfunc._core.cut.partition import build_stages, levels
+from camfunc._core.cut.partition import build_stages, levels, pick_item
 from camfunc._core.split import Split, modes_of, unwrap
 
 __all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
@@ -65,6 +66,24 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
             "Valid names are those of model.named_modules()"
         )
     return layer
+
+
+_ITEM = re.compile(r"^(.*)\[(-?\d+)\]$")
+
+
+def parse_item(name: str) -> tuple[str, int | None]:
+    """``"stage3[0]"`` -> ``("stage3", 0)``: a module and an element of its list output."""
+    found = _ITEM.match(name)
+    return (found.group(1), int(found.group(2))) if found else (name, None)
+
+
+def cut_name(model: nn.Module, layer: str | nn.Module) -> str:
+    """:func:`layer_name`, also for ``"module[i]"`` (element ``i`` of a list or tuple output)."""
+    if isinstance(layer, str):
+        module, index = parse_item(layer)
+        if index is not None:
+            return f"{layer_name(model, module)}[{index}]"
+    return layer_name(model, layer)
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +125,8 @@ def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
 def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
     cuts = []
     for name in names:
-        calls = captured.calls.get(name)
+        module, index = parse_item(name)
+        calls = captured.calls.get(module)
         if not calls:
             raise ValueError(
                 f"layer {name!r} is never called during the forward pass (or is inside a "
@@ -117,8 +137,17 @@ def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
                 f"layer {name!r} is called {len(calls)} times; the cut is at its last call",
                 RepeatedLayerWarning, stacklevel=3,
             )
-        cuts.append(calls[-1])
+        cuts.append(calls[-1] if index is None else _picked(captured, calls[-1], name, index))
     return cuts
+
+
+def _picked(captured: Captured, node: torch.fx.Node, name: str, index: int) -> torch.fx.Node:
+    if captured.method != "fx":
+        raise CaptureError(
+            f"layer {name!r} picks an element of a module's output, which camfunc can do on "
+            "models torch.fx traces only; pick a module inside it whose output is one tensor"
+        )
+    return pick_item(captured.graph, node, index)
 
 
 def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
@@ -127,11 +156,23 @@ def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
     """The graph's evidence for each layer's feature axis, read inside the layer too."""
     if captured.method == "export":  # already op by op
         return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
-    fine = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
+    try:
+        fine: Captured | None = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
+    except CaptureError:  # traceable only with the layers as leaves (TinyViT's stages): no say
+        fine = None
     found: dict[str, str | None] = {}
     for name, cut in zip(names, cuts):
-        calls = fine.calls.get(name) or []
-        index = captured.calls[name].index(cut)
+        module, item = parse_item(name)
+        if fine is None:
+            found[name] = None
+            continue
+        if item is None:
+            calls = fine.calls.get(module) or []
+            index = captured.calls[module].index(cut)
+        else:  # the element's node where the module is traced through
+            calls = [elements[item] for elements in fine.items.get(module, [])
+                     if -len(elements) <= item < len(elements)]
+            index = captured.calls[module].index(cut.args[0])
         found[name] = _evidence.feature_axis(fine, calls[index]) if index < len(calls) else None
     return found
 
@@ -256,14 +297,15 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
         raise ValueError("split needs at least one layer")
-    names = [layer_name(model, item) for item in layers]
+    names = [cut_name(model, item) for item in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
     listed = isinstance(layer, (list, tuple))
 
     def build(example: Tensor | None, spatial: bool) -> Capture:
-        captured = _capture(model, names, example_input if example is None else example,
+        captured = _capture(model, [parse_item(n)[0] for n in names],
+                            example_input if example is None else example,
                             spatial=spatial, forward_kwargs=kwargs)
         built = _split_captured(model, captured, names, layout, grid, prefix_tokens, pick,
                                 listed=listed, forward_kwargs=kwargs)

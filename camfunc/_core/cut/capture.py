@@ -59,7 +59,8 @@ class Captured:
     modules and tensors. ``constants`` gives the value of every placeholder
     but the input. ``calls[name]`` lists the output node of each call of layer
     ``name``, in call order. ``unflatten`` rebuilds the model's output structure
-    from the graph's output (export flattens it). ``input_ndim`` is the input
+    from the graph's output (export flattens it). ``items[name]`` lists, per call, the element nodes of a
+    list or tuple output (fx, traced through). ``input_ndim`` is the input
     rank the model needs, when the graph shows it. ``admits(x)`` says whether the
     graph holds for input ``x`` (None: for any input, as a traced Python forward does).
     """
@@ -74,6 +75,7 @@ class Captured:
     method: str = "fx"
     admits: Callable[[Tensor], bool] | None = None
     example_shape: tuple[int, ...] | None = None  # what torch.export was shown
+    items: dict[str, list[list[torch.fx.Node]]] = dataclasses.field(default_factory=dict)
 
     def owner(self, node: torch.fx.Node) -> Any:
         """The module or tensor a ``call_module``/``get_attr`` node refers to."""
@@ -99,6 +101,7 @@ class _CutTracer(torch.fx.Tracer):
         self.targets = set(targets)
         self.record_all = record_all
         self.outputs: dict[str, list[torch.fx.Node]] = {}
+        self.items: dict[str, list[list[torch.fx.Node]]] = {}
         self.constants: dict[str, Tensor] = {}
 
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
@@ -114,6 +117,8 @@ class _CutTracer(torch.fx.Tracer):
         if name and (self.record_all or name in self.targets):
             if isinstance(out, torch.fx.Proxy):
                 self.outputs.setdefault(name, []).append(out.node)
+            elif isinstance(out, (list, tuple)) and all(isinstance(o, torch.fx.Proxy) for o in out):
+                self.items.setdefault(name, []).append([o.node for o in out])
             elif not self.record_all:
                 raise CaptureError(
                     f"layer {name!r} returns {type(out).__name__}, not a tensor; "
@@ -267,7 +272,7 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
         value = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
         constants[node] = value if isinstance(defaults[name], Tensor) else defaults[name]
     return Captured(graph, root, x, constants, tracer.outputs,
-                    input_ndim=_input_ndim(graph, x, root), method="fx")
+                    input_ndim=_input_ndim(graph, x, root), method="fx", items=tracer.items)
 
 
 # ----------------------------------------------------------------------------
@@ -387,6 +392,33 @@ def _admits(ep: Any, example: Tensor) -> Callable[[Tensor], bool]:
     return admits
 
 
+_REGION_CONTEXTS: dict[str, Callable[..., Any]] = {
+    "wrap_with_autocast": torch.autocast, "wrap_with_set_grad_enabled": torch.set_grad_enabled}
+
+
+def run_region(kind: str, settings: tuple, body: Callable[..., Any], *args: Any) -> Any:
+    """A wrapper region of an exported graph, run eagerly: its body under its context."""
+    with _REGION_CONTEXTS[kind](*settings):
+        return body(*args)
+
+
+def as_region(node: torch.fx.Node) -> None:
+    """Rewrites a higher-order wrapper call (``with torch.autocast(...)`` or ``torch.no_grad()``
+    in the model) as a plain call of its body under the same context: eager code, which
+    ``torch.func`` transforms and fx code generation handle, where the operator may not."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return
+    kind = node.target.__name__
+    body = next((i for i, a in enumerate(node.args)
+                 if isinstance(a, torch.fx.Node) and a.op == "get_attr"), None)
+    if kind not in _REGION_CONTEXTS or body is None or node.kwargs:
+        raise CaptureError(
+            f"the exported graph calls torch's higher-order operator {kind}, which "
+            "camfunc cannot run as a stage; build the split by hand: camfunc.Split(head, tail)")
+    node.target = run_region
+    node.args = (kind, tuple(node.args[:body]), *node.args[body:])
+
+
 def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
                  record_all: bool = False, spatial: bool = False,
                  forward_kwargs: Mapping[str, Any] | None = None) -> Captured:
@@ -443,8 +475,14 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
             env[node].meta = dict(node.meta)
         elif node.op == "output":
             graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
+        elif node.op == "get_attr":  # a higher-order op's body (an autocast region, say)
+            name = f"_camfunc_region_{len(root)}"
+            root[name] = _fetch(ep.graph_module, target_name(node))
+            env[node] = graph.get_attr(name)
+            env[node].meta = dict(node.meta)
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
+            as_region(env[node])
     if len(user_inputs) != 1:
         raise CaptureError(f"the exported graph takes {len(user_inputs)} inputs; camfunc needs model(x)")
     out_spec = ep.call_spec.out_spec

@@ -242,6 +242,31 @@ def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[str, Any, tuple
     return None
 
 
+def with_item(items: Any, index: int, value: Any) -> Any:
+    """``items`` (a list or tuple) with element ``index`` replaced by ``value``."""
+    out = list(items)
+    out[index] = value
+    return tuple(out) if isinstance(items, tuple) else out
+
+
+def pick_item(graph: torch.fx.Graph, node: torch.fx.Node, index: int) -> torch.fx.Node:
+    """A node for element ``index`` of ``node``'s list output, to cut at.
+
+    The rest of the graph then reads the list with that element replaced by the
+    picked node, so that what comes after the cut depends on the element through it.
+    """
+    with graph.inserting_after(node):
+        rebuilt = graph.call_function(with_item, (node, index, None))
+    with graph.inserting_after(node):
+        picked = graph.call_function(operator.getitem, (node, index))
+    picked.meta["camfunc_pick"] = True
+    # Other picks of the same list read it as it is.
+    node.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt
+                               and not user.meta.get("camfunc_pick"))
+    rebuilt.args = (node, index, picked)
+    return picked
+
+
 class Stage:
     """One stage of a split: a ``GraphModule`` over the model's own modules and tensors.
 
