@@ -122,11 +122,27 @@ def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
         ) from err
 
 
-def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether timm's gradient checkpointing is on (its stages then call their blocks one by one)."""
+    return any(getattr(m, "grad_checkpointing", False) is True for m in model.modules())
+
+
+def _never_called(model: nn.Module, name: str) -> ValueError:
+    children = [n for n, _ in model.get_submodule(name).named_children()]
+    block = f", or cut at a block such as '{name}.{children[-1]}'" if children else ""
+    return ValueError(
+        f"layer {name!r} is never called: {type(model).__name__} has gradient checkpointing on, "
+        f"which calls the blocks inside its stages one by one; call "
+        f"model.set_grad_checkpointing(False) and split again{block}")
+
+
+def _cuts(model: nn.Module, captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
     cuts = []
     for name in names:
         module, index = parse_item(name)
         calls = captured.calls.get(module)
+        if not calls and _checkpointed(model):
+            raise _never_called(model, module)
         if not calls:
             raise ValueError(
                 f"layer {name!r} is never called during the forward pass (or is inside a "
@@ -283,6 +299,10 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):  # neither fx nor torch.export reads TorchScript
+        raise CaptureError(
+            f"model is a TorchScript module ({type(model).__name__}), which camfunc cannot capture; "
+            "pass the original nn.Module, or build the split by hand: camfunc.Split(head, tail)")
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
     kwargs = _checked_forward_kwargs(forward_kwargs)
@@ -333,7 +353,7 @@ def _split_captured(model: nn.Module, captured: Captured, names: list[str], layo
                     grid: Sequence[int] | None, prefix_tokens: int | None,
                     pick: Callable[[Any], Any] | None, *, listed: bool = False,
                     forward_kwargs: Mapping[str, Any] | None = None) -> Split[Any]:
-    cuts = _cuts(captured, names)
+    cuts = _cuts(model, captured, names)
     # Layers with the same output (layer4 and its last block) share one cut.
     position = {node: i for i, node in enumerate(captured.graph.nodes)}
     chain = sorted(set(cuts), key=position.__getitem__)
@@ -395,6 +415,7 @@ def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
     """
     captured, names = _spatial_layers(model, example_input, forward_kwargs)
     pick = None if output is None else _select(output)
+    unread: tuple[str, _layout.TokenGridError] | None = None  # a later layer, not read as a map
     for name in names:
         try:
             if captured.method == "export":  # one capture serves every candidate
@@ -406,7 +427,15 @@ def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
                                   forward_kwargs=forward_kwargs)
         except (TypeError, ValueError):
             continue
-        if _gets_gradient(candidate, example_input):
+        try:
+            found = _gets_gradient(candidate, example_input)
+        except _layout.TokenGridError as err:
+            unread = unread or (name, err)
+            continue
+        if found and unread is not None:  # never an earlier map in silence (the patch embedding)
+            raise ValueError(f"camfunc.split would pick layer {name!r}, earlier than {unread[0]!r}, "
+                             f"whose output it cannot read as a map: {unread[1]}")
+        if found:
             return name
     raise ValueError(
         f"no layer of {type(model).__name__} outputs a map with spatial dimensions that the "
@@ -472,6 +501,8 @@ def _gets_gradient(candidate: Split, x: Tensor) -> bool:
 
     try:
         peaks, _ = _engine.class_maps(candidate, x, top_score, largest_gradient)
+    except _layout.TokenGridError:
+        raise
     except (TypeError, ValueError, KeyError):  # a layer whose output is not a tensor map
         return False
     return bool(peaks[0].amax() > 0)
