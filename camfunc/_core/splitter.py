@@ -141,6 +141,10 @@ def _cuts(model: nn.Module, captured: Captured, names: Sequence[str]) -> list[to
     for name in names:
         module, index = parse_item(name)
         calls = captured.calls.get(module)
+        if not calls and module in captured.in_regions:
+            raise ValueError(
+                f"layer {module!r} runs inside a torch.autocast or torch.no_grad region, which "
+                "torch.export keeps as one call that camfunc cannot cut; pick a layer outside it")
         if not calls and _checkpointed(model):
             raise _never_called(model, module)
         if not calls:

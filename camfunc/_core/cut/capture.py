@@ -76,6 +76,7 @@ class Captured:
     admits: Callable[[Tensor], bool] | None = None
     example_shape: tuple[int, ...] | None = None  # what torch.export was shown
     items: dict[str, list[list[torch.fx.Node]]] = dataclasses.field(default_factory=dict)
+    in_regions: set[str] = dataclasses.field(default_factory=set)  # modules inside wrapper regions
 
     def owner(self, node: torch.fx.Node) -> Any:
         """The module or tensor a ``call_module``/``get_attr`` node refers to."""
@@ -429,7 +430,9 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     if example.shape[0] == 1:  # a batch of 1 would be specialised; export sees 2
         example = torch.cat([example, example])
     kwargs = dict(forward_kwargs or {})
-    with TRACE_LOCK.tracing(), preserved(model), torch.no_grad():
+    # In grad mode, so that the model's own no_grad regions are recorded (under no_grad
+    # they are no-ops, and gradients would flow through them).
+    with TRACE_LOCK.tracing(), preserved(model), torch.enable_grad():
         try:
             ep = _export(model, example, kwargs, spatial)
         except Exception as err:
@@ -449,6 +452,7 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     env: dict[torch.fx.Node, Any] = {}
     root: dict[str, Any] = {}
     user_inputs = []
+    in_regions: set[str] = set()
     specs = {s.arg.name: s for s in signature.input_specs if hasattr(s.arg, "name")}
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -478,6 +482,7 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
         elif node.op == "get_attr":  # a higher-order op's body (an autocast region, say)
             name = f"_camfunc_region_{len(root)}"
             root[name] = _fetch(ep.graph_module, target_name(node))
+            in_regions |= _stack_paths(root[name].graph, model)
             env[node] = graph.get_attr(name)
             env[node].meta = dict(node.meta)
         else:
@@ -493,7 +498,15 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     calls = _calls_from_stack(graph, model, targets, record_all)
     return Captured(graph, root, user_inputs[0], {}, calls, unflatten=unflatten,
                     input_ndim=example.ndim, method="export",
-                    admits=_admits(ep, example), example_shape=tuple(example.shape))
+                    admits=_admits(ep, example), example_shape=tuple(example.shape),
+                    in_regions=in_regions)
+
+
+def _stack_paths(graph: torch.fx.Graph, model: nn.Module) -> set[str]:
+    """The module paths a graph's nodes run in (their ``nn_module_stack``)."""
+    names = {n for n, _ in model.named_modules() if n}
+    return {_module_path(value[0] if isinstance(value, tuple) else str(value), names)
+            for node in graph.nodes for value in (node.meta.get("nn_module_stack") or {}).values()}
 
 
 def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence[str],
@@ -517,7 +530,8 @@ def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence
                 continue
             raise CaptureError(
                 f"layer {path!r} hands {len(outs)} tensors to the rest of the exported graph; "
-                "pick a layer whose output is a single tensor"
+                "pick a layer whose output is a single tensor (an element of a list output, "
+                "'layer[i]', is cut only in models torch.fx traces)"
             )
         calls.setdefault(path, []).append((position[nodes[0]], outs[0]))
     return {path: [n for _, n in sorted(found, key=lambda t: t[0])] for path, found in calls.items()}

@@ -242,28 +242,32 @@ def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[str, Any, tuple
     return None
 
 
-def with_item(items: Any, index: int, value: Any) -> Any:
-    """``items`` (a list or tuple) with element ``index`` replaced by ``value``."""
+def with_items(items: Any, indices: tuple[int, ...], *values: Any) -> Any:
+    """``items`` (a list or tuple) with element ``indices[k]`` replaced by ``values[k]``."""
     out = list(items)
-    out[index] = value
+    for index, value in zip(indices, values):
+        out[index] = value
     return tuple(out) if isinstance(items, tuple) else out
 
 
 def pick_item(graph: torch.fx.Graph, node: torch.fx.Node, index: int) -> torch.fx.Node:
     """A node for element ``index`` of ``node``'s list output, to cut at.
 
-    The rest of the graph then reads the list with that element replaced by the
-    picked node, so that what comes after the cut depends on the element through it.
+    The rest of the graph reads the list rebuilt with the picked elements, so
+    that what comes after a cut depends on its element through it. One rebuild
+    for all picks of a list, after them: the list itself then crosses cuts only
+    as context nothing is differentiated through.
     """
-    with graph.inserting_after(node):
-        rebuilt = graph.call_function(with_item, (node, index, None))
+    rebuilt = next((u for u in node.users if u.target is with_items), None)
+    if rebuilt is None:
+        with graph.inserting_after(node):
+            rebuilt = graph.call_function(with_items, (node, ()))
+        node.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt
+                                   and not user.meta.get("camfunc_pick"))
     with graph.inserting_after(node):
         picked = graph.call_function(operator.getitem, (node, index))
     picked.meta["camfunc_pick"] = True
-    # Other picks of the same list read it as it is.
-    node.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt
-                               and not user.meta.get("camfunc_pick"))
-    rebuilt.args = (node, index, picked)
+    rebuilt.args = (node, (*rebuilt.args[1], index), *rebuilt.args[2:], picked)
     return picked
 
 
