@@ -174,7 +174,7 @@ class LinearTail(nn.Module):
 
 
 def hook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, objective, to_grid,
-                 item: int | None = None) -> torch.Tensor:
+                 item: int | str | None = None) -> torch.Tensor:
     """Grad-CAM the way the hook libraries compute it, written out: the oracle for any model.
 
     A forward hook keeps the layer's output (element ``item`` of it, for a layer
@@ -244,15 +244,19 @@ def assert_cut_at(split, model: nn.Module, layer: str, x: torch.Tensor, atol: fl
 
 
 def assert_gradcam_oracle(split, model: nn.Module, layer: str, x: torch.Tensor, classes, to_grid=identity,
-                          item: int | None = None, objective=None) -> torch.Tensor:
+                          item: int | str | None = None, objective=None,
+                          forward_kwargs: dict | None = None) -> torch.Tensor:
     """camfunc's raw Grad-CAM (``normalize=False``) of ``split`` for ``classes`` (or a callable
     ``objective`` of the model's output) equals :func:`hook_gradcam` at ``model.<layer>``
-    (element ``item`` of its output), and the oracle's map is not empty."""
+    (element ``item`` of its output), and the oracle's map is not empty. The oracle calls
+    the model with ``forward_kwargs``."""
+    import functools
+
     import camfunc
 
     got = camfunc.gradcam(split, x, classes if objective is None else objective, normalize=False)
-    want = hook_gradcam(model, model.get_submodule(layer), x, objective or logit(classes), to_grid,
-                        item=item)
+    want = hook_gradcam(functools.partial(model, **(forward_kwargs or {})), model.get_submodule(layer),
+                        x, objective or logit(classes), to_grid, item=item)
     assert want.amax() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     return got

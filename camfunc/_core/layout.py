@@ -171,8 +171,8 @@ class LayoutRule(NamedTuple):
 
     ``kind``, ``prefix_tokens`` and ``grid`` are the user's (None: infer);
     ``feature_axis`` is the graph's evidence (``"first"``, ``"last"`` or None);
-    ``prefix_hint`` the model's own prefix token count, or its likely counts in order
-    (None: unknown).
+    ``prefix_hint`` the model's own prefix token count, or ``(width, count)`` pairs: the
+    model's prefix tokens of each token width (None: unknown).
     """
 
     layer: str = ""
@@ -180,7 +180,7 @@ class LayoutRule(NamedTuple):
     prefix_tokens: int | None = None
     grid: tuple[int, ...] | None = None
     feature_axis: str | None = None
-    prefix_hint: int | tuple[int, ...] | None = None
+    prefix_hint: int | tuple[tuple[int, int], ...] | None = None
 
 
 _SAY_LAYOUT = "camfunc.split(..., layout='channels_first'), 'channels_last' or 'tokens'"
@@ -242,8 +242,7 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
     if rule.prefix_tokens is not None:
         prefixes = [rule.prefix_tokens]
     elif rule.prefix_hint is not None:
-        hints = (rule.prefix_hint,) if isinstance(rule.prefix_hint, int) else rule.prefix_hint
-        prefixes = list(dict.fromkeys([*hints, 0]))  # CaiT-like: tokens join late
+        prefixes = list(dict.fromkeys([*_prefix_counts(rule.prefix_hint, act[1]), 0]))  # CaiT-like: tokens join late
     else:
         prefixes = list(range(MAX_PREFIX_TOKENS + 1))
     found: list[tuple[int, tuple[int, ...]]] = []
@@ -259,6 +258,17 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
                          f"camfunc.split(..., grid={found[0][1]}, prefix_tokens={found[0][0]})")
     prefix, grid = found[0]
     return Layout("tokens", prefix, grid)
+
+
+def _prefix_counts(hint: int | tuple[tuple[int, int], ...], width: int) -> list[int]:
+    """Prefix token counts to try for tokens of ``width``: the count of that width's tokens;
+    for another width (inside attention, an MLP), one width's count, then all of them."""
+    if isinstance(hint, int):
+        return [hint]
+    counts = dict(hint)
+    if width in counts:
+        return [counts[width]]
+    return sorted(set(counts.values())) + [sum(counts.values())]
 
 
 def _raise(err: Exception) -> Any:

@@ -432,7 +432,9 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     kwargs = dict(forward_kwargs or {})
     # In grad mode, so that the model's own no_grad regions are recorded (under no_grad
     # they are no-ops, and gradients would flow through them).
-    with TRACE_LOCK.tracing(), preserved(model), torch.enable_grad():
+    with TRACE_LOCK.tracing(), preserved(model), torch.enable_grad(), warnings.catch_warnings():
+        # A cache the forward fills (timm's attention_bias_cache) is undone by preserved().
+        warnings.filterwarnings("ignore", "The tensor attributes .* were assigned during export")
         try:
             ep = _export(model, example, kwargs, spatial)
         except Exception as err:

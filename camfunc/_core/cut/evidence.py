@@ -139,23 +139,22 @@ def _is_prefix_token(name: str) -> bool:
     return ("token" in last and "mask" not in last) or last in _CLASS_EMBEDDINGS
 
 
-def prefix_tokens_hint(model: nn.Module) -> tuple[int, ...]:
-    """How many class, distillation and register tokens the model may put before its
-    patches: the likeliest counts first.
+def prefix_tokens_hint(model: nn.Module) -> int | tuple[tuple[int, int], ...]:
+    """How many class, distillation and register tokens the model puts before its patches.
 
-    timm's ``num_prefix_tokens`` when present. Else the token parameters the
-    model owns (``cls_token``, ``dist_token``, ``reg_token``, CLIP's
-    ``class_embedding``...; not mask tokens): all of them, in one sequence (ViT,
-    DeiT); then those of one width, and one parameter's, for models with a class
-    token per stage or branch (CoaT, CrossViT). Learned prefix tokens are
-    parameters in every architecture known here, so a model with none has 0.
+    timm's ``num_prefix_tokens`` when present. Else, per token width, the
+    tokens of the token parameters the model owns (``cls_token``, ``dist_token``,
+    ``reg_token``, CLIP's ``class_embedding``...; not mask tokens): a sequence
+    holds the tokens of its own width, so a model with a class token per stage
+    or branch (CoaT, CrossViT) counts one per sequence. Learned prefix tokens
+    are parameters in every architecture known here, so a model with none has 0.
     """
     count = getattr(model, "num_prefix_tokens", None)
     if isinstance(count, int) and not isinstance(count, bool):
-        return (count,)
-    tokens = [(p.shape[-1] if p.ndim else 1, p.shape[-2] if p.ndim >= 2 else 1)
-              for name, p in model.named_parameters() if _is_prefix_token(name)]
+        return count
     by_width: dict[int, int] = {}
-    for width, n in tokens:
-        by_width[width] = by_width.get(width, 0) + n
-    return tuple(dict.fromkeys([sum(n for _, n in tokens), *by_width.values(), *(n for _, n in tokens)]))
+    for name, p in model.named_parameters():
+        if _is_prefix_token(name):
+            width = int(p.shape[-1]) if p.ndim else 1
+            by_width[width] = by_width.get(width, 0) + (int(p.shape[-2]) if p.ndim >= 2 else 1)
+    return tuple(sorted(by_width.items())) if by_width else 0
