@@ -192,7 +192,9 @@ def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
         else:  # the element's node where the module is traced through
             calls = [elements[item] for elements in fine.items.get(module, [])
                      if -len(elements) <= item < len(elements)]
-            index = captured.calls[module].index(cut.args[0])
+            base = cut.args[0]  # the module's call, which the pick reads
+            assert isinstance(base, torch.fx.Node)
+            index = captured.calls[module].index(base)
         found[name] = _evidence.feature_axis(fine, calls[index]) if index < len(calls) else None
     return found
 
@@ -260,10 +262,17 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
 
     ``layer`` is a module name (``"layer4"``, ``"vit.layers.10"``), a module,
     or a list of them (methods then return a list of maps, one per layer in the
-    order given, even for a list of one; nested layers work). With ``layer=None``, ``example_input`` is run once and the last
-    layer whose output still has spatial extent and gets a gradient is picked
-    (a :class:`LayerChoiceWarning` names it). DataParallel, DDP and
-    ``torch.compile`` wrappers are unwrapped.
+    order given, even for a list of one; nested layers work). A module whose
+    output is a list or tuple (HRNet's ``"stage3"``) is cut at one element with
+    ``"stage3[0]"`` (fx-traced models); without an index there is no default,
+    and the call raises an error naming the syntax. With ``layer=None``,
+    ``example_input`` is run once and the last layer whose output still has
+    spatial extent and gets a gradient is picked (a :class:`LayerChoiceWarning`
+    names it); a later layer whose tokens fit no grid is an error, not passed
+    over in silence. DataParallel, DDP and ``torch.compile`` wrappers are
+    unwrapped; TorchScript modules are refused (pass the original module).
+    Under timm's gradient checkpointing a stage's blocks are called one by one,
+    so the stage itself cannot be cut: ``model.set_grad_checkpointing(False)``.
 
     The model is captured with ``torch.fx``; when fx cannot trace it (Hugging
     Face models, say), with ``torch.export`` (non-strict, dynamic batch), which

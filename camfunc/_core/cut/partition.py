@@ -267,7 +267,9 @@ def pick_item(graph: torch.fx.Graph, node: torch.fx.Node, index: int) -> torch.f
     with graph.inserting_after(node):
         picked = graph.call_function(operator.getitem, (node, index))
     picked.meta["camfunc_pick"] = True
-    rebuilt.args = (node, (*rebuilt.args[1], index), *rebuilt.args[2:], picked)
+    indices = rebuilt.args[1]
+    assert isinstance(indices, tuple)
+    rebuilt.args = (node, (*indices, index), *rebuilt.args[2:], picked)
     return picked
 
 
