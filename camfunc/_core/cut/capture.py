@@ -393,33 +393,6 @@ def _admits(ep: Any, example: Tensor) -> Callable[[Tensor], bool]:
     return admits
 
 
-_REGION_CONTEXTS: dict[str, Callable[..., Any]] = {
-    "wrap_with_autocast": torch.autocast, "wrap_with_set_grad_enabled": torch.set_grad_enabled}
-
-
-def run_region(kind: str, settings: tuple, body: Callable[..., Any], *args: Any) -> Any:
-    """A wrapper region of an exported graph, run eagerly: its body under its context."""
-    with _REGION_CONTEXTS[kind](*settings):
-        return body(*args)
-
-
-def as_region(node: torch.fx.Node) -> None:
-    """Rewrites a higher-order wrapper call (``with torch.autocast(...)`` or ``torch.no_grad()``
-    in the model) as a plain call of its body under the same context: eager code, which
-    ``torch.func`` transforms and fx code generation handle, where the operator may not."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
-        return
-    kind = node.target.__name__
-    body = next((i for i, a in enumerate(node.args)
-                 if isinstance(a, torch.fx.Node) and a.op == "get_attr"), None)
-    if kind not in _REGION_CONTEXTS or body is None or node.kwargs:
-        raise CaptureError(
-            f"the exported graph calls torch's higher-order operator {kind}, which "
-            "camfunc cannot run as a stage; build the split by hand: camfunc.Split(head, tail)")
-    node.target = run_region
-    node.args = (kind, tuple(node.args[:body]), *node.args[body:])
-
-
 def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
                  record_all: bool = False, spatial: bool = False,
                  forward_kwargs: Mapping[str, Any] | None = None) -> Captured:
@@ -481,7 +454,8 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
             env[node].meta = dict(node.meta)
         elif node.op == "output":
             graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
-        elif node.op == "get_attr":  # a higher-order op's body (an autocast region, say)
+        elif node.op == "get_attr":  # a higher-order op's body (an autocast region): the op
+            # (torch.ops.higher_order.wrap_with_autocast...) runs it, in stages and under torch.func
             name = f"_camfunc_region_{len(root)}"
             root[name] = _fetch(ep.graph_module, target_name(node))
             in_regions |= _stack_paths(root[name].graph, model)
@@ -489,7 +463,6 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
             env[node].meta = dict(node.meta)
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
-            as_region(env[node])
     if len(user_inputs) != 1:
         raise CaptureError(f"the exported graph takes {len(user_inputs)} inputs; camfunc needs model(x)")
     out_spec = ep.call_spec.out_spec
