@@ -173,15 +173,21 @@ class LinearTail(nn.Module):
         return self.fc(a.mean((2, 3)))
 
 
-def hook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, objective, to_grid) -> torch.Tensor:
+def hook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, objective, to_grid,
+                 item: int | str | None = None) -> torch.Tensor:
     """Grad-CAM the way the hook libraries compute it, written out: the oracle for any model.
 
-    A forward hook keeps the layer's output, ``autograd.grad`` of the summed
-    objective gives its gradient, ``to_grid`` turns both into ``(B, C, *spatial)``,
-    and the map is ``ReLU(sum_k mean(G_k) A_k)``, not normalised.
+    A forward hook keeps the layer's output (element ``item`` of it, for a layer
+    returning a list), ``autograd.grad`` of the summed objective gives its gradient,
+    ``to_grid`` turns both into ``(B, C, *spatial)``, and the map is
+    ``ReLU(sum_k mean(G_k) A_k)``, not normalised.
     """
     kept = {}
-    handle = layer.register_forward_hook(lambda module, inputs, output: kept.__setitem__("a", output))
+
+    def keep(module, inputs, output):
+        kept["a"] = output if item is None else output[item]
+
+    handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             scores = objective(model(x))
@@ -199,6 +205,15 @@ def logit(classes):
         out = out.logits if hasattr(out, "logits") else out
         return out.gather(1, torch.as_tensor(classes).view(-1, 1)).squeeze(1)
     return objective
+
+
+def image(shape, seed: int = 0) -> torch.Tensor:
+    """A seeded standard-normal input batch."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def identity(t):
+    return t
 
 
 def tokens_to_grid(prefix: int, grid: tuple[int, ...]):
@@ -226,3 +241,22 @@ def assert_cut_at(split, model: nn.Module, layer: str, x: torch.Tensor, atol: fl
         head = carry[0] if isinstance(carry, tuple) else carry
         torch.testing.assert_close(head, kept["a"], atol=atol, rtol=1e-4)
         torch.testing.assert_close(split(x), want_scores, atol=atol, rtol=1e-4)
+
+
+def assert_gradcam_oracle(split, model: nn.Module, layer: str, x: torch.Tensor, classes, to_grid=identity,
+                          item: int | str | None = None, objective=None,
+                          forward_kwargs: dict | None = None) -> torch.Tensor:
+    """camfunc's raw Grad-CAM (``normalize=False``) of ``split`` for ``classes`` (or a callable
+    ``objective`` of the model's output) equals :func:`hook_gradcam` at ``model.<layer>``
+    (element ``item`` of its output), and the oracle's map is not empty. The oracle calls
+    the model with ``forward_kwargs``."""
+    import functools
+
+    import camfunc
+
+    got = camfunc.gradcam(split, x, classes if objective is None else objective, normalize=False)
+    want = hook_gradcam(functools.partial(model, **(forward_kwargs or {})), model.get_submodule(layer),
+                        x, objective or logit(classes), to_grid, item=item)
+    assert want.amax() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    return got

@@ -33,7 +33,7 @@ from typing_extensions import TypeIs
 
 from camfunc._core.split import Split, as_tuple, math_twin
 
-__all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag"]
+__all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag", "TokenGridError"]
 
 Kind = Literal["channels_first", "channels_last", "tokens"]
 _KINDS = ("channels_first", "channels_last", "tokens")
@@ -50,6 +50,10 @@ def checked_kind(name: str) -> Kind:
         raise ValueError(
             f"layout must be 'channels_first', 'channels_last' or 'tokens', got {name!r}")
     return name
+
+
+class TokenGridError(ValueError):
+    """A layer's tokens fit no patch grid (miscounted class tokens, or not patches at all)."""
 
 
 #: At most this many class, distillation and register tokens are guessed when
@@ -110,12 +114,12 @@ def from_grid(kind: str, grid: Tensor, aside: Tensor | None) -> Tensor:
     return tokens if aside is None or aside.shape[1] == 0 else torch.cat([aside, tokens], 1)
 
 
-def _no_grid(n: int, prefix: int | None, grid: Sequence[int] | None, spatial: Sequence[int] | None) -> ValueError:
+def _no_grid(n: int, prefix: int | None, grid: Sequence[int] | None, spatial: Sequence[int] | None) -> TokenGridError:
     counted = f"with {prefix} class/register token(s) there are {n - prefix} patches" if prefix is not None \
         else "no number of class/register tokens leaves patches"
     fit = f"not {'x'.join(map(str, grid))}" if grid else (
         f"that tile a grid matching the {'x'.join(map(str, spatial))} input" if spatial else "that tile a grid")
-    return ValueError(
+    return TokenGridError(
         f"{n} tokens fit no grid: {counted} {fit}. Pass grid=(h, w) and prefix_tokens= "
         "to camfunc.split (or a camfunc.Layout)"
     )
@@ -167,7 +171,8 @@ class LayoutRule(NamedTuple):
 
     ``kind``, ``prefix_tokens`` and ``grid`` are the user's (None: infer);
     ``feature_axis`` is the graph's evidence (``"first"``, ``"last"`` or None);
-    ``prefix_hint`` the model's own prefix token count (None: unknown).
+    ``prefix_hint`` the model's own prefix token count, or ``(width, count)`` pairs: the
+    model's prefix tokens of each token width (None: unknown).
     """
 
     layer: str = ""
@@ -175,7 +180,7 @@ class LayoutRule(NamedTuple):
     prefix_tokens: int | None = None
     grid: tuple[int, ...] | None = None
     feature_axis: str | None = None
-    prefix_hint: int | None = None
+    prefix_hint: int | tuple[tuple[int, int], ...] | None = None
 
 
 _SAY_LAYOUT = "camfunc.split(..., layout='channels_first'), 'channels_last' or 'tokens'"
@@ -237,7 +242,7 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
     if rule.prefix_tokens is not None:
         prefixes = [rule.prefix_tokens]
     elif rule.prefix_hint is not None:
-        prefixes = list(dict.fromkeys([rule.prefix_hint, 0]))  # CaiT-like: tokens join late
+        prefixes = list(dict.fromkeys([*_prefix_counts(rule.prefix_hint, act[1]), 0]))  # CaiT-like: tokens join late
     else:
         prefixes = list(range(MAX_PREFIX_TOKENS + 1))
     found: list[tuple[int, tuple[int, ...]]] = []
@@ -253,6 +258,17 @@ def _resolve_tokens(rule: LayoutRule, act: Sequence[int], spatial: Sequence[int]
                          f"camfunc.split(..., grid={found[0][1]}, prefix_tokens={found[0][0]})")
     prefix, grid = found[0]
     return Layout("tokens", prefix, grid)
+
+
+def _prefix_counts(hint: int | tuple[tuple[int, int], ...], width: int) -> list[int]:
+    """Prefix token counts to try for tokens of ``width``: the count of that width's tokens;
+    for another width (inside attention, an MLP), one width's count, then all of them."""
+    if isinstance(hint, int):
+        return [hint]
+    counts = dict(hint)
+    if width in counts:
+        return [counts[width]]
+    return sorted(set(counts.values())) + [sum(counts.values())]
 
 
 def _raise(err: Exception) -> Any:
@@ -284,6 +300,13 @@ def _tagged(carry: tuple[Any, ...]) -> bool:
     return len(carry) >= 3 and isinstance(carry[2], LayoutTag)
 
 
+def _list_output(layer: str, items: Sequence[Any]) -> ValueError:
+    name = layer or "the layer"
+    return ValueError(
+        f"layer {name!r} outputs a {type(items).__name__} of {len(items)}, not one tensor; "
+        f"pick an element with camfunc.split(model, '{name}[0]') (0 to {len(items) - 1})")
+
+
 class _GridStage:
     """A stage whose input and/or output is a grid.
 
@@ -306,6 +329,8 @@ class _GridStage:
         if self.after is None:
             return out
         out = as_tuple(out)
+        if isinstance(out[0], (list, tuple)):
+            raise _list_output(self.after.layer, out[0])
         layout = resolve(self.after, input_shape, tuple(out[0].shape[1:]))
         if layout.kind == "channels_first" and not self.always_tag:
             return out if len(out) > 1 else out[0]

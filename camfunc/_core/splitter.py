@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
@@ -31,7 +32,7 @@ from camfunc._core.cut.capture import (
 )
 from camfunc._core.cut.captures import Capture, Captures
 from camfunc._core.cut.lock import TRACE_LOCK
-from camfunc._core.cut.partition import build_stages, levels
+from camfunc._core.cut.partition import build_stages, levels, pick_item
 from camfunc._core.split import Split, math_twin, modes_of, unwrap
 
 __all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
@@ -65,6 +66,24 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
             "Valid names are those of model.named_modules()"
         )
     return layer
+
+
+_ITEM = re.compile(r"^(.*)\[(-?\d+)\]$")
+
+
+def parse_item(name: str) -> tuple[str, int | None]:
+    """``"stage3[0]"`` -> ``("stage3", 0)``: a module and an element of its list output."""
+    found = _ITEM.match(name)
+    return (found.group(1), int(found.group(2))) if found else (name, None)
+
+
+def cut_name(model: nn.Module, layer: str | nn.Module) -> str:
+    """:func:`layer_name`, also for ``"module[i]"`` (element ``i`` of a list or tuple output)."""
+    if isinstance(layer, str):
+        module, index = parse_item(layer)
+        if index is not None:
+            return f"{layer_name(model, module)}[{index}]"
+    return layer_name(model, layer)
 
 
 # ----------------------------------------------------------------------------
@@ -103,10 +122,31 @@ def _capture(model: nn.Module, names: Sequence[str], example: Tensor | None, *,
         ) from err
 
 
-def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether timm's gradient checkpointing is on (its stages then call their blocks one by one)."""
+    return any(getattr(m, "grad_checkpointing", False) is True for m in model.modules())
+
+
+def _never_called(model: nn.Module, name: str) -> ValueError:
+    children = [n for n, _ in model.get_submodule(name).named_children()]
+    block = f", or cut at a block such as '{name}.{children[-1]}'" if children else ""
+    return ValueError(
+        f"layer {name!r} is never called: {type(model).__name__} has gradient checkpointing on, "
+        f"which calls the blocks inside its stages one by one; call "
+        f"model.set_grad_checkpointing(False) and split again{block}")
+
+
+def _cuts(model: nn.Module, captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
     cuts = []
     for name in names:
-        calls = captured.calls.get(name)
+        module, index = parse_item(name)
+        calls = captured.calls.get(module)
+        if not calls and module in captured.in_regions:
+            raise ValueError(
+                f"layer {module!r} runs inside a torch.autocast or torch.no_grad region, which "
+                "torch.export keeps as one call that camfunc cannot cut; pick a layer outside it")
+        if not calls and _checkpointed(model):
+            raise _never_called(model, module)
         if not calls:
             raise ValueError(
                 f"layer {name!r} is never called during the forward pass (or is inside a "
@@ -117,8 +157,17 @@ def _cuts(captured: Captured, names: Sequence[str]) -> list[torch.fx.Node]:
                 f"layer {name!r} is called {len(calls)} times; the cut is at its last call",
                 RepeatedLayerWarning, stacklevel=3,
             )
-        cuts.append(calls[-1])
+        cuts.append(calls[-1] if index is None else _picked(captured, calls[-1], name, index))
     return cuts
+
+
+def _picked(captured: Captured, node: torch.fx.Node, name: str, index: int) -> torch.fx.Node:
+    if captured.method != "fx":
+        raise CaptureError(
+            f"layer {name!r} picks an element of a module's output, which camfunc can do on "
+            "models torch.fx traces only; pick a module inside it whose output is one tensor"
+        )
+    return pick_item(captured.graph, node, index)
 
 
 def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
@@ -127,11 +176,25 @@ def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
     """The graph's evidence for each layer's feature axis, read inside the layer too."""
     if captured.method == "export":  # already op by op
         return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
-    fine = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
+    try:
+        fine: Captured | None = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
+    except CaptureError:  # traceable only with the layers as leaves (TinyViT's stages): no say
+        fine = None
     found: dict[str, str | None] = {}
     for name, cut in zip(names, cuts):
-        calls = fine.calls.get(name) or []
-        index = captured.calls[name].index(cut)
+        module, item = parse_item(name)
+        if fine is None:
+            found[name] = None
+            continue
+        if item is None:
+            calls = fine.calls.get(module) or []
+            index = captured.calls[module].index(cut)
+        else:  # the element's node where the module is traced through
+            calls = [elements[item] for elements in fine.items.get(module, [])
+                     if -len(elements) <= item < len(elements)]
+            base = cut.args[0]  # the module's call, which the pick reads
+            assert isinstance(base, torch.fx.Node)
+            index = captured.calls[module].index(base)
         found[name] = _evidence.feature_axis(fine, calls[index]) if index < len(calls) else None
     return found
 
@@ -204,10 +267,17 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
 
     ``layer`` is a module name (``"layer4"``, ``"vit.layers.10"``), a module,
     or a list of them (methods then return a list of maps, one per layer in the
-    order given, even for a list of one; nested layers work). With ``layer=None``, ``example_input`` is run once and the last
-    layer whose output still has spatial extent and gets a gradient is picked
-    (a :class:`LayerChoiceWarning` names it). DataParallel, DDP and
-    ``torch.compile`` wrappers are unwrapped.
+    order given, even for a list of one; nested layers work). A module whose
+    output is a list or tuple (HRNet's ``"stage3"``) is cut at one element with
+    ``"stage3[0]"`` (fx-traced models); without an index there is no default,
+    and the call raises an error naming the syntax. With ``layer=None``,
+    ``example_input`` is run once and the last layer whose output still has
+    spatial extent and gets a gradient is picked (a :class:`LayerChoiceWarning`
+    names it); a later layer whose tokens fit no grid is an error, not passed
+    over in silence. DataParallel, DDP and ``torch.compile`` wrappers are
+    unwrapped; TorchScript modules are refused (pass the original module).
+    Under timm's gradient checkpointing a stage's blocks are called one by one,
+    so the stage itself cannot be cut: ``model.set_grad_checkpointing(False)``.
 
     The model is captured with ``torch.fx``; when fx cannot trace it (Hugging
     Face models, say), with ``torch.export`` (non-strict, dynamic batch), which
@@ -247,6 +317,10 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):  # neither fx nor torch.export reads TorchScript
+        raise CaptureError(
+            f"model is a TorchScript module ({type(model).__name__}), which camfunc cannot capture; "
+            "pass the original nn.Module, or build the split by hand: camfunc.Split(head, tail)")
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
     kwargs = _checked_forward_kwargs(forward_kwargs)
@@ -261,14 +335,15 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
         raise ValueError("split needs at least one layer")
-    names = [layer_name(model, item) for item in layers]
+    names = [cut_name(model, item) for item in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"layers must be distinct, got {names}")
     pick = None if output is None else _select(output)  # checks the argument before any work
     listed = isinstance(layer, (list, tuple))
 
     def build(example: Tensor | None, spatial: bool) -> Capture:
-        captured = _capture(model, names, example_input if example is None else example,
+        captured = _capture(model, [parse_item(n)[0] for n in names],
+                            example_input if example is None else example,
                             spatial=spatial, forward_kwargs=kwargs)
         built = _split_captured(model, captured, names, layout, grid, prefix_tokens, pick,
                                 listed=listed, forward_kwargs=kwargs)
@@ -296,7 +371,7 @@ def _split_captured(model: nn.Module, captured: Captured, names: list[str], layo
                     grid: Sequence[int] | None, prefix_tokens: int | None,
                     pick: Callable[[Any], Any] | None, *, listed: bool = False,
                     forward_kwargs: Mapping[str, Any] | None = None) -> Split[Any]:
-    cuts = _cuts(captured, names)
+    cuts = _cuts(model, captured, names)
     # Layers with the same output (layer4 and its last block) share one cut.
     position = {node: i for i, node in enumerate(captured.graph.nodes)}
     chain = sorted(set(cuts), key=position.__getitem__)
@@ -358,6 +433,7 @@ def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
     """
     captured, names = _spatial_layers(model, example_input, forward_kwargs)
     pick = None if output is None else _select(output)
+    unread: tuple[str, _layout.TokenGridError] | None = None  # a later layer, not read as a map
     for name in names:
         try:
             if captured.method == "export":  # one capture serves every candidate
@@ -369,7 +445,15 @@ def _choose_layer(model: nn.Module, example_input: Tensor, layout: Any,
                                   forward_kwargs=forward_kwargs)
         except (TypeError, ValueError):
             continue
-        if _gets_gradient(candidate, example_input):
+        try:
+            found = _gets_gradient(candidate, example_input)
+        except _layout.TokenGridError as err:
+            unread = unread or (name, err)
+            continue
+        if found and unread is not None:  # never an earlier map in silence (the patch embedding)
+            raise ValueError(f"camfunc.split would pick layer {name!r}, earlier than {unread[0]!r}, "
+                             f"whose output it cannot read as a map: {unread[1]}")
+        if found:
             return name
     raise ValueError(
         f"no layer of {type(model).__name__} outputs a map with spatial dimensions that the "
@@ -435,6 +519,8 @@ def _gets_gradient(candidate: Split, x: Tensor) -> bool:
 
     try:
         peaks, _ = _engine.class_maps(candidate, x, top_score, largest_gradient)
+    except _layout.TokenGridError:
+        raise
     except (TypeError, ValueError, KeyError):  # a layer whose output is not a tensor map
         return False
     return bool(peaks[0].amax() > 0)

@@ -60,7 +60,8 @@ class Captured:
     modules and tensors. ``constants`` gives the value of every placeholder
     but the input. ``calls[name]`` lists the output node of each call of layer
     ``name``, in call order. ``unflatten`` rebuilds the model's output structure
-    from the graph's output (export flattens it). ``input_ndim`` is the input
+    from the graph's output (export flattens it). ``items[name]`` lists, per call, the element nodes of a
+    list or tuple output (fx, traced through). ``input_ndim`` is the input
     rank the model needs, when the graph shows it. ``admits(x)`` says whether the
     graph holds for input ``x`` (None: for any input, as a traced Python forward does).
     """
@@ -75,6 +76,8 @@ class Captured:
     method: str = "fx"
     admits: Callable[[Tensor], bool] | None = None
     example_shape: tuple[int, ...] | None = None  # what torch.export was shown
+    items: dict[str, list[list[torch.fx.Node]]] = dataclasses.field(default_factory=dict)
+    in_regions: set[str] = dataclasses.field(default_factory=set)  # modules inside wrapper regions
 
     def owner(self, node: torch.fx.Node) -> Any:
         """The module or tensor a ``call_module``/``get_attr`` node refers to."""
@@ -100,6 +103,7 @@ class _CutTracer(torch.fx.Tracer):
         self.targets = set(targets)
         self.record_all = record_all
         self.outputs: dict[str, list[torch.fx.Node]] = {}
+        self.items: dict[str, list[list[torch.fx.Node]]] = {}
         self.constants: dict[str, Tensor] = {}
 
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
@@ -115,6 +119,8 @@ class _CutTracer(torch.fx.Tracer):
         if name and (self.record_all or name in self.targets):
             if isinstance(out, torch.fx.Proxy):
                 self.outputs.setdefault(name, []).append(out.node)
+            elif isinstance(out, (list, tuple)) and all(isinstance(o, torch.fx.Proxy) for o in out):
+                self.items.setdefault(name, []).append([o.node for o in out])
             elif not self.record_all:
                 raise CaptureError(
                     f"layer {name!r} returns {type(out).__name__}, not a tensor; "
@@ -268,7 +274,7 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
         value = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
         constants[node] = value if isinstance(defaults[name], Tensor) else defaults[name]
     return Captured(graph, root, x, constants, tracer.outputs,
-                    input_ndim=_input_ndim(graph, x, root), method="fx")
+                    input_ndim=_input_ndim(graph, x, root), method="fx", items=tracer.items)
 
 
 # ----------------------------------------------------------------------------
@@ -398,7 +404,11 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     if example.shape[0] == 1:  # a batch of 1 would be specialised; export sees 2
         example = torch.cat([example, example])
     kwargs = dict(forward_kwargs or {})
-    with TRACE_LOCK.tracing(), preserved(model), torch.no_grad():
+    # In grad mode, so that the model's own no_grad regions are recorded (under no_grad
+    # they are no-ops, and gradients would flow through them).
+    with TRACE_LOCK.tracing(), preserved(model), torch.enable_grad(), warnings.catch_warnings():
+        # A cache the forward fills (timm's attention_bias_cache) is undone by preserved().
+        warnings.filterwarnings("ignore", "The tensor attributes .* were assigned during export")
         try:
             ep = _export(model, example, kwargs, spatial)
         except Exception as err:
@@ -418,6 +428,7 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     env: dict[torch.fx.Node, Any] = {}
     root: dict[str, Any] = {}
     user_inputs = []
+    in_regions: set[str] = set()
     specs = {s.arg.name: s for s in signature.input_specs if hasattr(s.arg, "name")}
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -444,6 +455,13 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
             env[node].meta = dict(node.meta)
         elif node.op == "output":
             graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
+        elif node.op == "get_attr":  # a higher-order op's body (an autocast region): the op
+            # (torch.ops.higher_order.wrap_with_autocast...) runs it, in stages and under torch.func
+            name = f"_camfunc_region_{len(root)}"
+            root[name] = _fetch(ep.graph_module, target_name(node))
+            in_regions |= _stack_paths(root[name].graph, model)
+            env[node] = graph.get_attr(name)
+            env[node].meta = dict(node.meta)
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
     if len(user_inputs) != 1:
@@ -457,7 +475,15 @@ def export_graph(model: nn.Module, example: Tensor, targets: Sequence[str], *,
     calls = _calls_from_stack(graph, model, targets, record_all)
     return Captured(graph, root, user_inputs[0], {}, calls, unflatten=unflatten,
                     input_ndim=example.ndim, method="export",
-                    admits=_admits(ep, example), example_shape=tuple(example.shape))
+                    admits=_admits(ep, example), example_shape=tuple(example.shape),
+                    in_regions=in_regions)
+
+
+def _stack_paths(graph: torch.fx.Graph, model: nn.Module) -> set[str]:
+    """The module paths a graph's nodes run in (their ``nn_module_stack``)."""
+    names = {n for n, _ in model.named_modules() if n}
+    return {_module_path(value[0] if isinstance(value, tuple) else str(value), names)
+            for node in graph.nodes for value in (node.meta.get("nn_module_stack") or {}).values()}
 
 
 def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence[str],
@@ -481,7 +507,8 @@ def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence
                 continue
             raise CaptureError(
                 f"layer {path!r} hands {len(outs)} tensors to the rest of the exported graph; "
-                "pick a layer whose output is a single tensor"
+                "pick a layer whose output is a single tensor (an element of a list output, "
+                "'layer[i]', is cut only in models torch.fx traces)"
             )
         calls.setdefault(path, []).append((position[nodes[0]], outs[0]))
     return {path: [n for _, n in sorted(found, key=lambda t: t[0])] for path, found in calls.items()}

@@ -128,23 +128,33 @@ def feature_axis(captured: Captured, output: torch.fx.Node, limit: int = 200) ->
     return found.pop() if len(found) == 1 else None
 
 
-_TOKEN_NAMES = ("token",)
+_CLASS_EMBEDDINGS = ("class_embedding", "cls_embedding")  # Hugging Face CLIP and kin
 
 
-def prefix_tokens_hint(model: nn.Module) -> int | None:
+def _is_prefix_token(name: str) -> bool:
+    """``cls_token``, ``reg_token``, ``cls_token_0``, ``cls_token.0`` (a ParameterList),
+    CLIP's ``class_embedding``; not mask tokens."""
+    parts = name.lower().split(".")
+    last = parts[-2] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    return ("token" in last and "mask" not in last) or last in _CLASS_EMBEDDINGS
+
+
+def prefix_tokens_hint(model: nn.Module) -> int | tuple[tuple[int, int], ...]:
     """How many class, distillation and register tokens the model puts before its patches.
 
-    timm's ``num_prefix_tokens`` when present; else the token parameters the
-    model owns (``cls_token``, ``class_token``, ``dist_token``, ``reg_token``,
-    ``distillation_token``...; not mask tokens): learned prefix tokens are
-    parameters in every architecture known here, so a model with none has 0.
+    timm's ``num_prefix_tokens`` when present. Else, per token width, the
+    tokens of the token parameters the model owns (``cls_token``, ``dist_token``,
+    ``reg_token``, CLIP's ``class_embedding``...; not mask tokens): a sequence
+    holds the tokens of its own width, so a model with a class token per stage
+    or branch (CoaT, CrossViT) counts one per sequence. Learned prefix tokens
+    are parameters in every architecture known here, so a model with none has 0.
     """
     count = getattr(model, "num_prefix_tokens", None)
     if isinstance(count, int) and not isinstance(count, bool):
         return count
-    total = 0
+    by_width: dict[int, int] = {}
     for name, p in model.named_parameters():
-        last = name.rsplit(".", 1)[-1].lower()
-        if "token" in last and "mask" not in last:
-            total += p.shape[-2] if p.ndim >= 2 else 1
-    return total
+        if _is_prefix_token(name):
+            width = int(p.shape[-1]) if p.ndim else 1
+            by_width[width] = by_width.get(width, 0) + (int(p.shape[-2]) if p.ndim >= 2 else 1)
+    return tuple(sorted(by_width.items())) if by_width else 0

@@ -244,6 +244,37 @@ def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple
     return None
 
 
+def with_items(items: Any, indices: tuple[int, ...], *values: Any) -> Any:
+    """``items`` (a list or tuple) with element ``indices[k]`` replaced by ``values[k]``."""
+    out = list(items)
+    for index, value in zip(indices, values):
+        out[index] = value
+    return tuple(out) if isinstance(items, tuple) else out
+
+
+def pick_item(graph: torch.fx.Graph, node: torch.fx.Node, index: int) -> torch.fx.Node:
+    """A node for element ``index`` of ``node``'s list output, to cut at.
+
+    The rest of the graph reads the list rebuilt with the picked elements, so
+    that what comes after a cut depends on its element through it. One rebuild
+    for all picks of a list, after them: the list itself then crosses cuts only
+    as context nothing is differentiated through.
+    """
+    rebuilt = next((u for u in node.users if u.target is with_items), None)
+    if rebuilt is None:
+        with graph.inserting_after(node):
+            rebuilt = graph.call_function(with_items, (node, ()))
+        node.replace_all_uses_with(rebuilt, delete_user_cb=lambda user: user is not rebuilt
+                                   and not user.meta.get("camfunc_pick"))
+    with graph.inserting_after(node):
+        picked = graph.call_function(operator.getitem, (node, index))
+    picked.meta["camfunc_pick"] = True
+    indices = rebuilt.args[1]
+    assert isinstance(indices, tuple)
+    rebuilt.args = (node, (*indices, index), *rebuilt.args[2:], picked)
+    return picked
+
+
 class Stage:
     """One stage of a split: a ``GraphModule`` over the model's own modules and tensors.
 
