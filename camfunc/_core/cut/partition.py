@@ -294,7 +294,9 @@ class Stage:
         # rewritten once per input shape.
         self.prunes = prunes
         self._pruned: dict[Any, torch.fx.GraphModule] = {}
-        self._pruning = threading.Lock()
+        # Made only where used: compiled code builds Stages (guided, FullGrad), and dynamo
+        # cannot trace a lock's creation.
+        self._pruning = threading.Lock() if prunes else None
 
     def _module_for(self, carry: tuple[Any, ...]) -> torch.fx.GraphModule:
         if not self.prunes or torch.compiler.is_dynamo_compiling():
@@ -305,6 +307,7 @@ class Stage:
             hash(key)
         except TypeError:
             return self.module
+        assert self._pruning is not None
         with self._pruning:
             if key not in self._pruned:
                 self._pruned[key] = _rows.checked_pruning(self.module, carry) or self.module
