@@ -35,6 +35,9 @@ _ELEMENTWISE = {
 _ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Hardswish,
                         nn.Dropout)
 _SDPA = {"scaled_dot_product_attention", "math_attention"}
+_VIEWS = {"view", "reshape", "_unsafe_view", "transpose", "swapaxes", "permute", "unsqueeze", "slice"}
+_OPERATORS = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+              operator.getitem: "getitem"}
 
 
 def _name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
@@ -55,11 +58,8 @@ def _name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__
-    if target in (operator.add, operator.sub, operator.mul, operator.truediv):
-        return {operator.add: "add", operator.sub: "sub", operator.mul: "mul",
-                operator.truediv: "div"}[target]
-    if target is operator.getitem:
-        return "getitem"
+    if target in _OPERATORS:
+        return _OPERATORS[target]
     return getattr(target, "__name__", "")
 
 
@@ -84,11 +84,9 @@ def _origin(node: torch.fx.Node, name: str) -> tuple[Any, Rows] | None:
         return (source, (axis, index, index + 1)) if axis > 0 else None
     if name == "getitem" and isinstance(args[1], tuple):
         key = args[1]
-        lead = [k for k in key[:-1]]
-        last = key[-1] if key else None
-        if len(key) >= 2 and all(k == slice(None) for k in lead) and isinstance(last, int):
-            axis = len(lead)
-            index = last % shape[axis]
+        if len(key) >= 2 and all(k == slice(None) for k in key[:-1]) and isinstance(key[-1], int):
+            axis = len(key) - 1
+            index = key[-1] % shape[axis]
             return source, (axis, index, index + 1)
     return None
 
@@ -158,15 +156,11 @@ def _plan(node: torch.fx.Node, name: str, rows: Rows, gm: torch.fx.GraphModule) 
         if source is None or axis >= len(source) - kept:
             return None
         return _Plan(rows, {i: (axis if i == 0 else None) for i in tensors})
-    if name in ("view", "reshape", "_unsafe_view", "transpose", "swapaxes", "permute", "unsqueeze",
-                "slice") and keyword_tensors:
-        return None
-    if name in ("view", "reshape", "_unsafe_view", "transpose", "swapaxes", "permute", "unsqueeze",
-                "slice") and keyword_tensors:
+    if name in _VIEWS and keyword_tensors:
         return None
     if name in ("view", "reshape", "_unsafe_view"):
         source = _shape(args[0])
-        if source is None or source[:axis + 1] != out[:axis + 1] or _shape(args[0]) is None:
+        if source is None or source[:axis + 1] != out[:axis + 1]:
             return None  # the other arguments are sizes
         return _Plan(rows, {0: axis})
     if name in ("transpose", "swapaxes"):
@@ -270,8 +264,7 @@ def _rewrite(gm: torch.fx.GraphModule, plans: dict[torch.fx.Node, _Plan],
             else:
                 new = graph.call_module(str(node.target), tuple(args), kwargs)
             env[node] = new
-        elif node in origins:
-            axis, start, _ = origins[node]
+        elif node in origins:  # its source now holds just the rows it reads: index 0
             source = env[node.args[0]]
             if _name(node, gm) == "select":
                 env[node] = graph.call_function(node.target, (source, node.args[1], 0), dict(node.kwargs))
@@ -302,7 +295,7 @@ def _copied(graph: torch.fx.Graph) -> torch.fx.Graph:
     return copy
 
 
-_DRAWS_OR_WRITES = ("rand", "bernoulli", "normal", "uniform", "multinomial", "dropout", "batch_norm")
+_DRAWS = ("rand", "bernoulli", "normal", "uniform", "multinomial")
 
 
 def _probe_is_pure(gm: torch.fx.GraphModule) -> bool:
@@ -317,10 +310,11 @@ def _probe_is_pure(gm: torch.fx.GraphModule) -> bool:
         name = _name(node, gm)
         if name.endswith("_") and not name.startswith("_"):
             return False
-        if any(word in name for word in _DRAWS_OR_WRITES) and name not in (
-                "dropout", "_native_batch_norm_legit_no_training"):
+        if any(word in name for word in _DRAWS):
             return False
-        if name == "dropout" and not _dropout_is_off(node):
+        if "dropout" in name and not (name == "dropout" and _dropout_is_off(node)):
+            return False
+        if "batch_norm" in name and name != "_native_batch_norm_legit_no_training":
             return False
     return True
 
