@@ -61,7 +61,8 @@ class Block(nn.Module):
 
 class TinyViT(nn.Module):
     """One class token, patch 4. ``pool``: which rows the classifier reads; ``mask``: None,
-    "full" (masks nothing) or "band" (each token sees its neighbours within 2); ``export``:
+    "full" (masks nothing), "band" (each token sees its neighbours within 2) or "first7"
+    (every query sees the first 7 tokens only); ``export``:
     a branch on the input's size that torch.fx cannot trace, so the split uses torch.export."""
 
     def __init__(self, depth: int = 3, dim: int = 16, heads: int = 2, pool: str = "token",
@@ -86,6 +87,8 @@ class TinyViT(nn.Module):
         elif self.mask == "band":
             index = torch.arange(n, device=x.device)
             mask = (index[:, None] - index[None, :]).abs() <= 2
+        elif self.mask == "first7":  # masks nothing at 7 tokens, something at more
+            mask = (torch.arange(n, device=x.device) < 7)[None, :].expand(n, n)
         for block in self.blocks:
             t = block(t, mask)
         t = self.norm(t)
@@ -252,3 +255,20 @@ def test_export_drops_masks_that_mask_nothing_and_keeps_the_others(mask, kept):
         x = image((2, 3, *size), 1)
         torch.testing.assert_close(camfunc.gradcam(split, x, [2, 0], normalize=False),
                                    oracle(model, "blocks.0", x, [2, 0]), rtol=1e-4, atol=1e-6)
+
+
+def test_a_mask_that_masks_nothing_at_one_size_only_is_kept_in_a_capture_for_every_size():
+    from camfunc._core.cut.capture import export_graph
+
+    model = TinyViT(depth=2, mask="first7").eval()
+    x = image((2, 3, 8, 12))  # 1 + 2 x 3 = 7 tokens: the mask is all true here
+    fixed = export_graph(model, x, ["blocks.0"])
+    dynamic = export_graph(model, x, ["blocks.0"], spatial=True)
+    assert not fixed.admits(image((2, 3, 16, 24))) and dynamic.admits(image((2, 3, 16, 24)))
+
+    def masks(captured):
+        return [n.args[3] is not None for n in captured.graph.nodes
+                if "scaled_dot_product_attention" in str(n.target)]
+
+    assert masks(fixed) == [False, False]  # fixed at 7 tokens: dropped
+    assert masks(dynamic) == [True, True]  # holds at 25 tokens too, where it masks

@@ -5,8 +5,8 @@ index comparisons instead of passing None as they do eagerly: a ``(B, 1, N, N)``
 mask that lets every query see every key. Attention with a mask is slower
 (it is turned into an additive bias) and keeps the ``N x N`` mask alive across
 stages. A mask computed from the input's *shape* alone, and true everywhere at
-two batch sizes, is replaced by None: the same attention, the model's own
-eager path.
+two batch sizes and at twice the spatial size, is replaced by None: the same
+attention, the model's own eager path.
 """
 
 from __future__ import annotations
@@ -46,15 +46,18 @@ def _from_shape_only(nodes: list[torch.fx.Node], x: torch.fx.Node) -> bool:
 
 
 def _masks_nothing(nodes: list[torch.fx.Node], x: torch.fx.Node, example: torch.Tensor) -> bool:
-    """Evaluates the mask for ``example``'s shape at its batch size and one more."""
+    """Evaluates the mask for ``example``'s shape, at one more sample, and at twice its
+    spatial sizes (a graph exported with dynamic sizes may mask at other sizes only)."""
     sub = torch.fx.Graph()
     env: dict[torch.fx.Node, Any] = {}
     for node in nodes:
         env[node] = sub.placeholder("x") if node is x else sub.node_copy(node, env.__getitem__)
     sub.output(env[nodes[-1]])
     run = torch.fx.GraphModule(torch.nn.Module(), sub)
-    for batch in (example.shape[0], example.shape[0] + 1):
-        shaped = torch.empty((batch, *example.shape[1:]), device="meta")
+    shape = tuple(example.shape)
+    doubled = (*shape[:2], *(2 * size for size in shape[2:]))
+    for size in (shape, (shape[0] + 1, *shape[1:]), doubled):
+        shaped = torch.empty(size, device="meta")
         try:
             with torch.no_grad():
                 mask = run(shaped) if x in env else run()
