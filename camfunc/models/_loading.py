@@ -1,5 +1,5 @@
-"""Loading what a job names: model specs (``builtin``, ``torchvision:NAME``,
-``package.module:factory``), methods by name, and the split. Shared by the
+"""Loading what a job names: model specs (``builtin``, ``torchvision:NAME``, ``timm:NAME``,
+``hf:PATH``, ``package.module:factory``), methods by name, and the split. Shared by the
 command line and dataset runs; every failure is a one-line ``UsageError``.
 """
 
@@ -38,6 +38,14 @@ class LoadedModel:
     std: tuple[float, ...] | None
     class_names: tuple[str, ...] | None = None
     channels: int = 3            # image channels the model takes (1 or 3)
+    source: str = "camfunc"      # whose config gave size, mean and std: camfunc, timm or hf
+
+    def preprocessing(self) -> dict:
+        """How images are fed, for the outputs: where it came from, size, mean and std."""
+        return {"source": self.source, "resize": "bilinear, whole image (no crop)",
+                "input_size": [self.channels, *self.size],
+                "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
 
     def normalise(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, 3, H, W) as the model expects them."""
@@ -168,15 +176,163 @@ def _import_from_here(name: str):
         sys.path.remove(here)
 
 
-def load_model(spec: str, weights: str | None = None, size: int = 224) -> LoadedModel:
-    """Resolve a model spec; raise ``UsageError`` with one line when it cannot be done."""
+def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+    """A timm model, randomly initialised (``weights`` a local checkpoint), fed as its
+    data config says (size, mean, std), with a local JSON overlay on its pretrained config."""
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("timm models need timm: pip install timm") from None
+    if not timm.is_model(name):
+        raise UsageError(f"unknown timm model {name!r}; e.g. resnet18, vit_tiny_patch16_224 "
+                         "(timm.list_models() lists them)")
+    overlay = _read_json(pretrained_cfg) if pretrained_cfg is not None else {}
+    options = {k: overlay[k] for k in ("num_classes", "in_chans") if k in overlay}
+    try:
+        model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **options)
+    except Exception as error:  # timm raises many kinds for a bad config
+        raise UsageError(f"cannot create timm model {name!r} with {pretrained_cfg}: "
+                         f"{type(error).__name__}: {_first_line(error)}") from None
+    if weights is not None:
+        _load_weights(model, weights)
+    config = timm.data.resolve_model_data_config(model)
+    size = tuple(int(v) for v in config["input_size"][1:])
+    names = overlay.get("label_names")
+    if names is None and getattr(model, "num_classes", None) == 1000:
+        names = timm.data.ImageNetInfo().label_descriptions()
+    return LoadedModel(model.eval(), None, (size[0], size[1]), tuple(config["mean"]),
+                       tuple(config["std"]), tuple(str(n) for n in names) if names else None,
+                       int(config["input_size"][0]), "timm")
+
+
+def _hf(path: str) -> LoadedModel:
+    """A Hugging Face image classifier saved with ``save_pretrained``, fed as its image
+    processor says (size, mean, std), with ``config.id2label`` as class names."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"hf model folder not found: {folder} (give a folder written by "
+                         "save_pretrained)")
+    try:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+    except ImportError:
+        raise UsageError("hf models need transformers: pip install transformers") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per failure, and no bars, on stderr
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # transformers raises many kinds for a bad folder
+        raise UsageError(f"cannot load the hf model in {folder}: {type(error).__name__}: "
+                         f"{_first_line(error)}") from None
+    labels = model.config.id2label or {}
+    names = tuple(str(labels[i]) for i in range(len(labels))) if labels else None
+    return LoadedModel(_LogitsOf(model).eval(), None, hf_size(processor),
+                       _floats(getattr(processor, "image_mean", None)),
+                       _floats(getattr(processor, "image_std", None)), names,
+                       int(getattr(model.config, "num_channels", 3)), "hf")
+
+
+class _LogitsOf(nn.Module):
+    """A Hugging Face classifier's logits: the tensor camfunc's targets read."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", None)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def hf_size(processor: object) -> tuple[int, int]:
+    """(H, W) an image processor feeds: its ``crop_size`` when it crops, else its ``size``
+    (height and width, or shortest_edge); 224 when it names none."""
+    crops = getattr(processor, "do_center_crop", False)
+    for value in (getattr(processor, "crop_size", None) if crops else None,
+                  getattr(processor, "size", None)):
+        if isinstance(value, int):
+            return value, value
+        sides = _side(value, "height"), _side(value, "width")
+        if sides[0] and sides[1]:
+            return int(sides[0]), int(sides[1])
+        edge = _side(value, "shortest_edge")
+        if edge:
+            return int(edge), int(edge)
+    return 224, 224
+
+
+def _side(value: object, key: str) -> object:
+    """``value[key]`` or ``value.key`` (a dict or transformers' SizeDict), else None."""
+    if isinstance(value, dict):
+        return value.get(key)
+    return getattr(value, key, None)
+
+
+def _floats(values: object) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None  # type: ignore[attr-defined]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read pretrained config {path}: {type(error).__name__}: "
+                         f"{_first_line(error)} (give a JSON object file)") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"pretrained config {path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_model(spec: str, weights: str | None = None, size: int | None = None,
+               pretrained_cfg: str | None = None) -> LoadedModel:
+    """Resolve a model spec; raise ``UsageError`` with one line when it cannot be done.
+    ``size`` (default 224) overrides a timm or hf model's configured input size."""
+    if pretrained_cfg is not None and not spec.startswith("timm:"):
+        raise UsageError(f"--pretrained-cfg is for timm: models, given model {spec!r}")
+    if spec.startswith(("timm:", "hf:")):
+        loaded = _configured(spec, weights, pretrained_cfg)
+        return loaded if size is None else dataclasses.replace(loaded, size=(size, size))
+    return _spec(spec, weights, 224 if size is None else size)
+
+
+def _configured(spec: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+    if spec.startswith("timm:"):
+        return _timm(spec.partition(":")[2], weights, pretrained_cfg)
+    if weights is not None:
+        raise UsageError("an hf: model takes its weights from its folder; drop --weights")
+    return _hf(spec.partition(":")[2])
+
+
+def _spec(spec: str, weights: str | None, size: int) -> LoadedModel:
     if spec == "builtin":
         return _builtin(weights)
     if spec.startswith("torchvision:"):
         return _torchvision(spec.partition(":")[2], weights, size)
     if ":" in spec and not spec.startswith(":"):
         return _factory(spec, weights, size)
-    raise UsageError(f"unknown model {spec!r}: use 'builtin', 'torchvision:NAME' or 'package.module:factory'")
+    raise UsageError(f"unknown model {spec!r}: use 'builtin', 'torchvision:NAME', 'timm:NAME', "
+                     "'hf:PATH' or 'package.module:factory'")
+
+
+def with_normalisation(loaded: LoadedModel, mean: tuple[float, ...] | list[float] | None,
+                       std: tuple[float, ...] | list[float] | None) -> LoadedModel:
+    """``loaded`` with ``mean``/``std`` overriding its own, both or neither, one per channel."""
+    if mean is None and std is None:
+        return loaded
+    if mean is None or std is None:
+        raise ValueError("give mean and std together (one value per image channel), or neither")
+    if len(mean) != loaded.channels or len(std) != loaded.channels or min(std) <= 0:
+        raise ValueError(f"mean and std must have {loaded.channels} values each (std > 0), "
+                         f"given mean={list(mean)} std={list(std)}")
+    return dataclasses.replace(loaded, mean=tuple(float(v) for v in mean),
+                               std=tuple(float(v) for v in std))
 
 
 def resolve_methods(names: list[str]) -> dict[str, Callable]:
