@@ -125,6 +125,13 @@ def test_mean_std_override_and_its_errors(hf_vit, picture, tmp_path):
     assert alone.returncode == 2 and "together" in alone.stderr
 
 
+def test_torchvision_takes_its_weights_transforms_and_categories():
+    loaded = load("torchvision:resnet18")
+    assert loaded.size == (224, 224) and loaded.source == "torchvision"
+    assert loaded.mean == (0.485, 0.456, 0.406) and loaded.class_names[0] == "tench"
+    assert load("torchvision:resnet18", size=96).size == (96, 96)
+
+
 def test_bad_specs_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         load(f"hf:{tmp_path / 'missing'}")

@@ -10,8 +10,9 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,10 @@ def _builtin(weights: str | None) -> LoadedModel:
                        zoo.CLASSES)
 
 
-def _torchvision(name: str, weights: str | None, size: int) -> LoadedModel:
+def _torchvision(name: str, weights: str | None, size: int | None) -> LoadedModel:
+    """A torchvision model, randomly initialised (``weights`` a local checkpoint), fed as its
+    weights enum's transforms say (crop size, mean, std) and named by its categories; neither
+    needs a download."""
     try:
         import torchvision
     except ImportError:
@@ -120,7 +124,22 @@ def _torchvision(name: str, weights: str | None, size: int) -> LoadedModel:
     model = torchvision.models.get_model(name, weights=None)
     if weights is not None:
         _load_weights(model, weights)
-    return _imagenet_style(model.eval(), size)
+    loaded = _imagenet_style(model.eval(), 224 if size is None else size)
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    transform, names = default.transforms(), tuple(default.meta.get("categories") or ())
+    if loaded.channels != 3:
+        return loaded
+    side = int(transform.crop_size[0]) if size is None else size
+    return dataclasses.replace(
+        loaded, size=(side, side), mean=_floats(transform.mean), std=_floats(transform.std),
+        class_names=names if names and _outputs(model, len(names)) else None, source="torchvision")
+
+
+def _outputs(model: nn.Module, count: int) -> bool:
+    """Whether ``model``'s last linear layer gives ``count`` outputs (so the weights'
+    categories name them)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return bool(last) and last[-1].out_features == count
 
 
 def input_channels(model: nn.Module) -> int:
@@ -262,7 +281,7 @@ def hf_size(processor: object) -> tuple[int, int]:
     return 224, 224
 
 
-def _side(value: object, key: str) -> object:
+def _side(value: object, key: str) -> Any:
     """``value[key]`` or ``value.key`` (a dict or transformers' SizeDict), else None."""
     if isinstance(value, dict):
         return value.get(key)
@@ -299,6 +318,8 @@ def load_model(spec: str, weights: str | None = None, size: int | None = None,
     if spec.startswith(("timm:", "hf:")):
         loaded = _configured(spec, weights, pretrained_cfg)
         return loaded if size is None else dataclasses.replace(loaded, size=(size, size))
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.partition(":")[2], weights, size)
     return _spec(spec, weights, 224 if size is None else size)
 
 
@@ -313,16 +334,14 @@ def _configured(spec: str, weights: str | None, pretrained_cfg: str | None) -> L
 def _spec(spec: str, weights: str | None, size: int) -> LoadedModel:
     if spec == "builtin":
         return _builtin(weights)
-    if spec.startswith("torchvision:"):
-        return _torchvision(spec.partition(":")[2], weights, size)
     if ":" in spec and not spec.startswith(":"):
         return _factory(spec, weights, size)
     raise UsageError(f"unknown model {spec!r}: use 'builtin', 'torchvision:NAME', 'timm:NAME', "
                      "'hf:PATH' or 'package.module:factory'")
 
 
-def with_normalisation(loaded: LoadedModel, mean: tuple[float, ...] | list[float] | None,
-                       std: tuple[float, ...] | list[float] | None) -> LoadedModel:
+def with_normalisation(loaded: LoadedModel, mean: Sequence[float] | None,
+                       std: Sequence[float] | None) -> LoadedModel:
     """``loaded`` with ``mean``/``std`` overriding its own, both or neither, one per channel."""
     if mean is None and std is None:
         return loaded
