@@ -22,7 +22,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = run(
             args.data, args.out, model=args.model, weights=args.weights, layer=args.layer,
-            size=args.size, pretrained_cfg=args.pretrained_cfg, methods=args.method or ["gradcam"], classes=args.classes,
+            size=args.size, pretrained_cfg=args.pretrained_cfg, mean=args.mean, std=args.std,
+            methods=args.method or ["gradcam"], classes=args.classes,
             metrics=args.metrics, batch_size=args.batch_size, shard_size=args.shard_size,
             num_workers=args.workers, map_dtype=args.map_dtype, upsample=args.upsample,
             seed=args.seed, device=args.device, compile=args.compile,
