@@ -166,3 +166,23 @@ def manifest_size(manifest: dict) -> list:
                 walk(item)
     walk(manifest)
     return found[0]
+
+
+def test_crop_box_by_hand():
+    from camfunc.models._crop import crop_box
+
+    # 300 x 400 -> shorter side 256: 256 x 341 (scale 256/300); centre crop 224: offsets
+    # round(32/2) = 16 and round(117/2) = 58 (half to even), back in original pixels / (256/300).
+    top, left, bottom, right = crop_box(300, 400, 256, (224, 224))
+    assert (top, left) == pytest.approx((16 * 300 / 256, 58 * 300 / 256))
+    assert (bottom, right) == pytest.approx((240 * 300 / 256, 282 * 300 / 256))
+    # No resize: the whole image; a crop larger than the resized image is clipped to it.
+    assert crop_box(30, 40, None, (8, 8)) == (0.0, 0.0, 30.0, 40.0)
+    assert crop_box(100, 100, 50, (64, 64)) == (0.0, 0.0, 100.0, 100.0)
+    # As torchvision crops: 10 x 13 -> Resize(10) keeps it, CenterCrop(8) starts at round(2.5) = 2.
+    from torchvision.transforms import v2
+
+    grid = torch.arange(130.0).view(1, 10, 13)
+    seen = v2.CenterCrop(8)(v2.Resize(10)(grid))
+    top, left, _, _ = crop_box(10, 13, 10, (8, 8))
+    assert seen[0, 0, 0] == grid[0, int(top), int(left)]
