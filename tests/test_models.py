@@ -53,7 +53,7 @@ def timm_resnet(tmp_path_factory):
     torch.save(model.state_dict(), folder / "ckpt.pt")
     (folder / "cfg.json").write_text(json.dumps({
         "num_classes": 5, "input_size": [3, 48, 48], "mean": [0.1, 0.2, 0.3],
-        "std": [0.3, 0.2, 0.1], "label_names": ["a", "b", "c", "d", "e"]}))
+        "std": [0.3, 0.2, 0.1], "interpolation": "bilinear", "label_names": ["a", "b", "c", "d", "e"]}))
     return folder
 
 
@@ -90,6 +90,7 @@ def test_explain_hf_maps_equal_the_api(hf_vit, picture, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["preprocessing"]["source"] == "hf"
     assert summary["preprocessing"]["mean"] == [0.5, 0.4, 0.3]
+    assert summary["preprocessing"]["configured"]["size"] == {"height": 32, "width": 32}
     entry = summary["images"][0]["classes"][0]
     assert entry["name"] == "dog"
     written = numpy.load(entry["maps"]["gradcam"])
@@ -104,6 +105,7 @@ def test_explain_timm_maps_equal_the_api(timm_resnet, picture, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["preprocessing"]["input_size"] == [3, 48, 48]
+    assert summary["preprocessing"]["configured"]["interpolation"] == "bilinear"
     entry = summary["images"][0]["classes"][0]
     assert entry["name"] == "c"
     expected = api_maps(load("timm:resnet18", weights, pretrained_cfg=cfg), summary["layer"][0],
@@ -129,6 +131,8 @@ def test_torchvision_takes_its_weights_transforms_and_categories():
     loaded = load("torchvision:resnet18")
     assert loaded.size == (224, 224) and loaded.source == "torchvision"
     assert loaded.mean == (0.485, 0.456, 0.406) and loaded.class_names[0] == "tench"
+    assert loaded.preprocessing()["configured"] == {"resize_size": [256], "crop_size": [224],
+                                                    "interpolation": "bilinear"}
     assert load("torchvision:resnet18", size=96).size == (96, 96)
 
 

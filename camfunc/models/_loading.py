@@ -40,13 +40,17 @@ class LoadedModel:
     class_names: tuple[str, ...] | None = None
     channels: int = 3            # image channels the model takes (1 or 3)
     source: str = "camfunc"      # whose config gave size, mean and std: camfunc, timm or hf
+    # The library's own transform as its config states it (resize, crop, interpolation);
+    # recorded, while camfunc resizes the whole image to ``size``.
+    configured: tuple[tuple[str, Any], ...] = ()
 
     def preprocessing(self) -> dict:
         """How images are fed, for the outputs: where it came from, size, mean and std."""
         return {"source": self.source, "resize": "bilinear, whole image (no crop)",
                 "input_size": [self.channels, *self.size],
                 "mean": None if self.mean is None else list(self.mean),
-                "std": None if self.std is None else list(self.std)}
+                "std": None if self.std is None else list(self.std),
+                **({"configured": dict(self.configured)} if self.configured else {})}
 
     def normalise(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, 3, H, W) as the model expects them."""
@@ -132,7 +136,10 @@ def _torchvision(name: str, weights: str | None, size: int | None) -> LoadedMode
     side = int(transform.crop_size[0]) if size is None else size
     return dataclasses.replace(
         loaded, size=(side, side), mean=_floats(transform.mean), std=_floats(transform.std),
-        class_names=names if names and _outputs(model, len(names)) else None, source="torchvision")
+        class_names=names if names and _outputs(model, len(names)) else None, source="torchvision",
+        configured=(("resize_size", list(transform.resize_size)),
+                    ("crop_size", list(transform.crop_size)),
+                    ("interpolation", str(transform.interpolation.value))))
 
 
 def _outputs(model: nn.Module, count: int) -> bool:
@@ -221,7 +228,9 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedM
         names = timm.data.ImageNetInfo().label_descriptions()
     return LoadedModel(model.eval(), None, (size[0], size[1]), tuple(config["mean"]),
                        tuple(config["std"]), tuple(str(n) for n in names) if names else None,
-                       int(config["input_size"][0]), "timm")
+                       int(config["input_size"][0]), "timm",
+                       (("crop_pct", config.get("crop_pct")), ("crop_mode", config.get("crop_mode")),
+                        ("interpolation", config.get("interpolation"))))
 
 
 def _hf(path: str) -> LoadedModel:
@@ -249,7 +258,12 @@ def _hf(path: str) -> LoadedModel:
     return LoadedModel(_LogitsOf(model).eval(), None, hf_size(processor),
                        _floats(getattr(processor, "image_mean", None)),
                        _floats(getattr(processor, "image_std", None)), names,
-                       int(getattr(model.config, "num_channels", 3)), "hf")
+                       int(getattr(model.config, "num_channels", 3)), "hf",
+                       (("processor", type(processor).__name__),
+                        ("size", _plain(getattr(processor, "size", None))),
+                        ("do_center_crop", getattr(processor, "do_center_crop", None)),
+                        ("crop_size", _plain(getattr(processor, "crop_size", None))),
+                        ("resample", str(getattr(processor, "resample", None)))))
 
 
 class _LogitsOf(nn.Module):
@@ -286,6 +300,14 @@ def _side(value: object, key: str) -> Any:
     if isinstance(value, dict):
         return value.get(key)
     return getattr(value, key, None)
+
+
+def _plain(value: object) -> Any:
+    """An image processor's size (a dict or SizeDict) as JSON: its set entries."""
+    if value is None or isinstance(value, int):
+        return value
+    items = value.items() if isinstance(value, dict) else vars(value).items()
+    return {k: v for k, v in items if v is not None}
 
 
 def _floats(values: object) -> tuple[float, ...] | None:
