@@ -61,7 +61,7 @@ def api_maps(loaded, layer, picture, cls):
     """gradcam from the Python API on the tensor the model is fed."""
     _, resized = read_image(picture, loaded.size, channels=loaded.channels)
     x = loaded.normalise(resized.unsqueeze(0))
-    return camfunc.gradcam(camfunc.split(loaded.model, layer), x, cls)
+    return camfunc.gradcam(camfunc.split(loaded.model, layer, example_input=x), x, cls)
 
 
 def test_hf_folder_loads_with_its_processor_and_labels(hf_vit):
@@ -190,3 +190,31 @@ def test_crop_box_by_hand():
     seen = v2.CenterCrop(8)(v2.Resize(10)(grid))
     top, left, _, _ = crop_box(10, 13, 10, (8, 8))
     assert seen[0, 0, 0] == grid[0, int(top), int(left)]
+
+
+def test_hf_resnet_with_a_shortest_edge_processor(tmp_path, picture):
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=2, id2label={0: "no", 1: "yes"},
+                                       label2id={"no": 0, "yes": 1})
+    transformers.ResNetForImageClassification(config).save_pretrained(tmp_path / "m")
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 40}).save_pretrained(tmp_path / "m")
+    loaded = load(f"hf:{tmp_path / 'm'}")
+    assert loaded.size == (40, 40) and loaded.class_names == ("no", "yes")
+    done = camfunc_cli("explain", picture, "--model", f"hf:{tmp_path / 'm'}", "--class", "yes",
+                       "--layer", "model.resnet.encoder.stages.1", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    entry = summary["images"][0]["classes"][0]
+    expected = api_maps(loaded, summary["layer"][0], picture, 1)[0]
+    numpy.testing.assert_allclose(numpy.load(entry["maps"]["gradcam"]), expected.numpy(),
+                                  rtol=1e-5, atol=1e-6)
+
+
+def test_timm_tiny_vit_loads_at_its_configured_size(tmp_path, picture):
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_classes": 3, "input_size": [3, 32, 32]}))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32)
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    loaded = load("timm:vit_tiny_patch16_224", str(tmp_path / "vit.pt"),
+                  pretrained_cfg=str(tmp_path / "cfg.json"))
+    assert loaded.size == (32, 32) and loaded.class_names is None

@@ -387,14 +387,15 @@ def resolve_methods(names: list[str]) -> dict[str, Callable]:
 def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
     """Split at ``layer``, the model's default layer, or the one camfunc chooses."""
     layer = layer or loaded.layer
+    parameter = next(loaded.model.parameters(), None)
+    device = parameter.device if parameter is not None else None
+    # The example also lets torch.export capture a model torch.fx cannot (an hf ResNet).
+    example = torch.zeros(1, loaded.channels, *loaded.size, device=device)
     try:
         if layer is None:
-            parameter = next(loaded.model.parameters(), None)
-            device = parameter.device if parameter is not None else None
-            example = torch.zeros(1, loaded.channels, *loaded.size, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", _splitter.LayerChoiceWarning)
                 return _splitter.split(loaded.model, example_input=example)
-        return _splitter.split(loaded.model, layer)
+        return _splitter.split(loaded.model, layer, example_input=example)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
