@@ -140,8 +140,19 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gradcam import (  # noqa: E402  the shared timing, memory and Markdown helpers
-    _fmt, _minmax, _paragraphs, _ratio, _reset_peak_rss, _status_kib, _version, cpu_model,
-    cuda_peak, log, peak_rss_resettable, timed)
+    _fmt,
+    _minmax,
+    _paragraphs,
+    _ratio,
+    _reset_peak_rss,
+    _status_kib,
+    _version,
+    cpu_model,
+    cuda_peak,
+    log,
+    peak_rss_resettable,
+    timed,
+)
 
 SEED = 0
 MIB = 2**20

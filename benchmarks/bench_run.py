@@ -114,7 +114,7 @@ def limit_throughput(split, batches: list[torch.Tensor], device) -> float:
 
 
 def run_throughput(model, folder: Path, args, device, decode: str) -> tuple[float, float]:
-    from camfunc.runs._loading import IMAGENET_MEAN, IMAGENET_STD
+    from camfunc.models._loading import IMAGENET_MEAN, IMAGENET_STD
     from camfunc.runs import run
 
     with tempfile.TemporaryDirectory() as out:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import torchvision
 
-    from camfunc.runs._loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+    from camfunc.models._loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
     device = torch.device(args.device)
     torch.manual_seed(0)

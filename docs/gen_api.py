@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parent
 API = DOCS / "api"
 SETUP = DOCS / "example_setup.py"
 
-MODULES = ("camfunc", "camfunc.losses", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
+MODULES = ("camfunc", "camfunc.losses", "camfunc.metrics", "camfunc.models", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
 LINE = 88  # a signature longer than this is written one parameter per line
 
 
@@ -164,6 +164,15 @@ the matrix of every method under every property is [../properties.md](../propert
                         "camfunc.testing.randomisation_sensitive", "camfunc.testing.spearman")),
         ("The property matrix", ("camfunc.testing.property_matrix", "camfunc.testing.Matrix",
                                  "camfunc.testing.Cell")),
+    )),
+    Page("models.md", "Loading models: camfunc.models", """
+The model specs the command line and dataset runs take (`builtin`,
+`torchvision:NAME`, `timm:NAME`, `hf:PATH`, `package.module:factory`), loaded
+with their input size, normalisation and class names.
+""", (
+        ("Loading", ("camfunc.models.load", "camfunc.models.LoadedModel",
+                     "camfunc.models.UsageError", "camfunc.models.make_split",
+                     "camfunc.models.resolve_methods")),
     )),
     Page("run.md", "Dataset-scale runs", """
 CAM methods over a whole dataset, in resumable shards, in one process or under

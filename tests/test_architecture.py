@@ -26,10 +26,11 @@ RANK = {
     "camfunc._methods": 2, "camfunc.zoo": 2, "camfunc.viz": 2,
     "camfunc._tools": 3,
     "camfunc.metrics": 4, "camfunc.testing": 4, "camfunc.losses": 4,
-    "camfunc.runs": 5,
-    "camfunc.cli": 6,
-    "camfunc": 7,
-    "camfunc.__main__": 8,
+    "camfunc.models": 5,
+    "camfunc.runs": 6,
+    "camfunc.cli": 7,
+    "camfunc": 8,
+    "camfunc.__main__": 9,
 }
 # Inside the core: the Split value first, the capture and the splitter (layer choice and
 # layouts) last.
@@ -196,4 +197,4 @@ def test_a_dynamic_import_is_an_edge_like_any_other():
     assert found == {"camfunc.runs._job", "camfunc.cli"}
     assert upward_edges({"camfunc._core.engine": found}) != []
     # A user's module named at run time (a model spec) is not the package's edge.
-    assert targets_of("camfunc.runs._loading", "import importlib\nimportlib.import_module(name)\n") == set()
+    assert targets_of("camfunc.models._loading", "import importlib\nimportlib.import_module(name)\n") == set()

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from camfunc._util.images import read_image
-from camfunc.runs._loading import LoadedModel, UsageError
+from camfunc.models._loading import LoadedModel, UsageError
 
 
 def safe_name(text: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from camfunc import zoo
 from camfunc._util.atomic import write_atomic, write_json
 from camfunc.cli._common import table
-from camfunc.runs._loading import UsageError, load_model, make_split, resolve_methods
+from camfunc.models._loading import UsageError, load_model, make_split, resolve_methods
 from camfunc.viz import figure
 
 DEMO_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam",

@@ -15,8 +15,8 @@ from camfunc._util.atomic import write_json, write_text_atomic
 from camfunc._util.images import expand_images
 from camfunc._util.progress import progress
 from camfunc.cli._common import read_batches, table
-from camfunc.cli._explain import add_model_arguments, positive_int
-from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.cli._explain import add_model_arguments, loaded_model, positive_int
+from camfunc.models._loading import LoadedModel, UsageError, make_split, resolve_methods
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
            "sensitivity")
@@ -97,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
     if "pointing" in chosen and not args.generated:
         raise UsageError("the pointing game needs object masks: use it with --generated N")
-    loaded = load_model(args.model, args.weights, args.size)
+    loaded = loaded_model(args)
     methods = resolve_methods(args.method or ["gradcam"])
     split = make_split(loaded, args.layer)
     failed: list[dict[str, str]] = []

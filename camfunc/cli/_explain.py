@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -22,7 +23,14 @@ from camfunc._util.atomic import write_atomic, write_json
 from camfunc._util.images import expand_images
 from camfunc._util.progress import progress
 from camfunc.cli._common import read_batches, safe_name
-from camfunc.runs._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.models._loading import (
+    LoadedModel,
+    UsageError,
+    load_model,
+    make_split,
+    resolve_methods,
+    with_normalisation,
+)
 from camfunc.viz import figure, overlay
 
 
@@ -37,16 +45,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def floats(text: str) -> tuple[float, ...]:
+    """``0.5,0.5,0.5`` as floats, for --mean and --std."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as "
+                                         f"0.485,0.456,0.406, got {text!r}") from None
+
+
+def loaded_model(args: argparse.Namespace) -> LoadedModel:
+    """The model the arguments name, with --mean/--std applied."""
+    loaded = load_model(args.model, args.weights, args.size, args.pretrained_cfg)
+    try:
+        return with_normalisation(loaded, args.mean, args.std)
+    except ValueError as error:
+        raise UsageError(f"--mean/--std: {error}") from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="builtin",
-                        help="builtin, torchvision:NAME or package.module:factory (default: "
+                        help="builtin, torchvision:NAME, timm:NAME, hf:PATH (a save_pretrained "
+                             "folder) or package.module:factory (default: "
                              "builtin; a module in the working directory is found). The model is "
                              "put in eval mode, as explaining needs; the Python API refuses a "
                              "training-mode model instead")
     parser.add_argument("--weights", help="state dict to load (torch.load with weights_only=True)")
     parser.add_argument("--layer", help="layer to explain (default: the model's, or chosen automatically)")
-    parser.add_argument("--size", type=positive_int, default=224,
-                        help="square size images are resized to, for non-builtin models (default 224)")
+    parser.add_argument("--pretrained-cfg",
+                        help="a timm: model's local JSON overlay on its pretrained config "
+                             "(num_classes, input_size, mean, std, label_names...)")
+    parser.add_argument("--size", type=positive_int,
+                        help="square size images are resized to, for non-builtin models (default: "
+                             "a timm or hf model's configured size, else 224)")
+    parser.add_argument("--mean", type=floats,
+                        help="per-channel mean, comma-separated (overrides the model's; with --std)")
+    parser.add_argument("--std", type=floats,
+                        help="per-channel std, comma-separated (overrides the model's; with --mean)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="images per batch (default 16)")
     parser.add_argument("--no-exif", action="store_true",
@@ -92,6 +127,12 @@ def save_overlay(path: Path, image: Tensor, cam: Tensor) -> Path:
     return write_atomic(path, lambda file: picture.save(file, format="PNG"))
 
 
+def save_array(path: Path, cam: Tensor) -> Path:
+    """The map as the method gave it (float32 .npy), for exact comparisons."""
+    array = cam.detach().float().cpu().numpy()
+    return write_atomic(path, lambda file: numpy.save(file, array))
+
+
 def save_figure(path: Path, image: Tensor, method: str, cam: Tensor, title: str) -> Path:
     """The image beside the overlay, at least 256 px, titled with the class and its
     probability, with a colour bar: what a person looks at."""
@@ -115,7 +156,7 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 
 def explain(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.weights, args.size)
+    loaded = loaded_model(args)
     methods = resolve_methods(args.method or ["gradcam"])
     cls = target_from(args, loaded)
     split = make_split(loaded, args.layer)
@@ -147,21 +188,22 @@ def explain(args: argparse.Namespace) -> int:
             folder = out / stems[index]
             entries = []
             for k, c in enumerate(classes[row].tolist()):
-                files, overlays = {}, {}
+                files, overlays, arrays = {}, {}, {}
                 title = f"{loaded.class_name(c)} ({float(probabilities[row, c]):.1%})"
                 for name, maps in per_method.items():
                     stem = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}"
                     files[name] = str(save_figure(stem.with_suffix(".png"), originals[row],
                                                   name, maps[row, k], title))
+                    arrays[name] = str(save_array(stem.with_suffix(".npy"), maps[row, k]))
                     overlays[name] = str(save_overlay(stem.with_name(stem.name + "-overlay.png"),
                                                       originals[row], maps[row, k]))
                 entries.append({"class": c, "name": loaded.class_name(c),
                                 "score": float(scores[row, c]),
                                 "probability": float(probabilities[row, c]), "files": files,
-                                "overlays": overlays})
+                                "overlays": overlays, "maps": arrays})
             records.append({"path": str(paths[index]), "classes": entries})
     summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
-               "methods": list(methods), "images": records, "failed": failed}
+               "preprocessing": loaded.preprocessing(), "methods": list(methods), "images": records, "failed": failed}
     write_json(out / "summary.json", summary)
     print(f"explained {len(records)} image(s) with {len(methods)} method(s); "
           f"{len(failed)} failed; wrote {out / 'summary.json'}")

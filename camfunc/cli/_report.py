@@ -17,7 +17,7 @@ from typing import Any
 from camfunc._util.atomic import write_text_atomic
 from camfunc._util.progress import progress
 from camfunc.cli._explain import positive_int
-from camfunc.runs._loading import UsageError
+from camfunc.models import UsageError
 
 THUMB = 128
 #: Metrics where a high value is bad: these sort worst-first descending, the rest ascending.

@@ -11,7 +11,7 @@ import sys
 
 from camfunc.cli._common import call_handler
 from camfunc.cli._explain import add_model_arguments
-from camfunc.runs._loading import UsageError
+from camfunc.models._loading import UsageError
 
 HELP = "explain a dataset in resumable shards (single process or under torchrun)"
 
@@ -22,7 +22,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = run(
             args.data, args.out, model=args.model, weights=args.weights, layer=args.layer,
-            size=args.size, methods=args.method or ["gradcam"], classes=args.classes,
+            size=args.size, pretrained_cfg=args.pretrained_cfg, mean=args.mean, std=args.std,
+            methods=args.method or ["gradcam"], classes=args.classes,
             metrics=args.metrics, batch_size=args.batch_size, shard_size=args.shard_size,
             num_workers=args.workers, map_dtype=args.map_dtype, upsample=args.upsample,
             seed=args.seed, device=args.device, compile=args.compile,

@@ -18,17 +18,18 @@ from torch import Tensor, nn
 from camfunc._core import engine as _engine, split as _split
 from camfunc._util.atomic import write_json
 from camfunc._util.progress import progress_bar
-from camfunc.runs import _distributed, _lock, _settings, _shards
-from camfunc.runs._dataset import Batch, collate, open_data
-from camfunc.runs._decode import decoded_batch
-from camfunc.runs._loading import (
+from camfunc.models._loading import (
     LoadedModel,
     UsageError,
     input_channels,
     load_model,
     make_split,
     resolve_methods,
+    with_normalisation,
 )
+from camfunc.runs import _distributed, _lock, _settings, _shards
+from camfunc.runs._dataset import Batch, collate, open_data
+from camfunc.runs._decode import decoded_batch
 from camfunc.runs._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
@@ -79,20 +80,22 @@ def choose_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def load(model: str | nn.Module, weights: str | None, layer: str | None, size: int,
+def load(model: str | nn.Module, weights: str | None, layer: str | None, size: int | None,
          mean: Sequence[float] | None, std: Sequence[float] | None, seed: int,
-         device: torch.device) -> tuple[LoadedModel, str]:
+         device: torch.device, pretrained_cfg: str | None = None) -> tuple[LoadedModel, str]:
     """The model on ``device`` and the hash of its weights; the caller's module is never moved."""
     if isinstance(model, nn.Module):
         # A training-mode model is refused by the split, with camfunc's usual message.
-        loaded = LoadedModel(model, layer, (size, size),
+        side = 224 if size is None else size
+        loaded = LoadedModel(model, layer, (side, side),
                              None if mean is None else tuple(mean), None if std is None else tuple(std),
                              channels=input_channels(model))
     elif isinstance(model, str):
         # Seeded, so a model with random weights is the same on every rank and restart.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            loaded = _user_error(lambda: load_model(model, weights, size))
+            loaded = _user_error(lambda: load_model(model, weights, size, pretrained_cfg))
+        loaded = with_normalisation(loaded, mean, std)
     else:
         raise TypeError(f"model must be a spec string or an nn.Module, got {type(model).__name__}")
     state = _settings.state_sha256(loaded.model)
@@ -223,8 +226,8 @@ def merge(out: Path, manifest: dict[str, Any], data, count: int, class_names,
 
 
 def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin",
-        weights: str | None = None, layer: str | None = None, size: int = 224,
-        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+        weights: str | None = None, layer: str | None = None, size: int | None = None,
+        pretrained_cfg: str | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
         methods: Sequence[str] = ("gradcam",), classes: str = "predicted",
         metrics: bool = False, batch_size: int = 16, shard_size: int = 256,
         num_workers: int = 0, map_dtype: str = "float16", upsample: bool = False, seed: int = 0,
@@ -251,9 +254,12 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     A file the device cannot decode falls back to Pillow, alone.
 
     **Model.** ``model`` is a spec, as for the command line (``"builtin"``,
-    ``"torchvision:NAME"``, ``"package.module:factory"``, with ``weights`` a
-    state-dict file), or an ``nn.Module`` in eval mode fed ``size`` x ``size``
-    images, normalised by ``mean``/``std`` if given. Random initial weights
+    ``"torchvision:NAME"``, ``"timm:NAME"`` with ``pretrained_cfg`` a JSON
+    overlay, ``"hf:PATH"``, ``"package.module:factory"``, with ``weights`` a
+    state-dict file; ``camfunc.models.load``), fed at its configured size and
+    normalisation unless ``size``, ``mean``/``std`` say otherwise; or an
+    ``nn.Module`` in eval mode fed ``size`` x ``size`` (default 224) images,
+    normalised by ``mean``/``std`` if given. Random initial weights
     are drawn from ``seed``, so every rank and restart builds the same model.
 
     **Work.** For every image, each of ``methods`` (names in
@@ -320,12 +326,12 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     options = _settings.check_options(methods, classes, metrics, batch_size, shard_size,
                                       num_workers, map_dtype, upsample, seed, progress)
     method_functions = _user_error(lambda: resolve_methods(list(options.methods)))
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
     out = Path(out)
     device = choose_device(device)
     decoder = _settings.check_reading(exif, decode, device)
-    loaded, state = load(model, weights, layer, size, mean, std, options.seed, device)
+    loaded, state = load(model, weights, layer, size, mean, std, options.seed, device, pretrained_cfg)
     split = _user_error(lambda: make_split(loaded, layer))
     dataset = open_data(data, loaded.size, loaded.channels, exif, jpeg_bytes=decoder == "device")
     channels, num_classes, layer_size = probe(split, loaded, device)
@@ -421,7 +427,9 @@ def result_settings(dataset, model: str | nn.Module, state: str, split: _split.S
     return {"format": _shards.FORMAT, "data": dataset.identity(),
             "model": {"spec": model if isinstance(model, str) else type(model).__qualname__,
                       "weights_sha256": state, "layers": list(split.layers),
-                      "size": list(loaded.size), "mean": loaded.mean, "std": loaded.std},
+                      "size": list(loaded.size), "mean": loaded.mean, "std": loaded.std,
+                      # Whose config fed the model; left out for camfunc's own, as before.
+                      **({} if loaded.source == "camfunc" else {"source": loaded.source})},
             "methods": list(options.methods), "classes": options.classes,
             "metrics": options.metrics, "map_dtype": options.map_dtype,
             "upsample": options.upsample, "shard_size": options.shard_size, "seed": options.seed}
