@@ -15,6 +15,7 @@ entry, so re-running a stage (Score-CAM, Ablation-CAM) sees the same context.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import threading
@@ -332,9 +333,24 @@ class Stage:
         return f"Stage({ops} ops{': ' + shown if shown else ''})"
 
 
-def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
-                 level: dict[torch.fx.Node, int]) -> list[Stage]:
-    """Head, middles and tail: stage k takes ``(A_{k-1}, *context)``, returns ``(A_k, *context)``."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A capture cut into levels: its computing nodes, output, and each view's root tensor."""
+
+    captured: Captured
+    level: dict[torch.fx.Node, int]
+    nodes: list[torch.fx.Node]
+    output: torch.fx.Node
+    root_of: dict[torch.fx.Node, torch.fx.Node]
+
+    def stage_of(self, node: torch.fx.Node) -> int:
+        return self.level.get(node, 0)  # the input and constants belong to the head
+
+    def root(self, node: torch.fx.Node) -> torch.fx.Node:
+        return self.root_of.get(node, node)
+
+
+def _plan(captured: Captured, level: dict[torch.fx.Node, int]) -> _Plan:
     graph = captured.graph
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     output = next(n for n in graph.nodes if n.op == "output")
@@ -343,106 +359,129 @@ def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
         source = aliased(node, captured)
         if source is not None:
             root_of[node] = root_of.get(source, source)
+    return _Plan(captured, level, nodes, output, root_of)
 
-    def stage_of(node: torch.fx.Node) -> int:
-        return level.get(node, 0)  # the input and constants belong to the head
 
-    def needed_after(k: int) -> list[torch.fx.Node]:
-        seen: dict[torch.fx.Node, None] = {}
-        for user in [n for n in nodes if stage_of(n) > k] + [output]:
-            for inp in user.all_input_nodes:
-                if inp.op in ("get_attr",) or inp in captured.constants:
-                    continue
-                if stage_of(inp) <= k:
-                    seen[inp] = None
-        return list(seen)
-
-    def stage_module(k: int, body: list[torch.fx.Node], inputs: list[torch.fx.Node],
-                     outs: list[torch.fx.Node] | None, batched: bool) -> torch.fx.GraphModule:
-        """Stage ``k``'s graph; ``batched``: its attention by the math kernel (a math twin)."""
-        written_roots = {root_of.get(w, w) for n in body for w in written(n, captured)}
-        sub = torch.fx.Graph()
-        env: dict[torch.fx.Node, Any] = {n: v for n, v in captured.constants.items()
-                                         if not isinstance(v, torch.Tensor)}
-        owners: dict[str, Any] = {}
-        by_root: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-        for value in inputs:
-            placeholder = sub.placeholder(value.name if k else "x")
-            placeholder.meta = dict(value.meta)
-            env[value] = placeholder
-            by_root.setdefault(root_of.get(value, value), []).append(value)
-        rewrite: dict[torch.fx.Node, Any] = {}  # in-place writes done out of place instead
-        for r, values in by_root.items():
-            if r not in written_roots:
+def _needed_after(plan: _Plan, k: int) -> list[torch.fx.Node]:
+    """Values of stages up to ``k`` that a later stage, or the output, reads."""
+    seen: dict[torch.fx.Node, None] = {}
+    for user in [n for n in plan.nodes if plan.stage_of(n) > k] + [plan.output]:
+        for inp in user.all_input_nodes:
+            if inp.op == "get_attr" or inp in plan.captured.constants:
                 continue
-            if len(values) > 1:
-                raise CaptureError(
-                    f"values {[v.name for v in values]} cross a cut, share memory, and are "
-                    "written in place after it; pick another layer"
-                )
-            # The stage must not write what it was given. Out of place where every
-            # write is on the value itself and nothing views it (so a batched value
-            # can be written under vmap); else a copy on entry.
-            value = values[0]
-            writes = [n for n in body if any(root_of.get(w, w) is r for w in written(n, captured))]
-            views = [n for n in body if n not in writes and root_of.get(n) is r]
-            twins = {w: out_of_place(w, captured) for w in writes}
-            if not views and all(w.args[0] is value and twins[w] is not None for w in writes):
-                rewrite.update(twins)
-            else:
-                env[value] = sub.call_method("clone", (env[value],))
+            if plan.stage_of(inp) <= k:
+                seen[inp] = None
+    return list(seen)
 
-        def value_of(node: torch.fx.Node) -> Any:
-            if node in env:
-                return env[node]
-            if node.op == "get_attr":
-                owners[target_name(node)] = captured.root[target_name(node)]
-                env[node] = sub.get_attr(target_name(node))
-                return env[node]
-            if node in captured.constants:  # a tensor default of the forward
-                owners[f"_camfunc_default_{node.name}"] = captured.constants[node]
-                env[node] = sub.get_attr(f"_camfunc_default_{node.name}")
-                return env[node]
-            raise CaptureError(f"stage {k} reads {node.name}, computed in a later stage")
 
-        for node in body:
-            replaced = rewrite.get(node) or (_batchable(node, captured) if batched else None)
-            if replaced is None:
-                env[node] = sub.node_copy(node, value_of)
-                continue
-            target, op, args, kwargs = replaced
-            new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
-                                  torch.fx.node.map_arg(kwargs, value_of), name=node.name)
-            new.meta = dict(node.meta)
-            env[node] = new
-            if node in rewrite:  # later readers of the written value see the new one
-                written_value: Any = node.args[0]
-                env[written_value] = new
-        for node in body:
-            if node.op == "call_module":
-                owners[target_name(node)] = captured.root[target_name(node)]
-        if outs is not None:
-            sub.output(tuple(value_of(n) for n in outs))
+def _entry_writes(plan: _Plan, body: list[torch.fx.Node], inputs: list[torch.fx.Node]
+                  ) -> tuple[dict[torch.fx.Node, Any], list[torch.fx.Node]]:
+    """How a stage avoids writing what it was given: in-place writes rewritten out of place
+    (by node), and the inputs to clone on entry instead."""
+    captured = plan.captured
+    written_roots = {plan.root(w) for n in body for w in written(n, captured)}
+    by_root: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for value in inputs:
+        by_root.setdefault(plan.root(value), []).append(value)
+    rewrite: dict[torch.fx.Node, Any] = {}
+    cloned = []
+    for r, values in by_root.items():
+        if r not in written_roots:
+            continue
+        if len(values) > 1:
+            raise CaptureError(
+                f"values {[v.name for v in values]} cross a cut, share memory, and are "
+                "written in place after it; pick another layer"
+            )
+        # Out of place where every write is on the value itself and nothing views it (so a
+        # batched value can be written under vmap); else a copy on entry.
+        value = values[0]
+        writes = [n for n in body if any(plan.root(w) is r for w in written(n, captured))]
+        views = [n for n in body if n not in writes and plan.root_of.get(n) is r]
+        twins = {w: out_of_place(w, captured) for w in writes}
+        if not views and all(w.args[0] is value and twins[w] is not None for w in writes):
+            rewrite.update(twins)
         else:
-            sub.output(torch.fx.node.map_arg(output.args[0], value_of))
-        return torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
+            cloned.append(value)
+    return rewrite, cloned
 
+
+def _stage_module(plan: _Plan, k: int, body: list[torch.fx.Node], inputs: list[torch.fx.Node],
+                  outs: list[torch.fx.Node] | None, batched: bool) -> torch.fx.GraphModule:
+    """Stage ``k``'s graph; ``batched``: its attention by the math kernel (a math twin)."""
+    captured = plan.captured
+    sub = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {n: v for n, v in captured.constants.items()
+                                     if not isinstance(v, torch.Tensor)}
+    owners: dict[str, Any] = {}
+    for value in inputs:
+        placeholder = sub.placeholder(value.name if k else "x")
+        placeholder.meta = dict(value.meta)
+        env[value] = placeholder
+    rewrite, cloned = _entry_writes(plan, body, inputs)
+    for value in cloned:
+        env[value] = sub.call_method("clone", (env[value],))
+
+    def value_of(node: torch.fx.Node) -> Any:
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            owners[target_name(node)] = captured.root[target_name(node)]
+            env[node] = sub.get_attr(target_name(node))
+            return env[node]
+        if node in captured.constants:  # a tensor default of the forward
+            owners[f"_camfunc_default_{node.name}"] = captured.constants[node]
+            env[node] = sub.get_attr(f"_camfunc_default_{node.name}")
+            return env[node]
+        raise CaptureError(f"stage {k} reads {node.name}, computed in a later stage")
+
+    for node in body:
+        replaced = rewrite.get(node) or (_batchable(node, captured) if batched else None)
+        if replaced is None:
+            env[node] = sub.node_copy(node, value_of)
+            continue
+        target, op, args, kwargs = replaced
+        new = sub.create_node(op, target, torch.fx.node.map_arg(args, value_of),
+                              torch.fx.node.map_arg(kwargs, value_of), name=node.name)
+        new.meta = dict(node.meta)
+        env[node] = new
+        if node in rewrite:  # later readers of the written value see the new one
+            written_value: Any = node.args[0]
+            env[written_value] = new
+    for node in body:
+        if node.op == "call_module":
+            owners[target_name(node)] = captured.root[target_name(node)]
+    if outs is not None:
+        sub.output(tuple(value_of(n) for n in outs))
+    else:
+        sub.output(torch.fx.node.map_arg(plan.output.args[0], value_of))
+    return torch.fx.GraphModule(owners, sub, class_name=f"Stage{k}")
+
+
+def _stage(plan: _Plan, k: int, body: list[torch.fx.Node], inputs: list[torch.fx.Node],
+           outs: list[torch.fx.Node] | None) -> Stage:
+    """Stage ``k``; a differentiated stage (after the head) that holds fused attention keeps
+    a math twin beside it, for vmap and forward AD."""
+    has_fused = k > 0 and any(_batchable(n, plan.captured) is not None for n in body)
+    shape: dict[str, Any] = ({"single": len(outs) == 1} if outs is not None else
+                             {"unflatten": plan.captured.unflatten, "prunes": True})
+    stage = Stage(_stage_module(plan, k, body, inputs, outs, batched=False), **shape)
+    if has_fused:
+        stage.math_twin = Stage(_stage_module(plan, k, body, inputs, outs, batched=True), **shape)
+    return stage
+
+
+def build_stages(captured: Captured, cuts: Sequence[torch.fx.Node],
+                 level: dict[torch.fx.Node, int]) -> list[Stage]:
+    """Head, middles and tail: stage k takes ``(A_{k-1}, *context)``, returns ``(A_k, *context)``."""
+    plan = _plan(captured, level)
     stages = []
     inputs: list[torch.fx.Node] = [captured.input]
     for k in range(len(cuts) + 1):
-        body = [n for n in nodes if stage_of(n) == k]
-        outs = [cuts[k]] + [n for n in needed_after(k) if n is not cuts[k]] if k < len(cuts) else None
-        # Stages after the first are differentiated: where they hold fused attention,
-        # a math twin is kept beside them for vmap and forward AD.
-        has_fused = k > 0 and any(_batchable(n, captured) is not None for n in body)
-        versions = [stage_module(k, body, inputs, outs, batched) for batched in
-                    ((False, True) if has_fused else (False,))]
-        shape: dict[str, Any] = ({"single": len(outs) == 1} if outs is not None else
-                                 {"unflatten": captured.unflatten, "prunes": True})
-        stage = Stage(versions[0], **shape)
-        if has_fused:
-            stage.math_twin = Stage(versions[1], **shape)
-        stages.append(stage)
+        body = [n for n in plan.nodes if plan.stage_of(n) == k]
+        outs = ([cuts[k]] + [n for n in _needed_after(plan, k) if n is not cuts[k]]
+                if k < len(cuts) else None)
+        stages.append(_stage(plan, k, body, inputs, outs))
         if outs is not None:
             inputs = outs
     return stages
