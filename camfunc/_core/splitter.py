@@ -51,7 +51,7 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
     if isinstance(layer, nn.Module):
         for name, module in names.items():
             if module is layer and name:
-                return name
+                return str(name)
         raise ValueError(
             f"layer {type(layer).__name__} is not a submodule of {type(model).__name__}; "
             "pass one of its modules or its name (see model.named_modules())"
@@ -511,7 +511,8 @@ def _spatial_layers(model: nn.Module, example_input: Tensor,
 
 
 def _gets_gradient(candidate: Split, x: Tensor) -> bool:
-    def largest_gradient(acts, grads):  # a map needs more than one position
+    def largest_gradient(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        # a map needs more than one position
         return tuple(g.abs().flatten(1).amax(1) * (math.prod(g.shape[2:]) > 1) for g in grads)
 
     def top_score(out: Any) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -193,7 +193,7 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
     probed = Stage(gm)  # runs under the trace lock
 
     def tail(v: Tensor, *zs: Tensor) -> Tensor:
-        return probed(v, *zs)
+        return cast(Tensor, probed(v, *zs))
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         input_grad, probe_grads = grads[0], grads[1:]
@@ -219,7 +219,7 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
             objective=_objective(cls))
         cotangents, keep_k = _targets.cotangents_for(cls, out, scores, x.shape[0])
 
-        def maps_for(cotangent: Tensor, pull=pull) -> tuple[Tensor, ...]:
+        def maps_for(cotangent: Tensor, pull: Callable[..., Any] = pull) -> tuple[Tensor, ...]:
             return per_class((x,), tuple(pull(cotangent)))
 
         (maps,) = _engine.layer_maps(_engine.over_classes(maps_for, cotangents, chunk_size), keep_k)

@@ -25,7 +25,7 @@ import numbers
 import sys
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +81,12 @@ class _Family:
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+    return cast(Tensor, t.unflatten(-1, (heads, -1)).transpose(1, 2))
 
 
 def _sequential_inputs(embed: Callable[[Tensor], Tensor], blocks: list[nn.Module],
-                       final: Callable[[Tensor], Tensor]):
+                       final: Callable[[Tensor], Tensor]
+                       ) -> Callable[[Tensor, list[int]], tuple[dict[int, Tensor], Tensor]]:
     def inputs(x: Tensor, chosen: list[int]) -> tuple[dict[int, Tensor], Tensor]:
         tokens, found = embed(x), {}
         for i, block in enumerate(blocks):
@@ -120,7 +121,7 @@ def attention_probabilities(block: Any, z: Tensor) -> tuple[Tensor, Tensor]:
 def _torchvision_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     mixed = (p @ v).transpose(1, 2).flatten(2)
     x = block.dropout(block.self_attention.out_proj(mixed)) + z
-    return x + block.mlp(block.ln_2(x))
+    return cast(Tensor, x + block.mlp(block.ln_2(x)))
 
 
 def _check_attention(attention: Any, name: str) -> None:
@@ -150,7 +151,7 @@ def _torchvision(model: Any) -> _Family:
                 f"them to {size}x{size} (and add the batch axis with x.unsqueeze(0) for one image)")
         patches = model._process_input(x)
         tokens = torch.cat([model.class_token.expand(x.shape[0], -1, -1), patches], dim=1)
-        return model.encoder.dropout(tokens + model.encoder.pos_embedding)
+        return cast(Tensor, model.encoder.dropout(tokens + model.encoder.pos_embedding))
 
     return _Family("torchvision", blocks,
                    _sequential_inputs(embed, blocks, lambda t: model.heads(model.encoder.ln(t)[:, 0])),
@@ -177,7 +178,7 @@ def _timm_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     if attn.gate is not None:
         mixed = mixed * attn.gate(block.norm1(z)).sigmoid()
     x = z + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(mixed))))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return cast(Tensor, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
 
 def _timm(model: Any) -> _Family:
@@ -188,10 +189,10 @@ def _timm(model: Any) -> _Family:
     blocks = list(model.blocks)
 
     def embed(x: Tensor) -> Tensor:
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        return cast(Tensor, model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
 
     def project(y: Tensor) -> Tensor:
-        return model.head(model.fc_norm(model.norm(y.mean(1))))
+        return cast(Tensor, model.head(model.fc_norm(model.norm(y.mean(1)))))
 
     return _Family("timm", blocks,
                    _sequential_inputs(embed, blocks, lambda t: model.forward_head(model.norm(t))),
@@ -213,7 +214,7 @@ def _hf_attention(block: Any, z: Tensor) -> tuple[Tensor, Tensor]:
 def _hf_rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
     mixed = block.attention.o_proj((p @ v).transpose(1, 2).flatten(2))
     x = block.dropout(mixed) + z
-    return block.dropout(block.mlp(block.layernorm_after(x))) + x
+    return cast(Tensor, block.dropout(block.mlp(block.layernorm_after(x))) + x)
 
 
 def _hugging_face(model: Any) -> _Family:
@@ -272,7 +273,7 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
     def rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
         mixed = (p @ v).transpose(1, 2).flatten(2)
         x = getattr(block, "dropout", nn.Identity())(block.self_attention.out_proj(mixed)) + z
-        return x + block.mlp(block.ln_2(x))
+        return cast(Tensor, x + block.mlp(block.ln_2(x)))
 
     return _Family("torchvision layout", blocks, inputs, attention_probabilities, rest,
                    score_projection, 1 if prefix_tokens is None else prefix_tokens), names
@@ -439,7 +440,7 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
         layer_scores, pull = scores_and_pull[0], scores_and_pull[1]
         cotangents = _targets.one_hot_rows(index, layer_scores[0])  # (K, B, classes)
 
-        def relevance(cotangent: Tensor, pull=pull) -> Tensor:  # a default: see _engine.class_maps
+        def relevance(cotangent: Tensor, pull: Callable[..., Any] = pull) -> Tensor:  # a default: see _engine.class_maps
             gradients = pull(cotangent.expand_as(layer_scores))
             return torch.stack([_relevance(g) for g in gradients]).mean(0)
 

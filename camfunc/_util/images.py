@@ -79,7 +79,8 @@ def open_image(path: str | Path, exif: bool = True, data: bytes | None = None) -
 
 def is_deep(image: Any) -> bool:
     """More than 8 bits a sample: scaled by range, not converted by Pillow."""
-    return image.mode.startswith("I") or image.mode == "F"
+    mode: str = image.mode
+    return mode.startswith("I") or mode == "F"
 
 
 def read_opened(image: Any, size: tuple[int, int], channels: int, path: str | Path) -> Tensor:

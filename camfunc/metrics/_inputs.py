@@ -77,10 +77,10 @@ def as_maps(maps: Any, batch: int, spatial_ndim: int) -> Tensor:
         )
     if maps.shape[1:].numel() == 0:
         raise ValueError(f"maps of shape {tuple(maps.shape)} are empty")
-    maps = maps.float()
-    if not bool(torch.isfinite(maps).all()):
+    floats: Tensor = maps.float()
+    if not bool(torch.isfinite(floats).all()):
         raise ValueError("maps contain NaN or infinite values; fix or drop those images first")
-    return maps
+    return floats
 
 
 def resized(maps: Tensor, size: tuple[int, ...]) -> Tensor:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from camfunc._util.atomic import write_atomic
 from camfunc.viz._overlay import colormap_of, image_array, overlay
+
+if TYPE_CHECKING:  # an optional dependency, imported when used
+    from matplotlib.figure import Figure
 
 
 def _rows(cam: Any) -> list[Any]:
@@ -46,7 +49,7 @@ def display_image(image: Any, display_size: int | None) -> np.ndarray:
 def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None = None,
            colormap: Any = "jet", alpha: float = 0.5, path: str | Path | None = None,
            panel_inches: float = 2.2, dpi: int = 100, display_size: int | None = 256,
-           colorbar: bool = True):
+           colorbar: bool = True) -> Figure:
     """The input and each method's overlay side by side; one row per class. A matplotlib Figure.
 
     ``maps`` maps a method's name to its maps for this image, (h, w) or
@@ -109,7 +112,7 @@ def figure(image: Any, maps: Mapping[str, Any], *, classes: Sequence[str] | None
     return fig
 
 
-def save_png(fig, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
     """Write a matplotlib figure to ``path`` as PNG, atomically (a temporary file, then a rename).
 
     Example:

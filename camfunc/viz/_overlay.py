@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -10,8 +11,13 @@ from torch import Tensor
 
 from camfunc._core import ops as _ops
 
+if TYPE_CHECKING:  # optional dependencies, imported when used
+    from matplotlib.cm import ColormapRegistry
+    from matplotlib.colors import Colormap
+    from PIL.Image import Image as PILImage
 
-def _lazy_pil():
+
+def _lazy_pil() -> ModuleType:
     try:
         from PIL import Image
     except ImportError as error:  # pragma: no cover - depends on the environment
@@ -19,7 +25,7 @@ def _lazy_pil():
     return Image
 
 
-def _lazy_colormaps():
+def _lazy_colormaps() -> ColormapRegistry:
     try:
         import matplotlib
     except ImportError as error:  # pragma: no cover - depends on the environment
@@ -90,7 +96,7 @@ def resized_map(cam: Any, height: int, width: int) -> np.ndarray:
     return _ops.normalize(up[None], spatial_dims=2)[0].numpy()
 
 
-def colormap_of(colormap: Any):
+def colormap_of(colormap: Any) -> Colormap:
     """A matplotlib ``Colormap`` from a name or a ``Colormap``."""
     colormaps = _lazy_colormaps()
     from matplotlib.colors import Colormap
@@ -103,7 +109,7 @@ def colormap_of(colormap: Any):
     return colormaps[colormap]
 
 
-def overlay(image: Any, cam: Any, *, colormap: Any = "jet", alpha: float = 0.5):
+def overlay(image: Any, cam: Any, *, colormap: Any = "jet", alpha: float = 0.5) -> PILImage:
     r"""Blend a CAM, coloured by a matplotlib colormap, over an image: an RGB PIL image.
 
     .. math:: O = (1 - \alpha)\, I + \alpha\, \mathrm{cmap}(\hat M), \quad
@@ -129,4 +135,5 @@ def overlay(image: Any, cam: Any, *, colormap: Any = "jet", alpha: float = 0.5):
     base = image_array(image)
     heat = cmap(resized_map(cam, *base.shape[:2]))[..., :3]
     blended = (1.0 - alpha) * base + alpha * heat
-    return _lazy_pil().fromarray(np.round(blended * 255).astype(np.uint8))
+    blended_image: PILImage = _lazy_pil().fromarray(np.round(blended * 255).astype(np.uint8))
+    return blended_image

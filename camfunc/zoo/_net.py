@@ -35,7 +35,8 @@ class ShapesNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        scores: torch.Tensor = self.fc(torch.flatten(self.pool(x), 1))
+        return scores
 
 
 def shapesnet(*, pretrained: bool = True, weights: str | Path | None = None) -> ShapesNet:

@@ -38,7 +38,8 @@ def prepared(kind: str, model: nn.Module, build: Callable[[nn.Module], T]) -> T:
         cache = _CACHES.setdefault(kind, weakref.WeakKeyDictionary())
         hit = cache.get(model)
     if hit is not None and hit[0] == key:
-        return hit[1]
+        cached: T = hit[1]
+        return cached
     value = build(model)  # outside the lock: tracing takes the trace lock itself
     with _LOCK:
         cache[model] = (key, value)

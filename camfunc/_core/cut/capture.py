@@ -113,7 +113,8 @@ class _CutTracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, name)
 
-    def call_module(self, m, forward, args, kwargs):
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         if name and (self.record_all or name in self.targets):
@@ -335,7 +336,8 @@ def _dynamic_shapes(example: Tensor, spatial: bool, kwargs: Mapping[str, Any]) -
     return [(shapes, *[None] * len(kwargs)) for shapes in tries] + [None]
 
 
-def _export(model: nn.Module, example: Tensor, kwargs: Mapping[str, Any], spatial: bool):
+def _export(model: nn.Module, example: Tensor, kwargs: Mapping[str, Any],
+            spatial: bool) -> torch.export.ExportedProgram:
     error: Exception | None = None
     for shapes in _dynamic_shapes(example, spatial, kwargs):
         try:

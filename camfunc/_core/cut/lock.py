@@ -22,7 +22,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -109,9 +109,9 @@ def holding_calls(fn: F) -> F:
     """Runs ``fn`` holding :data:`TRACE_LOCK` shared: for code that calls a split's stages,
     hand-built ones included (camfunc's own stages also hold it themselves)."""
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_dynamo_compiling():
             return fn(*args, **kwargs)
         with TRACE_LOCK.calling():
             return fn(*args, **kwargs)
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
+from torch import Tensor, nn
 
 from camfunc._core.cut import rows as _rows
 from camfunc._core.cut.capture import Captured, CaptureError, target_name
@@ -69,7 +69,7 @@ def _inplace_flag(fn: Any, args: tuple, kwargs: dict) -> bool:
     return bound.arguments.get("inplace") is True
 
 
-def _schema(node: torch.fx.Node):
+def _schema(node: torch.fx.Node) -> Any:
     return getattr(node.target, "_schema", None) if node.op == "call_function" else None
 
 
@@ -223,8 +223,9 @@ def out_of_place(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tup
 _SDPA = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 
 
-def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False):
+def math_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> Tensor:
     """Scaled dot-product attention by its math kernel: matmuls and a softmax.
 
     The fused CPU and GPU kernels' backward has no batching rule, so ``vmap``
@@ -232,8 +233,9 @@ def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     has no formula for them. Same values up to rounding.
     """
     extra = {"enable_gqa": True} if enable_gqa else {}
-    return torch.ops.aten._scaled_dot_product_attention_math(
+    out: Tensor = torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)[0]
+    return out
 
 
 def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple, dict] | None:

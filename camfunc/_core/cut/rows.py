@@ -57,7 +57,7 @@ def _name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
         return ""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
+        return str(target.overloadpacket.__name__)
     if target in _OPERATORS:
         return _OPERATORS[target]
     return getattr(target, "__name__", "")
@@ -146,8 +146,10 @@ def _plan(node: torch.fx.Node, name: str, rows: Rows, gm: torch.fx.GraphModule) 
             return None
         if name == "dropout" and not _dropout_is_off(node):
             return None
-        inputs = {i: broadcast(i) for i in tensors}
-        return None if any(v is False for v in inputs.values()) else _Plan(rows, inputs)  # type: ignore[arg-type]
+        axes = {i: broadcast(i) for i in tensors}
+        if any(v is False for v in axes.values()):
+            return None
+        return _Plan(rows, {i: v for i, v in axes.items() if not isinstance(v, bool)})
     if name in ("layer_norm", "layer_norm_module", "linear"):
         source = _shape(args[0])
         kept = 1 if name != "layer_norm" else len(args[1])
@@ -201,9 +203,9 @@ def _demands(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, _Plan], dict
     for node in reversed(list(gm.graph.nodes)):
         name = _name(node, gm)
         uses = wanted.get(node, [])
-        if node.op in ("call_function", "call_method", "call_module") and uses \
-                and None not in uses and len(set(uses)) == 1:
-            plan = _plan(node, name, uses[0], gm)  # type: ignore[arg-type]
+        wanted_rows = uses[0] if uses and len(set(uses)) == 1 else None
+        if node.op in ("call_function", "call_method", "call_module") and wanted_rows is not None:
+            plan = _plan(node, name, wanted_rows, gm)
             if plan is not None:
                 plans[node] = plan
         if node not in plans:
@@ -219,9 +221,9 @@ def _demands(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, _Plan], dict
             if not isinstance(arg, torch.fx.Node):
                 continue
             covered.add(arg)
-            if node in plans and plans[node].inputs.get(index) is not None:
-                plan = plans[node]
-                needs[arg].append((plan.inputs[index], *plan.rows[1:]))  # type: ignore[arg-type]
+            narrowed = plans[node].inputs.get(index) if node in plans else None
+            if node in plans and narrowed is not None:
+                needs[arg].append((narrowed, *plans[node].rows[1:]))
             elif node in origins and index == 0:
                 needs[arg].append(origins[node])
             else:
