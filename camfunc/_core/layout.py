@@ -153,9 +153,9 @@ def _scaled(sizes: Sequence[int], spatial: Sequence[int]) -> bool:
     """
     if len(sizes) != len(spatial) or not sizes or any(a < 1 for a in sizes):
         return False
-    floor_lo, floor_hi = max(s / (a + 1) for a, s in zip(sizes, spatial)), min(s / a for a, s in zip(sizes, spatial))
-    ceil_lo = max(s / a for a, s in zip(sizes, spatial))
-    ceil_hi = min(s / (a - 1) if a > 1 else math.inf for a, s in zip(sizes, spatial))
+    floor_lo, floor_hi = max(s / (a + 1) for a, s in zip(sizes, spatial, strict=True)), min(s / a for a, s in zip(sizes, spatial, strict=True))
+    ceil_lo = max(s / a for a, s in zip(sizes, spatial, strict=True))
+    ceil_hi = min(s / (a - 1) if a > 1 else math.inf for a, s in zip(sizes, spatial, strict=True))
     return floor_lo < floor_hi or ceil_lo < ceil_hi
 
 
@@ -268,7 +268,7 @@ def _prefix_counts(hint: int | tuple[tuple[int, int], ...], width: int) -> list[
     counts = dict(hint)
     if width in counts:
         return [counts[width]]
-    return sorted(set(counts.values())) + [sum(counts.values())]
+    return [*sorted(set(counts.values())), sum(counts.values())]
 
 
 def _raise(err: Exception) -> Any:
@@ -389,4 +389,4 @@ def with_layout(split: Split, layout: Layout | str | Sequence[Layout | str]) -> 
     """
     items = [layout] * split.num_layers if isinstance(layout, (Layout, str)) else list(layout)
     names = list(split.layers) + [""] * (len(items) - len(split.layers))
-    return build_layouts(split, [_as_rule(item, name) for item, name in zip(items, names)])
+    return build_layouts(split, [_as_rule(item, name) for item, name in zip(items, names, strict=True)])

@@ -175,13 +175,13 @@ def _feature_axes(model: nn.Module, captured: Captured, names: Sequence[str],
                   forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """The graph's evidence for each layer's feature axis, read inside the layer too."""
     if captured.method == "export":  # already op by op
-        return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts)}
+        return {name: _evidence.feature_axis(captured, cut) for name, cut in zip(names, cuts, strict=True)}
     try:
         fine: Captured | None = trace_fx(model, [], record_all=True, forward_kwargs=forward_kwargs)
     except CaptureError:  # traceable only with the layers as leaves (TinyViT's stages): no say
         fine = None
     found: dict[str, str | None] = {}
-    for name, cut in zip(names, cuts):
+    for name, cut in zip(names, cuts, strict=True):
         module, item = parse_item(name)
         if fine is None:
             found[name] = None
@@ -409,7 +409,7 @@ def _layout_rules(model: nn.Module, names: list[str], chain_names: Sequence[str]
     if isinstance(layout, (list, tuple)):
         if len(layout) != len(names):
             raise ValueError(f"got {len(layout)} layouts for {len(names)} layers")
-        per_name = dict(zip(names, layout))
+        per_name = dict(zip(names, layout, strict=True))
         return [build(per_name[name], name) for name in chain_names]
     return [build(layout, name) for name in chain_names]
 
@@ -551,7 +551,7 @@ def _compare(expected: Any, got: Any, rtol: float, atol: float, where: str = "ou
     elif isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(expected) != len(got):
             raise ValueError(f"split output at {where} differs in structure from the model's")
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
             _compare(e, g, rtol, atol, f"{where}[{i}]")
 
 

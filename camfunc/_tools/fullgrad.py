@@ -10,6 +10,7 @@ for every class at once under ``vmap``, and never with respect to a parameter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any, cast
@@ -80,10 +81,10 @@ def _probed(model: nn.Module) -> torch.fx.GraphModule:
         with graph.inserting_after(anchor):
             anchor = graph.placeholder(f"probe_{i}")
         probes.append(anchor)
-    for node, probe in zip(targets, probes):
+    for node, probe in zip(targets, probes, strict=True):
         with graph.inserting_after(node):
             shifted = graph.call_function(operator.add, (node, probe))
-        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+        node.replace_all_uses_with(shifted, delete_user_cb=functools.partial(operator.is_not, shifted))
     gm.recompile()
     return gm
 
@@ -200,7 +201,7 @@ def fullgrad(model: nn.Module | Split | FullGradModel, x: Tensor, cls: _targets.
         input_terms = (acts[0].float() * input_grad.float()).abs()  # (B, C_in, *size)
         input_terms = _ops.normalize(input_terms, spatial_dims=input_terms.ndim - 2)
         layer_maps = []
-        for bias, g in zip(biases, probe_grads):
+        for bias, g in zip(biases, probe_grads, strict=True):
             shape = (1, -1, *(1,) * (g.ndim - 2))
             layer_map = _channel_normalised_sum((bias.reshape(shape) * g.float()).abs())
             layer_maps.append(_ops.upsample(layer_map, size))

@@ -25,7 +25,7 @@ import numbers
 import sys
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Union, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ _UNSUPPORTED = (
     "other models give layers= (blocks in torchvision's layout) and score_projection="
 )
 
-Layers = Union[int, str, nn.Module, Sequence[Union[int, str, nn.Module]], None]
+Layers = int | str | nn.Module | Sequence[int | str | nn.Module] | None
 #: ``(block, z) -> (P, V)``: attention probabilities ``(B, heads, N, N)`` and values.
 Attention = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
 #: ``(block, z, V, P) -> y``: the block's output tokens as a function of ``P``.
@@ -268,7 +268,7 @@ def _torchvision_layout(model: nn.Module, layers: Layers,
         )
 
         found, out = module_inputs(model, [names[i] for i in chosen], x)
-        return dict(zip(chosen, found)), _targets.class_scores(out)
+        return dict(zip(chosen, found, strict=True)), _targets.class_scores(out)
 
     def rest(block: Any, z: Tensor, v: Tensor, p: Tensor) -> Tensor:
         mixed = (p @ v).transpose(1, 2).flatten(2)
@@ -431,7 +431,7 @@ def legrad(model: nn.Module | Split, x: Tensor, cls: _targets.Target, *, layers:
         def every_block_scores(*probabilities: Tensor) -> Tensor:
             # Block l's score depends on its own P only: one vjp serves every block.
             scores = [family.project(family.rest(family.blocks[i], inputs[i], parts[i][1], p))
-                      for i, p in zip(chosen, probabilities)]
+                      for i, p in zip(chosen, probabilities, strict=True)]
             _check_reads_the_tokens(scores)
             return torch.stack(scores)
 

@@ -8,7 +8,7 @@ Models", BMVC 2018, Section 4.1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from camfunc.metrics import _inputs, _model_calls, _skipping
 from camfunc.metrics._inputs import Classes, Model
 
 #: "zeros", "blur" (RISE's Gaussian blur), a tensor broadcastable to x, or a callable x -> tensor.
-Substrate = Union[str, Tensor, Callable[[Tensor], Tensor]]
+Substrate = str | Tensor | Callable[[Tensor], Tensor]
 
 #: RISE's blur: an 11-tap kernel from a sigma-5 Gaussian (``gkern(11, 5)`` in its code).
 BLUR_SIZE = 11

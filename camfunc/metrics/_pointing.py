@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from torch import Tensor
 from camfunc.metrics import _inputs, _skipping
 
 #: Boolean masks (B, H, W), boxes (B, 4), or per image a (n, 4) tensor or list of 4-number boxes.
-GroundTruth = Union[Tensor, Sequence[Any]]
+GroundTruth = Tensor | Sequence[Any]
 
 
 class PointingGame(NamedTuple):

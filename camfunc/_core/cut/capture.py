@@ -270,7 +270,7 @@ def trace_fx(model: nn.Module, targets: Sequence[str], *, record_all: bool = Fal
     root = _graph_root(model, graph, tracer.constants)
     constants = {}
     # Placeholders follow forward's arguments; each holds the value fx traced with (and asserts).
-    for node, name in zip(placeholders[1:], defaults):
+    for node, name in zip(placeholders[1:], defaults, strict=False):
         value = node.args[0] if node.args else None
         value = root[target_name(value)] if isinstance(value, torch.fx.Node) else value
         constants[node] = value if isinstance(defaults[name], Tensor) else defaults[name]
@@ -500,7 +500,7 @@ def _calls_from_stack(graph: torch.fx.Graph, model: nn.Module, targets: Sequence
                 scopes.setdefault(key, (path, []))[1].append(node)
     position = {node: i for i, node in enumerate(graph.nodes)}
     calls: dict[str, list[tuple[int, torch.fx.Node]]] = {}
-    for key, (path, nodes) in scopes.items():
+    for path, nodes in scopes.values():
         inside = set(nodes)
         outs = [n for n in nodes if isinstance(n.meta.get("val"), Tensor)
                 and any(u not in inside for u in n.users)]

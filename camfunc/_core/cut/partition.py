@@ -109,7 +109,7 @@ def aliased(node: torch.fx.Node, captured: Captured) -> torch.fx.Node | None:
     schema = _schema(node)
     if schema is not None:
         if any(r.alias_info is not None for r in schema.returns):
-            for arg, value in zip(schema.arguments, node.args):
+            for arg, value in zip(schema.arguments, node.args, strict=False):
                 if arg.alias_info is not None and isinstance(value, torch.fx.Node):
                     return value
         return None
@@ -121,9 +121,9 @@ def aliased(node: torch.fx.Node, captured: Captured) -> torch.fx.Node | None:
         return first
     if node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or written(node, captured)):
         return first
-    if node.op == "call_module":
-        if isinstance(captured.owner(node), _ALIAS_MODULES) or written(node, captured):
-            return first
+    if node.op == "call_module" and (isinstance(captured.owner(node), _ALIAS_MODULES)
+                                     or written(node, captured)):
+        return first
     return None
 
 
@@ -250,7 +250,7 @@ def _batchable(node: torch.fx.Node, captured: Captured) -> tuple[Any, str, tuple
 def with_items(items: Any, indices: tuple[int, ...], *values: Any) -> Any:
     """``items`` (a list or tuple) with element ``indices[k]`` replaced by ``values[k]``."""
     out = list(items)
-    for index, value in zip(indices, values):
+    for index, value in zip(indices, values, strict=True):
         out[index] = value
     return tuple(out) if isinstance(items, tuple) else out
 

@@ -132,7 +132,7 @@ def _plan(node: torch.fx.Node, name: str, rows: Rows, gm: torch.fx.GraphModule) 
     # Keyword tensors are kept whole: fine for weights, not for an element-wise operand.
     keyword_tensors = any(isinstance(v, torch.fx.Node) for v in node.kwargs.values())
 
-    def broadcast(i: int) -> int | None | bool:
+    def broadcast(i: int) -> int | bool | None:
         shape = _shape(tensors[i])
         if shape is None:
             return False
@@ -154,7 +154,9 @@ def _plan(node: torch.fx.Node, name: str, rows: Rows, gm: torch.fx.GraphModule) 
         source = _shape(args[0])
         kept = 1 if name != "layer_norm" else len(args[1])
         if name == "layer_norm_module":
-            kept = len(getattr(gm.get_submodule(str(node.target)), "normalized_shape"))
+            norm = gm.get_submodule(str(node.target))
+            assert isinstance(norm, nn.LayerNorm)  # by _name
+            kept = len(norm.normalized_shape)
         if source is None or axis >= len(source) - kept:
             return None
         return _Plan(rows, {i: (axis if i == 0 else None) for i in tensors})
@@ -215,7 +217,7 @@ def _demands(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, _Plan], dict
         # What this node needs of each input: some rows (a plan's axis, an origin's
         # rows), or all of it (any other use, nested arguments, the output).
         needs: dict[torch.fx.Node, list[Rows | None]] = {n: [] for n in node.all_input_nodes}
-        direct = [*enumerate(node.args)] + [(-1, node.kwargs.get("attn_mask"))]
+        direct = [*enumerate(node.args), (-1, node.kwargs.get("attn_mask"))]
         covered: set[torch.fx.Node] = set()
         for index, arg in direct:
             if not isinstance(arg, torch.fx.Node):
@@ -349,6 +351,6 @@ def checked_pruning(gm: torch.fx.GraphModule, carry: tuple[Any, ...]) -> torch.f
     except Exception:  # an optimisation only: anything unforeseen runs the stage whole
         return None
     same = [torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-            for a, b in zip(torch.utils._pytree.tree_leaves(whole), torch.utils._pytree.tree_leaves(rows))
+            for a, b in zip(torch.utils._pytree.tree_leaves(whole), torch.utils._pytree.tree_leaves(rows), strict=False)
             if isinstance(a, torch.Tensor) and a.is_floating_point()]
     return pruned if same and all(same) else None
