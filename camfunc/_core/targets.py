@@ -58,6 +58,20 @@ def is_objective(cls: Target) -> TypeIs[Objective]:
     return callable(cls) and not isinstance(cls, (Tensor, TopK))
 
 
+class RowTarget(Protocol):
+    """A callable target that fixes its choice on the clean scores: ``for_rows(scores, rows)``
+    gives the plain callable for a batch whose row r belongs to sample ``rows[r]``."""
+
+    def __call__(self, out: Any) -> Tensor: ...
+
+    def for_rows(self, scores: Any, rows: Tensor) -> Objective: ...
+
+
+def is_row_target(cls: Objective) -> TypeIs[RowTarget]:
+    """Whether a callable target fixes its choice on the clean scores (``for_rows``)."""
+    return hasattr(cls, "for_rows")
+
+
 class Picker(Protocol):
     """``pick(out, rows, copies=None)``: the target value of each row's own sample."""
 
@@ -70,9 +84,11 @@ def class_scores(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
+        logits: Tensor = output["logits"]
+        return logits
     if not isinstance(output, Mapping) and isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
+        attribute: Tensor = output.logits
+        return attribute
     kind = type(output).__name__
     if isinstance(output, Mapping):
         found, pick = f" with keys {list(output)}", f"output={next(iter(output), 'key')!r}"
@@ -287,14 +303,14 @@ def picker(cls: Target, scores: Any, batch: int) -> tuple[Picker, bool]:
         keep_k = objective_rows(cls(scores))[1]
 
         def pick(out: Any, rows: Tensor, copies: int | None = None) -> Tensor:
-            if hasattr(cls, "for_rows"):
+            if is_row_target(cls):
                 values = cls.for_rows(scores, rows)(out)
             elif copies is not None:
                 values = _PerCopy(cls, copies, batch)(out)
             else:
                 values = _each_row_in_its_batch(cls, scores, out, rows, batch)
             return values.unsqueeze(1) if values.ndim == 1 else values
-        setattr(pick, "whole_batches", not hasattr(cls, "for_rows"))
+        setattr(pick, "whole_batches", not is_row_target(cls))
         return pick, keep_k
     index, keep_k = class_indices(cls, scores)
 
@@ -399,7 +415,7 @@ def tiled(cls: Target, copies: int, clean_scores: Callable[[], Any], batch: int)
 def tiled_objective(cls: Objective, copies: int, clean_scores: Callable[[], Any],
                     batch: int) -> Objective:
     """A callable ``cls`` for ``copies`` stacked copies of the image batch: see :func:`tiled`."""
-    if hasattr(cls, "for_rows"):
+    if is_row_target(cls):
         scores = clean_scores()
         device = next((t.device for t in torch.utils._pytree.tree_leaves(scores)
                        if isinstance(t, Tensor)), None)
@@ -426,7 +442,7 @@ def for_rows(cls: Target, scores: Any, rows: Tensor, batch: int) -> Target:
     ``scores``, the output for the ``batch`` images)."""
     cls = _as_tensor(cls)
     if is_objective(cls):
-        if hasattr(cls, "for_rows"):
+        if is_row_target(cls):
             return cls.for_rows(scores, rows)
         return _InTheirBatches(cls, scores, rows, batch)
     index, keep_k = class_indices(cls, scores)

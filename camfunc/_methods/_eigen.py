@@ -37,7 +37,7 @@ def _kernel(x: Tensor, kind: str, gamma: float | None, degree: int, coef0: float
         sq = x.square().sum(-1)
         return torch.exp(-gamma * (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * inner).clamp_min(0))
     if kind == "cosine":
-        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        unit: Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         return unit @ unit.transpose(1, 2)
     raise ValueError(f"kernel must be 'linear', 'poly', 'rbf', 'sigmoid' or 'cosine', got {kind!r}")
 

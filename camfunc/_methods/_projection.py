@@ -45,7 +45,9 @@ def _first_direction(centred: Tensor) -> Tensor:
     derivative) and an all-zero matrix get none.
     """
     fixed = centred.detach()
-    _, values, vh = torch.linalg.svd(fixed, full_matrices=False)
+    svd = torch.linalg.svd(fixed, full_matrices=False)
+    values: Tensor = svd.S
+    vh: Tensor = svd.Vh
     direction = vh[:, 0, :]
     if not (torch.is_grad_enabled() and centred.requires_grad):
         return direction

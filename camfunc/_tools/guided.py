@@ -40,12 +40,13 @@ class _GuidedReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
+        x: Tensor = ctx.saved_tensors[0]
         return grad.clamp_min(0) * (x > 0).to(grad.dtype)
 
 
 def guided_relu(x: Tensor, inplace: bool = False) -> Tensor:
-    return _GuidedReLU.apply(x)
+    out: Tensor = _GuidedReLU.apply(x)
+    return out
 
 
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}

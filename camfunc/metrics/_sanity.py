@@ -174,7 +174,8 @@ def _method_of(method: Any) -> Callable[..., Any]:
         return METHODS[method]
     if not callable(method):
         raise TypeError(f"method must be a camfunc method or its name, got {type(method).__name__}")
-    return method
+    given: Callable[..., Any] = method
+    return given
 
 
 def _cascade(model: nn.Module, modules: Sequence[str] | None, steps: int | None) -> list[str]:

@@ -93,7 +93,7 @@ def check_reading(exif: Any, decode: Any, device: torch.device) -> str:
             return "pillow"
     if decode == "auto":
         return "device" if device.type == "cuda" else "pillow"
-    return decode
+    return str(decode)
 
 
 def state_sha256(model: nn.Module) -> str:

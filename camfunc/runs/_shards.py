@@ -17,7 +17,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -211,7 +211,7 @@ def _cell(value: Any) -> Any:
 
 def write_csv(path: Path, columns: list[str], rows: Iterator[dict[str, Any]]) -> Path:
     """Stream rows into a CSV file, atomically."""
-    def write(file) -> None:
+    def write(file: IO[bytes]) -> None:
         text = io.TextIOWrapper(file, encoding="utf-8", newline="")
         writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -126,13 +126,15 @@ class KitNet(nn.Module):
         h = self.act(self.norm(self.stem(x)))
         a = self.body(h)
         if self.pooled_linear_tail:
-            return self.fc(self.pool(a).flatten(1))
+            pooled: Tensor = self.fc(self.pool(a).flatten(1))
+            return pooled
         if self.skip:  # a value from the head crosses the cut
             a = a + h
         a = self.act(a)  # in place, after the cut, when drawn so
         if self.deep is not None:
             a = self.act(self.deep(a))
-        return self.fc(self.pool(a).flatten(1))
+        scores: Tensor = self.fc(self.pool(a).flatten(1))
+        return scores
 
     def tail_modules(self) -> list[nn.Module]:
         """The layers that run after the cut, top first."""
@@ -223,7 +225,8 @@ class TokenNet(nn.Module):
         a = self.body(tokens)
         if self.skip:
             a = a + tokens
-        return self.fc(self.act(a).mean(1))
+        scores: Tensor = self.fc(self.act(a).mean(1))
+        return scores
 
     def tail_modules(self) -> list[nn.Module]:
         """The layers that run after the cut, top first."""
@@ -274,7 +277,7 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @st.composite
-def models(draw: Any, dims: st.SearchStrategy[int] = st.integers(1, 3),
+def models(draw: st.DrawFn, dims: st.SearchStrategy[int] = st.integers(1, 3),
            classes: st.SearchStrategy[int] = st.integers(2, 5),
            channels: st.SearchStrategy[int] = st.integers(1, 5), *, circular: bool = False,
            pooled_linear_tail: bool = False) -> KitNet:
@@ -298,7 +301,7 @@ def models(draw: Any, dims: st.SearchStrategy[int] = st.integers(1, 3),
 
 
 @st.composite
-def token_models(draw: Any, classes: st.SearchStrategy[int] = st.integers(2, 5),
+def token_models(draw: st.DrawFn, classes: st.SearchStrategy[int] = st.integers(2, 5),
                  width: st.SearchStrategy[int] = st.integers(1, 5)) -> TokenNet:
     """Small random :class:`TokenNet` models (tokens ``(B, N, D)`` at the cut, with or
     without a class token before the patch grid).
@@ -321,7 +324,7 @@ def _values() -> st.SearchStrategy[float]:
 
 
 @st.composite
-def inputs(draw: Any, dims: int, batch: st.SearchStrategy[int] = st.integers(1, 4),
+def inputs(draw: st.DrawFn, dims: int, batch: st.SearchStrategy[int] = st.integers(1, 4),
            size: st.SearchStrategy[int] = st.integers(3, 6), *, values: str = "drawn") -> Tensor:
     """An input batch ``(B, 2, *spatial)`` for a ``dims``-D model, drawn value by value
     (``values="drawn"``: zeros, ties and extremes come up, and shrink), or standard normal
@@ -343,7 +346,7 @@ def inputs(draw: Any, dims: int, batch: st.SearchStrategy[int] = st.integers(1, 
 
 
 @st.composite
-def targets(draw: Any, batch: int, classes: int, forms: tuple[str, ...] = ("int", "per_sample",
+def targets(draw: st.DrawFn, batch: int, classes: int, forms: tuple[str, ...] = ("int", "per_sample",
                                                                         "classes", "topk")) -> Target:
     """``cls`` in each form a method takes: an int, one class per sample ``(B,)``, ``(B, K)``
     classes, or ``camfunc.topk(k)``.
@@ -367,7 +370,7 @@ def targets(draw: Any, batch: int, classes: int, forms: tuple[str, ...] = ("int"
 
 
 @st.composite
-def cases(draw: Any, dims: st.SearchStrategy[int] = st.integers(1, 3),
+def cases(draw: st.DrawFn, dims: st.SearchStrategy[int] = st.integers(1, 3),
           batch: st.SearchStrategy[int] = st.integers(1, 4),
           forms: tuple[str, ...] = ("int", "per_sample", "classes", "topk"), *,
           layouts: tuple[str, ...] = ("channels_first", "tokens"), circular: bool = False,

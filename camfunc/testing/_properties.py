@@ -40,7 +40,8 @@ def _call(method: Method, case: Case, x: Tensor, cls: Any, **options: Any) -> Te
 def _activations(case: Case, x: Tensor) -> Tensor:
     with torch.no_grad():
         carry = case.split.head(x)
-    return carry[0] if isinstance(carry, tuple) else carry
+    first: Tensor = carry[0] if isinstance(carry, tuple) else carry
+    return first
 
 
 def _with_draws(method: Method, case: Case, options: dict[str, Any]) -> dict[str, Any]:
