@@ -228,6 +228,14 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
     return box_iou(a, b)
 
 
+def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of box ``a[i]`` with box ``b[i]``: the same formula, for the matched pairs only."""
+    corners = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp_min(0)
+    inter = corners.prod(1)
+    areas = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1)
+    return inter / (areas - inter)
+
+
 @dataclasses.dataclass(frozen=True)
 class BoxScore:
     """See :func:`box_score`."""
@@ -253,11 +261,17 @@ class BoxScore:
         total = found["scores"].sum() * 0
         if len(found["boxes"]) == 0 or len(boxes) == 0:
             return total
-        ious = _box_iou(boxes.to(found["boxes"]), found["boxes"])  # (references, detections)
-        best = ious.argmax(1)  # the first of equal IoUs, as the peer's argmax
-        best_iou = ious.gather(1, best.unsqueeze(1)).squeeze(1)
-        matched = (best_iou > self.iou_threshold) & (found["labels"][best] == labels.to(found["labels"].device))
-        return total + ((best_iou + found["scores"][best]) * matched).sum()
+        references = boxes.to(found["boxes"])
+        with torch.no_grad():  # which detection each reference takes is a choice, not differentiated
+            ious = _box_iou(references, found["boxes"])  # (references, detections)
+            best = ious.argmax(1)  # the first of equal IoUs (a NaN of a degenerate box first), as the peer's
+            best_iou = ious.gather(1, best.unsqueeze(1)).squeeze(1)
+            matched = (best_iou > self.iou_threshold) & (found["labels"][best] == labels.to(best.device))
+        # Only matched pairs enter the graph: a degenerate box's 0/0 IoU must not reach the gradient.
+        rows = matched.nonzero().squeeze(1)
+        chosen = best[rows]
+        return total + (_paired_iou(references[rows], found["boxes"][chosen])
+                        + found["scores"][chosen]).sum()
 
 
 def box_score(boxes: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor],

@@ -85,6 +85,19 @@ def test_box_score_by_hand():
         targets.box_score(reference[0], labels[0])(found)
 
 
+def test_box_score_of_degenerate_boxes_is_finite_and_so_is_its_gradient():
+    # A zero-area reference against a zero-area detection has IoU 0/0: no match, as the peer's.
+    boxes = torch.tensor([[5.0, 5, 5, 5], [0.0, 0, 4, 4]], requires_grad=True)
+    scores = torch.tensor([0.5, 0.25], requires_grad=True)
+    found = [{"boxes": boxes, "labels": torch.tensor([1, 1]), "scores": scores}]
+    target = targets.box_score(torch.tensor([[5.0, 5, 5, 5], [0.0, 0, 4, 3]]), torch.tensor([1, 1]))
+    value = target(found)
+    assert value.tolist() == [pytest.approx(0.75 + 0.25)]  # the second: IoU 12/16, score 0.25
+    assert torch.isfinite(torch.autograd.grad(value.sum(), boxes)[0]).all()
+    assert torch.allclose(value, _peer_box_scores(found, [torch.tensor([[5.0, 5, 5, 5], [0.0, 0, 4, 3]])],
+                                                  [torch.tensor([1, 1])], 0.5))
+
+
 # ---------------------------------------------------------------- against the peer's targets
 
 
