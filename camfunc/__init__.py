@@ -8,63 +8,105 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 The package is layered; each layer imports only from those above it here:
 ``_util`` (files, images, progress), ``_core`` (the split, targets, the
 gradients engine), ``_methods`` (one module per CAM method), ``_tools``
-(whole-model methods and wrappers), ``metrics`` and ``viz``, ``runs``
-(dataset-scale runs), ``cli``.
+(whole-model methods and wrappers), ``metrics``, ``viz`` and ``models``, this
+namespace, then the applications: ``testing``, ``runs`` (dataset-scale runs) and
+``cli``, which use only public names. ``runs`` is loaded on first use of
+``camfunc.runs``, so that it can build on this namespace.
 """
-# ruff: noqa: F403, F405 (the methods come from their registry, camfunc._methods)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 # Splitting a model
-# Subpackages: metrics, figures, dataset-scale runs, the embedded model
-from camfunc import (
-    losses as losses,
-    metrics as metrics,
-    runs as runs,
-    targets as targets,
-    viz as viz,
-    zoo as zoo,
-)
+from camfunc._core.layout import Layout, with_layout
+from camfunc._core.split import Split
+from camfunc._core.splitter import LayerChoiceWarning, RepeatedLayerWarning, check, split
 
+# isort: split
 # Targets: which class, or which function of the scores, a map explains
-from camfunc._core.contrastive import Finer as Finer, ReST as ReST, finer as finer, rest as rest
-from camfunc._core.layout import Layout as Layout, with_layout as with_layout
+from camfunc._core.contrastive import Finer, ReST, finer, rest
+from camfunc._core.targets import Target, TopK, topk
 
-# Operations on maps
-from camfunc._core.ops import fuse as fuse, normalize as normalize, upsample as upsample
-from camfunc._core.split import Split as Split
-from camfunc._core.splitter import (
-    LayerChoiceWarning as LayerChoiceWarning,
-    RepeatedLayerWarning as RepeatedLayerWarning,
-    check as check,
-    split as split,
+# isort: split
+# Methods on a split: the registry, sess, and cam_method to add one
+from camfunc._methods import (
+    METHODS,
+    CamMethod,
+    Draws,
+    ablationcam,
+    cam,
+    cam_method,
+    eigencam,
+    eigengradcam,
+    fem,
+    finercam,
+    gradcam,
+    gradcam_elementwise,
+    gradcampp,
+    hirescam,
+    iscam,
+    kpcacam,
+    layercam,
+    randomcam,
+    refinecam,
+    scorecam,
+    segeigencam,
+    sess,
+    shapleycam,
+    smooth_gradcampp,
+    sscam,
+    xgradcam,
 )
-from camfunc._core.targets import TopK as TopK, topk as topk
-from camfunc._core.validate import NonFiniteWarning as NonFiniteWarning
 
-# Methods on a split: every registered one (METHODS), sess, and cam_method to add one
-from camfunc._methods import *
-
+# isort: split
 # Whole-model methods and wrappers
-from camfunc._tools.factorization import Factorization as Factorization, dff as dff
-from camfunc._tools.fullgrad import (
-    FullGradModel as FullGradModel,
-    fullgrad as fullgrad,
-    fullgrad_model as fullgrad_model,
-)
-from camfunc._tools.guided import (
-    guided_backprop as guided_backprop,
-    guided_gradcam as guided_gradcam,
-    guided_model as guided_model,
-)
-from camfunc._tools.legrad import legrad as legrad
-from camfunc._tools.smoothing import aug_smooth as aug_smooth
-from camfunc._version import __version__ as __version__
+from camfunc._tools.factorization import Factorization, dff
+from camfunc._tools.fullgrad import FullGradModel, fullgrad, fullgrad_model
+from camfunc._tools.guided import guided_backprop, guided_gradcam, guided_model
+from camfunc._tools.legrad import legrad
+from camfunc._tools.smoothing import aug_smooth
 
-__all__ = sorted([
+# isort: split
+# Operations on maps, and the warnings
+from camfunc._core.ops import fuse, normalize, upsample
+from camfunc._core.validate import NonFiniteWarning
+from camfunc._version import __version__
+
+# isort: split
+# Subpackages: files, metrics, losses, figures, target callables, the embedded model
+from camfunc import io, losses, metrics, targets, viz, zoo
+
+if TYPE_CHECKING:
+    from camfunc import runs
+
+__all__ = [  # noqa: RUF022 (grouped as the imports above, not sorted)
+    # Splitting a model
     "Split", "split", "check", "Layout", "with_layout", "LayerChoiceWarning", "RepeatedLayerWarning",
-    "TopK", "topk", "Finer", "finer", "ReST", "rest",
-    "METHODS", "CamMethod", "Draws", "cam_method", "sess", *METHODS,
+    # Targets
+    "Target", "TopK", "topk", "Finer", "finer", "ReST", "rest",
+    # Methods on a split
+    "METHODS", "CamMethod", "Draws", "cam_method", "sess",
+    "gradcam", "gradcam_elementwise", "gradcampp", "hirescam", "layercam", "smooth_gradcampp",
+    "xgradcam", "eigencam", "eigengradcam", "kpcacam", "segeigencam", "cam", "randomcam",
+    "iscam", "scorecam", "sscam", "ablationcam", "shapleycam", "finercam", "fem", "refinecam",
+    # Whole-model methods and wrappers
     "Factorization", "dff", "FullGradModel", "fullgrad", "fullgrad_model", "guided_backprop",
     "guided_gradcam", "guided_model", "legrad", "aug_smooth",
-    "fuse", "normalize", "upsample", "NonFiniteWarning",
-    "losses", "metrics", "runs", "targets", "viz", "zoo",
-], key=str.lower)
+    # Operations on maps, and the warnings
+    "fuse", "normalize", "upsample", "NonFiniteWarning", "__version__",
+    # Subpackages
+    "io", "losses", "metrics", "runs", "targets", "viz", "zoo",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # runs builds on this namespace, so it is imported on first use, not while this loads.
+    if name == "runs":
+        import camfunc.runs
+
+        return camfunc.runs
+    raise AttributeError(f"module 'camfunc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

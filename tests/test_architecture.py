@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -19,19 +21,24 @@ pytestmark = pytest.mark.core
 
 PACKAGE = pathlib.Path(camfunc.__file__).parent
 
-# Each group may import only groups with a smaller rank (and itself).
+# Each group may import only groups with a smaller rank (and itself). The applications
+# (testing, runs, cli) sit above the package's namespace: they are built on the public API.
 RANK = {
     "camfunc._version": 0, "camfunc._util": 0,
-    "camfunc._core": 1,
+    "camfunc._core": 1, "camfunc.io": 1,
     "camfunc._methods": 2, "camfunc.zoo": 2, "camfunc.viz": 2, "camfunc.targets": 2,
     "camfunc._tools": 3,
-    "camfunc.metrics": 4, "camfunc.testing": 4, "camfunc.losses": 4,
+    "camfunc.metrics": 4, "camfunc.losses": 4,
     "camfunc.models": 5,
-    "camfunc.runs": 6,
-    "camfunc.cli": 7,
-    "camfunc": 8,
+    "camfunc": 6,
+    "camfunc.testing": 7, "camfunc.runs": 7,
+    "camfunc.cli": 8,
     "camfunc.__main__": 9,
 }
+APPLICATIONS = ("camfunc.testing", "camfunc.runs", "camfunc.cli", "camfunc.__main__")
+# The namespace hands out ``camfunc.runs`` on first use (its ``__getattr__``), once the
+# namespace is whole: not an edge at import time.
+LAZY = {("camfunc", "camfunc.runs")}
 # Inside the core: the Split value first, the capture and the splitter (layer choice and
 # layouts) last.
 CORE_ORDER = ["split", "targets", "ops", "contrastive", "validate", "layout", "cut", "engine",
@@ -94,7 +101,7 @@ def targets_of(name: str, source_text: str | None = None) -> set[str]:
 
 
 def edges() -> dict[str, set[str]]:
-    return {name: targets_of(name) for name in MODULES}
+    return {name: {t for t in targets_of(name) if (name, t) not in LAZY} for name in MODULES}
 
 
 def in_group(name: str, group_name: str) -> bool:
@@ -127,7 +134,7 @@ def upward_edges(graph: dict[str, set[str]]) -> list[str]:
                 if inside_core and core_position(target) > core_position(name):
                     upward.append(f"{name} -> {target}")
             elif theirs == "camfunc":
-                if mine != "camfunc.__main__":
+                if RANK[mine] <= RANK["camfunc"]:
                     upward.append(f"{name} -> camfunc (the package's namespace; import the module)")
             elif RANK[theirs] >= RANK[mine]:
                 upward.append(f"{name} -> {target}")
@@ -182,7 +189,9 @@ def test_the_checks_read_real_edges_and_catch_planted_ones():
     assert upward_edges({"camfunc._core.engine": {"camfunc._methods._gradient"}}) != []
     assert upward_edges({"camfunc._core.split": {"camfunc._core.engine"}}) != []
     assert upward_edges({"camfunc.viz._figure": {"camfunc.zoo._scenes"}}) != []  # same rank
-    assert upward_edges({"camfunc.runs._settings": {"camfunc"}}) != []
+    assert upward_edges({"camfunc.metrics._sanity": {"camfunc"}}) != []
+    assert upward_edges({"camfunc.runs._settings": {"camfunc"}}) == []  # an application
+    assert upward_edges({"camfunc.testing._properties": {"camfunc.runs._job"}}) != []
     assert upward_edges({"camfunc._tools.guided": {"camfunc._methods._gradient"}}) == []
     assert cycles_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
@@ -198,3 +207,72 @@ def test_a_dynamic_import_is_an_edge_like_any_other():
     assert upward_edges({"camfunc._core.engine": found}) != []
     # A user's module named at run time (a model spec) is not the package's edge.
     assert targets_of("camfunc.models._loading", "import importlib\nimportlib.import_module(name)\n") == set()
+
+
+def is_public(module: str) -> bool:
+    return not any(part.startswith("_") for part in module.split(".")[1:])
+
+
+def private_reaches(imports: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """Each import by an application of a private module or name outside the application:
+    ``camfunc._core``, ``camfunc.models._loading``, another application's ``_job``, ..."""
+    reaches = []
+    for name, found in imports.items():
+        application = next((a for a in APPLICATIONS if in_group(name, a)), None)
+        if application is None:
+            continue
+        for source, imported in found:
+            as_module = f"{source}.{imported}"
+            target = as_module if as_module in MODULES else source
+            if in_group(target, application):
+                continue
+            private_name = imported.startswith("_") and imported != "__version__"
+            if not is_public(target) or (target == source and private_name):
+                reaches.append(f"{name}: from {source} import {imported or '*'}")
+    return reaches
+
+
+def test_applications_import_only_public_names():
+    # testing, runs and cli are built on what users get: camfunc's namespace, its public
+    # modules (io, metrics, models, viz, zoo, ...), and other applications' public names.
+    assert private_reaches({name: imports_of(name) for name in MODULES}) == []
+
+
+def test_the_public_boundary_catches_planted_reaches():
+    planted = ("from camfunc._core import engine\n"
+               "from camfunc.models._loading import load_model\n"
+               "from camfunc.runs._dataset import open_data\n"
+               "from camfunc import _methods\n"
+               "from camfunc import split, models\n"
+               "from camfunc.cli._common import table\n")
+    found = private_reaches({"camfunc.cli._explain": imports_of("camfunc.cli._explain", planted)})
+    assert found == ["camfunc.cli._explain: from camfunc._core import engine",
+                     "camfunc.cli._explain: from camfunc.models._loading import load_model",
+                     "camfunc.cli._explain: from camfunc.runs._dataset import open_data",
+                     "camfunc.cli._explain: from camfunc import _methods"]
+    # The rule is for applications only: the methods build on the core.
+    assert private_reaches({"camfunc._methods._gradient": imports_of("camfunc._methods._gradient")}) == []
+    assert private_reaches({"camfunc.runs._job": imports_of("camfunc.runs._job")}) == []
+
+
+def test_the_namespace_loads_runs_on_first_use():
+    # What LAZY claims: importing camfunc does not import runs, and camfunc.runs still works.
+    code = ("import sys, camfunc\n"
+            "assert 'camfunc.runs' not in sys.modules\n"
+            "assert camfunc.runs.run is sys.modules['camfunc.runs'].run\n"
+            "assert 'runs' in dir(camfunc)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
+
+
+def test_the_namespace_lists_its_names_explicitly():
+    # __all__ is one literal list, with no star import: what camfunc exports is read, not run.
+    tree = ast.parse(MODULES["camfunc"].read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and any(alias.name == "*" for alias in n.names)]
+    listed = [n.value for n in tree.body if isinstance(n, ast.Assign)
+              and [getattr(t, "id", None) for t in n.targets] == ["__all__"]]
+    assert len(listed) == 1 and isinstance(listed[0], ast.List)
+    names = [element.value for element in listed[0].elts if isinstance(element, ast.Constant)]
+    assert names == camfunc.__all__ and len(set(names)) == len(names)
+    assert [n for n in names if not hasattr(camfunc, n)] == []
+    assert sorted(set(camfunc.METHODS) - set(names)) == []

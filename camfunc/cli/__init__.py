@@ -28,7 +28,7 @@ def _subcommands():
 
 
 def _version() -> str:
-    from camfunc._version import __version__
+    from camfunc import __version__
 
     return f"camfunc {__version__}"
 

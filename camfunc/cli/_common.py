@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from camfunc._util.images import read_image
-from camfunc.models._loading import LoadedModel, UsageError
+from camfunc.io import read_image
+from camfunc.models import LoadedModel, UsageError
 
 
 def safe_name(text: str) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from camfunc import zoo
-from camfunc._util.atomic import write_atomic, write_json
+from camfunc import models, zoo
 from camfunc.cli._common import table
-from camfunc.models._loading import UsageError, load_model, make_split, resolve_methods
+from camfunc.io import write_atomic, write_json
+from camfunc.models import UsageError, make_split, resolve_methods
 from camfunc.viz import figure
 
 DEMO_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam",
@@ -45,7 +45,7 @@ def demo(args: argparse.Namespace) -> int:
     if args.scenes < 1 or args.eval < 1 or args.batch_size < 1:
         raise UsageError("--scenes, --eval and --batch-size must be positive")
     out = Path(args.out)
-    loaded = load_model("builtin")
+    loaded = models.load("builtin")
     split = make_split(loaded, None)
     methods = resolve_methods(args.method or DEMO_METHODS)
 

@@ -11,12 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from camfunc._util.atomic import write_json, write_text_atomic
-from camfunc._util.images import expand_images
-from camfunc._util.progress import progress
 from camfunc.cli._common import read_batches, table
 from camfunc.cli._explain import add_model_arguments, loaded_model, positive_int
-from camfunc.models._loading import LoadedModel, UsageError, make_split, resolve_methods
+from camfunc.io import expand_images, progress, write_json, write_text_atomic
+from camfunc.models import LoadedModel, UsageError, make_split, resolve_methods
 
 METRICS = ("confidence", "deletion", "insertion", "pointing", "road", "arcc", "infidelity",
            "sensitivity")

@@ -18,15 +18,13 @@ import numpy
 import torch
 from torch import Tensor
 
-from camfunc._core import targets as _targets
-from camfunc._util.atomic import write_atomic, write_json
-from camfunc._util.images import expand_images
-from camfunc._util.progress import progress
+import camfunc
+from camfunc import models
 from camfunc.cli._common import read_batches, safe_name
-from camfunc.models._loading import (
+from camfunc.io import expand_images, progress, write_atomic, write_json
+from camfunc.models import (
     LoadedModel,
     UsageError,
-    load_model,
     make_split,
     resolve_methods,
     with_normalisation,
@@ -56,7 +54,7 @@ def floats(text: str) -> tuple[float, ...]:
 
 def loaded_model(args: argparse.Namespace) -> LoadedModel:
     """The model the arguments name, with --mean/--std applied."""
-    loaded = load_model(args.model, args.weights, args.size, args.pretrained_cfg)
+    loaded = models.load(args.model, args.weights, args.size, args.pretrained_cfg)
     try:
         return with_normalisation(loaded, args.mean, args.std)
     except ValueError as error:
@@ -100,7 +98,7 @@ def target_from(args: argparse.Namespace, loaded: LoadedModel) -> Any:
         k = args.topk if args.topk is not None else 1
         if k < 1:
             raise UsageError(f"--topk must be at least 1, got {k}")
-        return _targets.topk(k)
+        return camfunc.topk(k)
     if args.cls.lstrip("-").isdigit():
         return int(args.cls)
     names = loaded.class_names or ()
@@ -111,7 +109,7 @@ def target_from(args: argparse.Namespace, loaded: LoadedModel) -> Any:
 
 def explained_classes(cls: Any, scores: Tensor) -> Tensor:
     """(B, K) class indices the maps were made for."""
-    if isinstance(cls, _targets.TopK):
+    if isinstance(cls, camfunc.TopK):
         return scores.topk(cls.k, dim=1).indices
     return torch.full((scores.shape[0], 1), int(cls), dtype=torch.long)
 

@@ -14,9 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from camfunc._util.atomic import write_text_atomic
-from camfunc._util.progress import progress
 from camfunc.cli._explain import positive_int
+from camfunc.io import progress, write_text_atomic
 from camfunc.models import UsageError
 
 THUMB = 128
@@ -61,8 +60,7 @@ def run_rows(folder: Path, thumbs: Path, show_progress: bool) -> tuple[list[dict
     """metrics.csv's rows, each with an overlay thumbnail made from the shards' maps."""
     import torch
 
-    from camfunc.runs import read_maps
-    from camfunc.runs._dataset import open_data
+    from camfunc.runs import open_data, read_maps
 
     manifest = json.loads((folder / "manifest.json").read_text())
     with open(folder / "metrics.csv", newline="") as handle:

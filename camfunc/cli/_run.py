@@ -11,7 +11,7 @@ import sys
 
 from camfunc.cli._common import call_handler
 from camfunc.cli._explain import add_model_arguments
-from camfunc.models._loading import UsageError
+from camfunc.models import UsageError
 
 HELP = "explain a dataset in resumable shards (single process or under torchrun)"
 

@@ -5,9 +5,18 @@
 
 from __future__ import annotations
 
-from camfunc.models._loading import LoadedModel, UsageError, load_model, make_split, resolve_methods
+from camfunc.models._loading import (
+    LoadedModel,
+    UsageError,
+    input_channels,
+    load_model,
+    make_split,
+    resolve_methods,
+    with_normalisation,
+)
 
-__all__ = ["LoadedModel", "UsageError", "load", "make_split", "resolve_methods"]
+__all__ = ["LoadedModel", "UsageError", "input_channels", "load", "make_split", "resolve_methods",
+           "with_normalisation"]
 
 
 def load(spec: str, weights: str | None = None, size: int | None = None,

@@ -151,7 +151,12 @@ def _outputs(model: nn.Module, count: int) -> bool:
 
 def input_channels(model: nn.Module) -> int:
     """The image channels ``model`` takes: a Hugging Face config's ``num_channels``, else the
-    first convolution's input channels, else 3."""
+    first convolution's input channels, else 3.
+
+    Example:
+        >>> input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()))
+        1
+    """
     configured = getattr(getattr(model, "config", None), "num_channels", None)
     if isinstance(configured, int):
         return configured
@@ -364,7 +369,14 @@ def _spec(spec: str, weights: str | None, size: int) -> LoadedModel:
 
 def with_normalisation(loaded: LoadedModel, mean: Sequence[float] | None,
                        std: Sequence[float] | None) -> LoadedModel:
-    """``loaded`` with ``mean``/``std`` overriding its own, both or neither, one per channel."""
+    """``loaded`` with ``mean``/``std`` overriding its own, both or neither, one per channel:
+    its images are fed as ``(x - mean) / std``.
+
+    Example:
+        >>> loaded = with_normalisation(load("builtin"), [0.5] * 3, [0.25] * 3)
+        >>> loaded.mean, loaded.std
+        ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    """
     if mean is None and std is None:
         return loaded
     if mean is None or std is None:

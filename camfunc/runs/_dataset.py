@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc._util.images import IMAGE_SUFFIXES, read_resized_bytes, unit_float
+from camfunc.io import IMAGE_SUFFIXES, read_resized_bytes, unit_float
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0
@@ -186,7 +186,17 @@ def parse_scenes(spec: str) -> tuple[int, int] | None:
 
 def open_data(data: str | Path, size: tuple[int, int], channels: int = 3, exif: bool = True,
               jpeg_bytes: bool = False) -> ImageFolderData | ScenesData:
-    """The dataset ``data`` names: a folder, or ``scenes:N[:SEED]``."""
+    """The dataset ``data`` names, as :func:`run` reads it: an image folder (one subfolder per
+    class, images read at ``size`` with ``channels`` channels, EXIF-turned unless ``exif`` is
+    False; 8-bit images stay uint8 when ``jpeg_bytes``), or ``scenes:N[:SEED]`` (N embedded
+    shapes scenes). Indexing gives an ``Item`` (dataset_index, image, label, mask, error);
+    ``classes`` names the labels.
+
+    Example:
+        >>> data = camfunc.runs.open_data("scenes:8", (64, 64))
+        >>> len(data), data[0].image.shape, data.classes[:2]
+        (8, torch.Size([3, 64, 64]), ['circle', 'square'])
+    """
     scenes = parse_scenes(data) if isinstance(data, str) else None
     if scenes is not None:
         if channels != 3:

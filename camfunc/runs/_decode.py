@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camfunc._util.images import open_image, read_opened, unit_float
+from camfunc.io import open_image, read_opened, unit_float
 from camfunc.runs._dataset import Batch
 
 

@@ -15,14 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from camfunc._core import engine as _engine, split as _split
-from camfunc._util.atomic import write_json
-from camfunc._util.progress import progress_bar
-from camfunc.models._loading import (
+import camfunc
+from camfunc import models
+from camfunc.io import progress_bar, write_json
+from camfunc.models import (
     LoadedModel,
     UsageError,
     input_channels,
-    load_model,
     make_split,
     resolve_methods,
     with_normalisation,
@@ -94,7 +93,7 @@ def load(model: str | nn.Module, weights: str | None, layer: str | None, size: i
         # Seeded, so a model with random weights is the same on every rank and restart.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            loaded = _user_error(lambda: load_model(model, weights, size, pretrained_cfg))
+            loaded = _user_error(lambda: models.load(model, weights, size, pretrained_cfg))
         loaded = with_normalisation(loaded, mean, std)
     else:
         raise TypeError(f"model must be a spec string or an nn.Module, got {type(model).__name__}")
@@ -106,11 +105,12 @@ def load(model: str | nn.Module, weights: str | None, layer: str | None, size: i
     return loaded, state
 
 
-def probe(split: _split.Split, loaded: LoadedModel, device: torch.device) -> tuple[int, int, tuple]:
+def probe(split: camfunc.Split, loaded: LoadedModel, device: torch.device) -> tuple[int, int, tuple]:
     """``(channels, num_classes, layer spatial size)`` from one blank image."""
     x = loaded.normalise(torch.zeros(1, loaded.channels, *loaded.size)).to(device)
     with torch.no_grad():
-        activations = _engine.head(split, x)[0]
+        carry = split.bound(x).head(x)
+        activations = carry[0] if isinstance(carry, tuple) else carry
         scores = split(x)
     if not isinstance(scores, Tensor) or scores.ndim != 2:
         raise ValueError("a run explains classifiers: the model must return (B, num_classes) "
@@ -421,7 +421,7 @@ def _raise_any(own: BaseException | None, reported: list[str | None]) -> None:
         raise RuntimeError("the run failed on another rank: " + "; ".join(errors))
 
 
-def result_settings(dataset, model: str | nn.Module, state: str, split: _split.Split,
+def result_settings(dataset, model: str | nn.Module, state: str, split: camfunc.Split,
                     loaded: LoadedModel, options: _settings.Options) -> dict[str, Any]:
     """Everything the results depend on: what the fingerprint hashes."""
     return {"format": _shards.FORMAT, "data": dataset.identity(),

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from camfunc._core.validate import check_count
 from camfunc.runs._shards import FORMAT, MAP_DTYPES
 
 
@@ -69,9 +68,13 @@ def check_options(methods: Any, classes: Any, metrics: Any, batch_size: Any, sha
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return Options(tuple(methods), parse_classes(classes), classes, metrics,
-                   check_count(batch_size, "batch_size"), check_count(shard_size, "shard_size"),
-                   check_count(num_workers, "num_workers", minimum=0), map_dtype, upsample, seed, progress)
+    for name, count, least in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
+                               ("num_workers", num_workers, 0)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            wanted = "a positive int" if least == 1 else f"an int >= {least}"
+            raise ValueError(f"{name} must be {wanted}, got {count!r}")
+    return Options(tuple(methods), parse_classes(classes), classes, metrics, batch_size, shard_size,
+                   num_workers, map_dtype, upsample, seed, progress)
 
 
 DECODERS = ("auto", "pillow", "device")
@@ -118,7 +121,7 @@ def _version(package: str) -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    from camfunc._version import __version__
+    from camfunc import __version__
 
     return {"camfunc": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "torchvision": _version("torchvision"), "pillow": _version("pillow"),

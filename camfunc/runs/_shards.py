@@ -22,7 +22,7 @@ from typing import IO, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc._util.atomic import write_atomic
+from camfunc.io import write_atomic
 
 SHARD_FOLDER = "shards"
 FORMAT = "camfunc-run/2"

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc._core import ops as _ops, split as _split, targets as _targets
-from camfunc._methods import METHODS
-from camfunc._util.images import unit_float
+import camfunc
+from camfunc import METHODS
+from camfunc.io import unit_float
 from camfunc.runs._dataset import Batch
 from camfunc.runs._shards import encode_maps
 
@@ -29,7 +29,7 @@ POINTING_TOLERANCE = 15.0  # pixels, the pointing game's usual tolerance
 class Work:
     """Everything fixed for the run that a batch needs."""
 
-    split: _split.Split
+    split: camfunc.Split
     methods: dict[str, Callable[..., Any]]   # name -> method (compiled or not)
     normalise: Callable[[Tensor], Tensor]    # images in [0, 1] -> model input, on their device
     topk: int | None                         # None: each image's true class
@@ -127,7 +127,7 @@ def drawn_per_image(work: Work, name: str, method: Callable[..., Any], x: Tensor
 def targets(work: Work, labels: Tensor) -> Any:
     """The ``cls`` for the methods: ``(B, 1)`` true classes, or ``camfunc.topk(k)``."""
     if work.topk is not None:
-        return _targets.topk(work.topk)
+        return camfunc.topk(work.topk)
     classes = labels if work.class_of_label is None else work.class_of_label[labels]
     return classes.unsqueeze(1).to(work.device)
 
@@ -183,7 +183,7 @@ def explain_batch(work: Work, batch: Batch) -> Explained | None:
     masks = batch.masks[rows].to(work.device) if batch.masks is not None else None
     table = {name: map_metrics(work, x[:n], m, classes, masks) for name, m in maps.items()} \
         if work.metrics else {}
-    stored = {name: encode_maps(_ops.upsample(m, work.upsample_to) if work.upsample_to else m,
+    stored = {name: encode_maps(camfunc.upsample(m, work.upsample_to) if work.upsample_to else m,
                                 work.map_dtype).cpu()
               for name, m in maps.items()}
     return Explained(indices, labels, classes.cpu(), scores.gather(1, classes).cpu(),

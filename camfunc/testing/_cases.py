@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import Tensor, nn
 
-from camfunc._core.split import Split
-from camfunc._core.splitter import split as split_model
-from camfunc._core.targets import Target, TopK
+from camfunc import Split, Target, TopK, split as split_model
 
 LAYER = "body"  # where every drawn model is cut
 

@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis.errors import UnsatisfiedAssumption
 
+from camfunc import METHODS
 from camfunc.testing._cases import Case, cases
 from camfunc.testing._properties import CASES_FOR, PROPERTIES
 
@@ -127,8 +128,6 @@ def property_matrix(methods: Sequence[str] | Mapping[str, Callable[..., Any]] | 
         >>> sorted(matrix.cells)
         ['gradcam', 'gradcampp']
     """
-    from camfunc._methods import METHODS
-
     if methods is None:
         chosen: Mapping[str, Callable[..., Any]] = METHODS
     elif isinstance(methods, Mapping):

@@ -17,7 +17,7 @@ from hypothesis import reject, strategies as st
 from hypothesis.control import currently_in_test_context
 from torch import Tensor, nn
 
-from camfunc._core.targets import TopK
+from camfunc import TopK
 from camfunc.testing._cases import Case, KitNet, TokenNet, randomised as redraw
 
 Method = Callable[..., Any]
