@@ -172,18 +172,6 @@ def test_model_properties_refuse_cases_they_cannot_judge():
         kit.randomisation_sensitive(camfunc.gradcam, users)
 
 
-@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
-@given(st.lists(st.tuples(st.sampled_from([0.0, 1.0, 2.0, -1.5]), st.floats(-5, 5)), min_size=3, max_size=30))
-def test_spearman_is_scipys_with_ties(pairs):
-    from scipy.stats import spearmanr
-
-    first = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
-    second = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    want = spearmanr(first.numpy(), second.numpy()).statistic
-    got = kit.spearman(first, second)
-    assert (got != got and want != want) or abs(got - want) < 1e-9
-
-
 def test_the_tutorial_runs_as_written():
     import doctest
     from pathlib import Path

@@ -322,82 +322,46 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
         >>> indices.shape, maps.shape                     # the embedded model's 16x16 maps
         (torch.Size([8]), torch.Size([8, 1, 16, 16]))
     """
+    return execute(_settings.Request(**locals()))  # every argument, as given
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked request with the model, split and dataset it names: what every rank starts from."""
+
+    request: _settings.Request
+    options: _settings.Options
+    out: Path
+    device: torch.device
+    decoder: str                              # "device" or "pillow"
+    loaded: LoadedModel
+    split: camfunc.Split
+    dataset: Any
+    methods: dict[str, Callable[..., Any]]
+    layer_channels: int
+    layer_size: tuple[int, ...]
+    class_of_label: Tensor | None             # dataset label -> model class (true class only)
+    columns: list[str]                        # metric columns
+    settings: dict[str, Any]                  # what the results depend on
+    fingerprint: str
+    count: int                                # shards
+
+
+def execute(request: _settings.Request) -> RunResult:
+    """:func:`run`'s steps: prepare, agree on the pending shards, process this rank's, merge."""
     start_time = time.perf_counter()
-    options = _settings.check_options(methods, classes, metrics, batch_size, shard_size,
-                                      num_workers, map_dtype, upsample, seed, progress)
-    method_functions = _user_error(lambda: resolve_methods(list(options.methods)))
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        raise ValueError(f"size must be a positive int or None, got {size!r}")
-    out = Path(out)
-    device = choose_device(device)
-    decoder = _settings.check_reading(exif, decode, device)
-    loaded, state = load(model, weights, layer, size, mean, std, options.seed, device, pretrained_cfg)
-    split = _user_error(lambda: make_split(loaded, layer))
-    dataset = open_data(data, loaded.size, loaded.channels, exif, jpeg_bytes=decoder == "device")
-    channels, num_classes, layer_size = probe(split, loaded, device)
-    if options.topk is not None and options.topk > num_classes:
-        raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
-                         f"{num_classes}")
-    class_of_label = label_classes(dataset, loaded, num_classes) if options.topk is None else None
-    columns = metric_columns(options.metrics, hasattr(dataset, "masks"))
-    settings = result_settings(dataset, model, state, split, loaded, options)
-    fingerprint = _settings.fingerprint(settings)
-    count = _shards.shard_count(len(dataset), options.shard_size)
-
-    group = _distributed.start(device)
-    lock = _lock.FolderLock(out)
+    prepared = prepare(request)
+    group = _distributed.start(prepared.device)
+    lock = _lock.FolderLock(prepared.out)
     try:
-        pending, damaged = pending_shards(group, out, fingerprint, count, lock)
-        manifest = {"format": _shards.FORMAT, "status": "running", "fingerprint": fingerprint,
-                    "settings": settings,
-                    "run": {"world_size": group.world, "batch_size": options.batch_size,
-                            "num_workers": options.num_workers, "device": str(device),
-                            "compile": bool(compile), "data": str(data), "out": str(out),
-                            "decode": decoder},
-                    "versions": _settings.versions(), "num_images": len(dataset),
-                    "num_shards": count, "recomputed": damaged}
-        if group.rank == 0:
-            write_json(out / MANIFEST, manifest)
-
-        compiled = {name: torch.compile(f, fullgraph=True, dynamic=False, backend=compile_backend)
-                    for name, f in method_functions.items()} if compile else method_functions
-        map_size = loaded.size if options.upsample else None
-        work = Work(split, compiled, loaded.normalise, options.topk,
-                    class_of_label, options.metrics, options.map_dtype, map_size, options.seed,
-                    device, options.batch_size if compile else None, channels)
-        if decoder == "device":
-            work = dataclasses.replace(work, decode=functools.partial(
-                decoded_batch, size=loaded.size, channels=loaded.channels, exif=exif,
-                device=device))
-        empty = empty_result(options.methods, options.topk or 1, map_size or layer_size,
-                             options.map_dtype, columns)
-        common = {"format": _shards.FORMAT, "fingerprint": fingerprint,
-                  "shard_size": options.shard_size, "num_images": len(dataset),
-                  "map_dtype": options.map_dtype}
-        mine = pending[group.rank::group.world]
-        # A rank that fails still reaches every collective below, with its error, so the
-        # others raise it too instead of waiting for it until the backend's timeout.
-        failure = None
-        processed, seconds = 0, 0.0
-        try:
-            processed, seconds = process(work, dataset, out, mine, options, common, empty,
-                                         group.rank == 0 and options.progress, device)
-        except Exception as error:
-            failure = error
-        stats = _distributed.gather(group, {"rank": group.rank, "shards": len(mine),
-                                            "images": processed, "seconds": seconds,
-                                            "error": _described(failure)})
-        _raise_any(failure, [s.pop("error") for s in stats])
-        summary = None
+        pending, damaged = pending_shards(group, prepared.out, prepared.fingerprint,
+                                          prepared.count, lock)
+        manifest = begin_manifest(prepared, group, damaged)
+        stats = process_mine(prepared, group, pending[group.rank::group.world])
+        summary, failure = None, None
         if group.rank == 0:
             try:
-                final = merge(out, manifest, dataset, count, loaded.class_names, columns)
-                final["timing"] = timing(stats, time.perf_counter() - start_time)
-                write_json(out / MANIFEST, final)
-                summary = RunResult(out, out / MANIFEST, final["images"], len(final["failed"]),
-                                    count, len(pending), count - len(pending),
-                                    final["timing"]["seconds"],
-                                    final["timing"]["images_per_second"])
+                summary = finish(prepared, manifest, stats, len(pending), start_time)
             except Exception as error:
                 failure = error
         shared = _distributed.broadcast(group, {"summary": summary, "error": _described(failure)})
@@ -406,6 +370,110 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     finally:
         lock.release()
         _distributed.finish(group)
+
+
+def prepare(request: _settings.Request) -> Prepared:
+    """Every argument checked, the model loaded and split, the data opened: all before any work."""
+    options = _settings.check_options(request)
+    method_functions = _user_error(lambda: resolve_methods(list(options.methods)))
+    size = request.size
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
+    device = choose_device(request.device)
+    decoder = _settings.check_reading(request.exif, request.decode, device)
+    loaded, state = load(request.model, request.weights, request.layer, size, request.mean,
+                         request.std, options.seed, device, request.pretrained_cfg)
+    split = _user_error(lambda: make_split(loaded, request.layer))
+    dataset = open_data(request.data, loaded.size, loaded.channels, request.exif,
+                        jpeg_bytes=decoder == "device")
+    channels, num_classes, layer_size = probe(split, loaded, device)
+    if options.topk is not None and options.topk > num_classes:
+        raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
+                         f"{num_classes}")
+    class_of_label = label_classes(dataset, loaded, num_classes) if options.topk is None else None
+    settings = result_settings(dataset, request.model, state, split, loaded, options)
+    return Prepared(request, options, Path(request.out), device, decoder, loaded, split, dataset,
+                    method_functions, channels, layer_size, class_of_label,
+                    metric_columns(options.metrics, hasattr(dataset, "masks")), settings,
+                    _settings.fingerprint(settings),
+                    _shards.shard_count(len(dataset), options.shard_size))
+
+
+def begin_manifest(prepared: Prepared, group: _distributed.Group,
+                   damaged: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a run under way, written by rank 0; :func:`finish` completes it."""
+    request, options = prepared.request, prepared.options
+    manifest = {"format": _shards.FORMAT, "status": "running", "fingerprint": prepared.fingerprint,
+                "settings": prepared.settings,
+                "run": {"world_size": group.world, "batch_size": options.batch_size,
+                        "num_workers": options.num_workers, "device": str(prepared.device),
+                        "compile": bool(request.compile), "data": str(request.data),
+                        "out": str(prepared.out), "decode": prepared.decoder},
+                "versions": _settings.versions(), "num_images": len(prepared.dataset),
+                "num_shards": prepared.count, "recomputed": damaged}
+    if group.rank == 0:
+        write_json(prepared.out / MANIFEST, manifest)
+    return manifest
+
+
+def work_for(prepared: Prepared) -> Work:
+    """What every batch needs: the methods (compiled when asked), classes, storage, decoding."""
+    request, options, loaded = prepared.request, prepared.options, prepared.loaded
+    device = prepared.device
+    methods = prepared.methods
+    if request.compile:
+        methods = {name: torch.compile(f, fullgraph=True, dynamic=False,
+                                       backend=request.compile_backend)
+                   for name, f in methods.items()}
+    decode = functools.partial(decoded_batch, size=loaded.size, channels=loaded.channels,
+                               exif=request.exif, device=device) \
+        if prepared.decoder == "device" else None
+    return Work(split=prepared.split, methods=methods, normalise=loaded.normalise,
+                topk=options.topk, class_of_label=prepared.class_of_label,
+                metrics=options.metrics, map_dtype=options.map_dtype,
+                upsample_to=loaded.size if options.upsample else None, seed=options.seed,
+                device=device, pad_to=options.batch_size if request.compile else None,
+                layer_channels=prepared.layer_channels, decode=decode)
+
+
+def process_mine(prepared: Prepared, group: _distributed.Group,
+                 mine: list[int]) -> list[dict[str, Any]]:
+    """This rank's shards processed, and every rank's statistics (or everyone's same error)."""
+    options = prepared.options
+    work = work_for(prepared)
+    map_size = prepared.loaded.size if options.upsample else None
+    empty = empty_result(options.methods, options.topk or 1, map_size or prepared.layer_size,
+                         options.map_dtype, prepared.columns)
+    common = {"format": _shards.FORMAT, "fingerprint": prepared.fingerprint,
+              "shard_size": options.shard_size, "num_images": len(prepared.dataset),
+              "map_dtype": options.map_dtype}
+    # A rank that fails still reaches every collective below, with its error, so the
+    # others raise it too instead of waiting for it until the backend's timeout.
+    failure = None
+    processed, seconds = 0, 0.0
+    try:
+        processed, seconds = process(work, prepared.dataset, prepared.out, mine, options, common,
+                                     empty, group.rank == 0 and options.progress, prepared.device)
+    except Exception as error:
+        failure = error
+    stats = _distributed.gather(group, {"rank": group.rank, "shards": len(mine),
+                                        "images": processed, "seconds": seconds,
+                                        "error": _described(failure)})
+    _raise_any(failure, [s.pop("error") for s in stats])
+    return stats
+
+
+def finish(prepared: Prepared, manifest: dict[str, Any], stats: list[dict[str, Any]],
+           written: int, start_time: float) -> RunResult:
+    """Rank 0: the tables and the final manifest merged from the shards, and the summary."""
+    out, count = prepared.out, prepared.count
+    final = merge(out, manifest, prepared.dataset, count, prepared.loaded.class_names,
+                  prepared.columns)
+    final["timing"] = timing(stats, time.perf_counter() - start_time)
+    write_json(out / MANIFEST, final)
+    return RunResult(out, out / MANIFEST, final["images"], len(final["failed"]), count, written,
+                     count - written, final["timing"]["seconds"],
+                     final["timing"]["images_per_second"])
 
 
 def _described(error: BaseException | None) -> str | None:

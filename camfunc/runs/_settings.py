@@ -12,14 +12,46 @@ import dataclasses
 import hashlib
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from camfunc.runs._shards import FORMAT, MAP_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What :func:`camfunc.runs.run` was asked: its arguments as given, one value (checked
+    later, by :func:`check_options` and the steps of the run)."""
+
+    data: str | Path
+    out: str | Path
+    model: str | nn.Module
+    weights: str | None
+    layer: str | None
+    size: int | None
+    pretrained_cfg: str | None
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+    methods: Sequence[str]
+    classes: str
+    metrics: bool
+    batch_size: int
+    shard_size: int
+    num_workers: int
+    map_dtype: str
+    upsample: bool
+    seed: int
+    device: str | torch.device | None
+    compile: bool
+    compile_backend: str | Callable[..., Any]
+    progress: bool
+    exif: bool
+    decode: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +83,13 @@ def parse_classes(classes: Any) -> int | None:
     raise ValueError(f"classes must be 'true', 'predicted' or 'topK' (e.g. 'top3'), got {classes!r}")
 
 
-def check_options(methods: Any, classes: Any, metrics: Any, batch_size: Any, shard_size: Any,
-                  num_workers: Any, map_dtype: Any, upsample: Any, seed: Any,
-                  progress: Any) -> Options:
+def check_options(request: Request) -> Options:
+    """The request's work and storage options, checked."""
+    methods, classes, metrics = request.methods, request.classes, request.metrics
+    batch_size, shard_size, num_workers = (request.batch_size, request.shard_size,
+                                           request.num_workers)
+    map_dtype, upsample, seed, progress = (request.map_dtype, request.upsample, request.seed,
+                                           request.progress)
     if isinstance(methods, str):
         methods = [methods]
     if not isinstance(methods, Sequence) or not methods or \

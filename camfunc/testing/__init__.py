@@ -40,7 +40,6 @@ from camfunc.testing._properties import (
     implementation_invariant as implementation_invariant,
     logit_scale_invariant as logit_scale_invariant,
     randomisation_sensitive as randomisation_sensitive,
-    spearman as spearman,
     translation_equivariant as translation_equivariant,
     unit_range as unit_range,
 )
@@ -49,5 +48,5 @@ __all__ = ["CASES_FOR", "PROPERTIES", "Case", "Cell", "KitNet", "Matrix", "Token
            "batch_independent", "cases", "channel_permutation_invariant", "class_axis_consistent",
            "compile_equivalent", "deterministic", "implementation_invariant", "inputs",
            "logit_scale_invariant", "models", "property_matrix", "randomisation_sensitive",
-           "randomised", "spearman", "targets", "token_models", "translation_equivariant",
+           "randomised", "targets", "token_models", "translation_equivariant",
            "unit_range"]

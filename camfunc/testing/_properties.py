@@ -18,6 +18,7 @@ from hypothesis.control import currently_in_test_context
 from torch import Tensor, nn
 
 from camfunc import TopK
+from camfunc.metrics import spearman
 from camfunc.testing._cases import Case, KitNet, TokenNet, randomised as redraw
 
 Method = Callable[..., Any]
@@ -321,29 +322,6 @@ def translation_equivariant(method: Method, case: Case, *, shift: int = 1, **opt
     _close(got, want.roll(shifts, spatial), f"input shifted by {shift} (circularly)", method, case)
 
 
-def _average_ranks(values: Tensor) -> Tensor:
-    """Ranks from 0, ties sharing their mean rank (as Spearman's rho needs)."""
-    ordered, order = values.sort()
-    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    ranks[order] = ((ends - counts + ends - 1) / 2)[group]
-    return ranks
-
-
-def spearman(first: Tensor, second: Tensor) -> float:
-    """Spearman's rank correlation of two maps (NaN when either is constant).
-
-    Example:
-        >>> round(camfunc.testing.spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 30, 20])), 6)
-        0.5
-    """
-    a, b = _average_ranks(first.flatten()), _average_ranks(second.flatten())
-    a, b = a - a.mean(), b - b.mean()
-    scale = (a.norm() * b.norm()).item()
-    return (a @ b).item() / scale if scale > 0 else float("nan")
-
-
 def randomisation_sensitive(method: Method, case: Case, *, threshold: float = 0.9,
                             randomised: nn.Module | Sequence[nn.Module] | None = None,
                             seed: int = 0, **options: Any) -> None:
@@ -379,8 +357,8 @@ def randomisation_sensitive(method: Method, case: Case, *, threshold: float = 0.
     rhos = []
     for model in models:
         redrawn = _call(method, case.with_model(model, "with its tail redrawn"), case.x, case.cls, **options)
-        pairs = zip(own.flatten(0, -spatial - 1), redrawn.flatten(0, -spatial - 1))
-        rhos += [rho for rho in (spearman(a, b) for a, b in pairs) if rho == rho]
+        rho = spearman(own.flatten(0, -spatial - 1), redrawn.flatten(0, -spatial - 1))
+        rhos += [r for r in rho.tolist() if r == r]
     if not rhos:  # nothing to compare: under hypothesis, another case; else say so
         if currently_in_test_context():
             reject()
