@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "docs" / "example_setup.py"
 GENERATOR = ROOT / "docs" / "gen_api.py"
 
-MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
+MODULES = ("camfunc", "camfunc.io", "camfunc.metrics", "camfunc.models", "camfunc.runs",
+           "camfunc.testing", "camfunc.viz", "camfunc.zoo")
 
 # Public names whose examples are not doctests yet (excluded from the checks below).
 PENDING: set[str] = set()  # names whose examples are not doctests yet: none

@@ -16,6 +16,10 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A crash leaves either the old file or the new one, never half of one.
+
+    Example:
+        >>> camfunc.io.write_atomic("out/raw.bin", lambda file: file.write(b"camfunc"))
+        PosixPath('out/raw.bin')
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,10 +38,20 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Example:
+        >>> camfunc.io.write_text_atomic("out/note.txt", "done").read_text()
+        'done'
+    """
     return write_atomic(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    """Write ``payload`` as indented JSON to ``path`` atomically.
+
+    Example:
+        >>> camfunc.io.write_json("out/run.json", {"images": 8})
+        PosixPath('out/run.json')
+    """
     return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")

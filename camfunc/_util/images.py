@@ -33,6 +33,12 @@ def read_image(path: str | Path, size: tuple[int, int], *, channels: int = 3,
 
     Raises ``OSError`` or ``ValueError`` with a one-line reason for a missing,
     unreadable or corrupt file.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> shown, x = camfunc.io.read_image("cat.png", (64, 64))
+        >>> shown.shape, x.shape
+        (torch.Size([3, 60, 80]), torch.Size([3, 64, 64]))
     """
     image = open_image(path, exif)
     return _float(unit_pixels(image, 3, path)), unit_float(read_opened(image, size, channels, path))
@@ -41,7 +47,13 @@ def read_image(path: str | Path, size: tuple[int, int], *, channels: int = 3,
 def read_resized(path: str | Path, size: tuple[int, int], *, channels: int = 3,
                  exif: bool = True) -> Tensor:
     """An image file as a float tensor (channels, H, W) in [0, 1], resized to ``size``;
-    errors as :func:`read_image`'s."""
+    errors as :func:`read_image`'s.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.io.read_resized("cat.png", (32, 32), channels=1).shape
+        torch.Size([1, 32, 32])
+    """
     return unit_float(read_resized_bytes(path, size, channels=channels, exif=exif))
 
 
@@ -49,19 +61,36 @@ def read_resized_bytes(path: str | Path, size: tuple[int, int], *, channels: int
                        exif: bool = True) -> Tensor:
     """As :func:`read_resized`, but an 8-bit image stays uint8 in [0, 255]: a quarter of the
     bytes to ship from a loader's workers and to the device, where :func:`unit_float`
-    finishes it. Deeper images come as float32 in [0, 1]."""
+    finishes it. Deeper images come as float32 in [0, 1].
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.io.read_resized_bytes("cat.png", (32, 32)).dtype
+        torch.uint8
+    """
     return read_opened(open_image(path, exif), size, channels, path)
 
 
 def unit_float(images: Tensor) -> Tensor:
     """uint8 images to float32 in [0, 1] (the same values :func:`read_resized` gives); float
-    images as they are."""
+    images as they are.
+
+    Example:
+        >>> camfunc.io.unit_float(torch.tensor([0, 255], dtype=torch.uint8))
+        tensor([0., 1.])
+    """
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
 def open_image(path: str | Path, exif: bool = True, data: bytes | None = None) -> Any:
     """The decoded Pillow image, turned by its EXIF orientation when ``exif``; from ``data``
-    (the file's bytes, already read) when given."""
+    (the file's bytes, already read) when given.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.io.open_image("cat.png").size
+        (80, 60)
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -85,7 +114,14 @@ def is_deep(image: Any) -> bool:
 
 def read_opened(image: Any, size: tuple[int, int], channels: int, path: str | Path) -> Tensor:
     """An opened image resized to ``size`` (H, W): uint8 (channels, H, W) for 8-bit
-    images, float32 in [0, 1] for deeper ones."""
+    images, float32 in [0, 1] for deeper ones.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> opened = camfunc.io.open_image("cat.png")
+        >>> camfunc.io.read_opened(opened, (32, 32), 1, "cat.png").shape
+        torch.Size([1, 32, 32])
+    """
     from PIL import Image
 
     if channels not in CHANNELS:
@@ -135,7 +171,13 @@ def _float(pixels: np.ndarray) -> Tensor:
 
 
 def expand_images(paths: list[str]) -> list[Path]:
-    """Files as given, and folders expanded to their image files (recursively, sorted)."""
+    """Files as given, and folders expanded to their image files (recursively, sorted).
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.io.expand_images(["."])
+        [PosixPath('cat.png')]
+    """
     found: list[Path] = []
     for name in paths:
         path = Path(name)

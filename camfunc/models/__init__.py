@@ -27,7 +27,7 @@ def load(spec: str, weights: str | None = None, size: int | None = None,
     square input (default: a timm or hf model's configured size, else 224); ``pretrained_cfg`` a local JSON overlay on a
     timm model's pretrained config (``num_classes``, ``mean``, ``label_names``...). Every failure is a one-line ``UsageError``.
 
-    >>> loaded = load("builtin")
+    >>> loaded = camfunc.models.load("builtin")
     >>> loaded.size, loaded.class_names[:2]
     ((64, 64), ('circle', 'square'))
     """

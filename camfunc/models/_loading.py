@@ -154,7 +154,7 @@ def input_channels(model: nn.Module) -> int:
     first convolution's input channels, else 3.
 
     Example:
-        >>> input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()))
+        >>> camfunc.models.input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()))
         1
     """
     configured = getattr(getattr(model, "config", None), "num_channels", None)
@@ -373,7 +373,8 @@ def with_normalisation(loaded: LoadedModel, mean: Sequence[float] | None,
     its images are fed as ``(x - mean) / std``.
 
     Example:
-        >>> loaded = with_normalisation(load("builtin"), [0.5] * 3, [0.25] * 3)
+        >>> loaded = camfunc.models.load("builtin")
+        >>> loaded = camfunc.models.with_normalisation(loaded, [0.5] * 3, [0.25] * 3)
         >>> loaded.mean, loaded.std
         ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     """
@@ -389,7 +390,12 @@ def with_normalisation(loaded: LoadedModel, mean: Sequence[float] | None,
 
 
 def resolve_methods(names: list[str]) -> dict[str, Callable]:
-    """Methods by their ``camfunc.METHODS`` names."""
+    """Methods by their ``camfunc.METHODS`` names; an unknown name is a ``UsageError``.
+
+    Example:
+        >>> list(camfunc.models.resolve_methods(["gradcam", "layercam"]))
+        ['gradcam', 'layercam']
+    """
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
@@ -397,7 +403,12 @@ def resolve_methods(names: list[str]) -> dict[str, Callable]:
 
 
 def make_split(loaded: LoadedModel, layer: str | None) -> _split.Split:
-    """Split at ``layer``, the model's default layer, or the one camfunc chooses."""
+    """Split at ``layer``, the model's default layer, or the one camfunc chooses.
+
+    Example:
+        >>> camfunc.models.make_split(camfunc.models.load("builtin"), None).layers
+        ('block3',)
+    """
     layer = layer or loaded.layer
     parameter = next(loaded.model.parameters(), None)
     device = parameter.device if parameter is not None else None
