@@ -34,7 +34,7 @@ RANK = {
 }
 # Inside the core: the Split value first, the capture and the splitter (layer choice and
 # layouts) last.
-CORE_ORDER = ["split", "targets", "ops", "contrastive", "validate", "layout", "cut", "engine",
+CORE_ORDER = ["split", "targets", "ops", "contrastive", "validate", "layout", "cut", "engine", "detection",
               "splitter"]
 
 

@@ -178,13 +178,21 @@ def autograd_path(differentiable: bool) -> bool:
     return differentiable and not torch.compiler.is_dynamo_compiling()
 
 
-def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None) -> Pulled:
+def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None,
+                       *, differentiable: bool = True) -> Pulled:
     """:func:`pullback` as one ordinary forward, with ``G`` from ``torch.autograd.grad``
-    (``create_graph=True``): batch norm in training mode updates its statistics once, as in
-    the forward, and dropout's masks are the forward's."""
+    (``create_graph=True`` when ``differentiable``): batch norm in training mode updates its
+    statistics once, as in the forward, and dropout's masks are the forward's. Not
+    ``differentiable`` (a split whose stages ``torch.func`` cannot transform): the head runs
+    without a graph and the backward starts at ``A``."""
     # Double backward (a loss on the maps) needs attention's math kernel.
-    middle, tail = differentiated(split, twins=True)
-    carry = as_tuple(split.head(x))
+    middle, tail = differentiated(split, twins=differentiable)
+    if not differentiable:
+        with torch.no_grad():
+            carry = as_tuple(split.head(x))
+        carry = (carry[0].detach().requires_grad_(), *carry[1:])
+    else:
+        carry = as_tuple(split.head(x))
     if not carry[0].requires_grad:  # no graph to keep (frozen head, x without grad): the vjp
         return _vjp_pullback((middle, tail), carry, objective)
     acts = [carry[0]]
@@ -197,10 +205,15 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
         _targets.objective_rows(out)  # raises the callable cls's type error
     _check_depends(out)
 
-    # create_graph keeps the graph for the next class and for the loss's own backward.
+    # The graph is kept for the next class (and, create_graph, for the loss's own backward).
     def pull(cotangent: Tensor, out: Tensor = out, acts: tuple[Tensor, ...] = tuple(acts)) -> tuple[Tensor, ...]:
-        return torch.autograd.grad(out, acts, cotangent, create_graph=True)
+        grads = torch.autograd.grad(out, acts, cotangent, create_graph=differentiable,
+                                    retain_graph=True)
+        return grads if differentiable else tuple(g.detach() for g in grads)
 
+    if not differentiable:  # the caller sees the output as the vjp path gives it: no graph
+        scores = torch.utils._pytree.tree_map(
+            lambda t: t.detach() if isinstance(t, Tensor) else t, scores)
     return Pulled(tuple(acts), out, scores, pull, batches=False)
 
 
@@ -247,9 +260,9 @@ def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None 
     Differentiable maps run attention by its math kernel, which has a double backward.
     """
     split = split.bound(x, check_model=False)
-    if autograd_path(differentiable):
+    if autograd_path(differentiable) or not split.functional:
         with torch.enable_grad():
-            return _autograd_pullback(split, x, objective)
+            return _autograd_pullback(split, x, objective, differentiable=differentiable)
     with torch.set_grad_enabled(differentiable):
         twins = differentiable  # compiled differentiable maps: a double backward too
         return _vjp_pullback(differentiated(split, twins=twins), as_tuple(split.head(x)), objective,

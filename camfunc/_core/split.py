@@ -48,7 +48,10 @@ class Split(Generic[MapsT]):
     when it was traced (tracing bakes in ``if self.training`` branches, so a
     call in other modes is refused); ``forward_kwargs`` the arguments the model
     was captured with besides ``x`` (:func:`check` calls it with them); ``source`` (set by :func:`split`) keeps the
-    model's captures valid: :meth:`bound` uses it. All but ``head`` and ``tail``
+    model's captures valid: :meth:`bound` uses it. ``functional=False`` says the
+    stages after the head hold ops that ``torch.func`` cannot transform (custom
+    autograd functions such as torchvision's ``roi_align``): gradients then come
+    from one ordinary backward per class. All but ``head`` and ``tail``
     are keyword-only.
 
     ``Split[Tensor]`` (the default) gives methods' maps as one tensor;
@@ -74,6 +77,7 @@ class Split(Generic[MapsT]):
     traced_modes: tuple[bool, ...] | None = None
     forward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Source | None = dataclasses.field(default=None, repr=False, compare=False)
+    functional: bool = True
 
     def __post_init__(self) -> None:
         for field in ("head", "tail"):
