@@ -1,11 +1,14 @@
 """``camfunc explain``: overlays for images, per method and class, and a JSON summary.
 
-For each image, method and class: a figure (the image beside its overlay,
-titled with the class and its probability, with a colour bar, at least 256
-px) and the bare overlay at the image's own pixels (``...-overlay.png``).
-Both are drawn on each image as viewers show it (EXIF orientation applied,
-unless ``--no-exif``); the model sees it resized to its input size, with the
-channels it takes.
+For each image, method and class: a figure (the pixels the model saw beside
+the overlay, titled with the class and its probability, with a colour bar, at
+least 256 px) and the map put back on the original image through the model's
+resize and crop (``...-overlay.png``, zero outside the crop), so it lines up.
+Images are read as viewers show them (EXIF orientation applied, unless
+``--no-exif``) and fed through the model's own transform (timm's, the image
+processor's, torchvision weights'), or resized whole for other models or when
+``--size`` is given. With ``--expected``, an evidence bundle per image
+(``camfunc.explain``).
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ def explain(args: argparse.Namespace) -> int:
     for batch in progress(batches, total, "explain", unit="batch"):
         indices = [index for index, _, _ in batch]
         originals = [original for _, original, _ in batch]
-        images = torch.stack([image for _, _, image in batch])
+        seen = [image for _, _, image in batch]
+        images = torch.stack(seen)
         x = loaded.normalise(images)
         per_method = {}
         for name, method in methods.items():
@@ -186,22 +190,25 @@ def explain(args: argparse.Namespace) -> int:
         probabilities = torch.softmax(scores.float(), dim=1)
         for row, index in enumerate(indices):
             folder = out / stems[index]
+            height, width = originals[row].shape[1:]
             entries = []
             for k, c in enumerate(classes[row].tolist()):
                 files, overlays, arrays = {}, {}, {}
                 title = f"{loaded.class_name(c)} ({float(probabilities[row, c]):.1%})"
                 for name, maps in per_method.items():
                     stem = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}"
-                    files[name] = str(save_figure(stem.with_suffix(".png"), originals[row],
+                    files[name] = str(save_figure(stem.with_suffix(".png"), seen[row],
                                                   name, maps[row, k], title))
                     arrays[name] = str(save_array(stem.with_suffix(".npy"), maps[row, k]))
+                    back = loaded.on_original(maps[row, k], height, width)
                     overlays[name] = str(save_overlay(stem.with_name(stem.name + "-overlay.png"),
-                                                      originals[row], maps[row, k]))
+                                                      originals[row], back))
                 entries.append({"class": c, "name": loaded.class_name(c),
                                 "score": float(scores[row, c]),
                                 "probability": float(probabilities[row, c]), "files": files,
                                 "overlays": overlays, "maps": arrays})
-            records.append({"path": str(paths[index]), "classes": entries})
+            records.append({"path": str(paths[index]), "size": [height, width],
+                            "box": list(loaded.box(height, width)), "classes": entries})
     summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
                "preprocessing": loaded.preprocessing(), "methods": list(methods), "images": records, "failed": failed}
     write_json(out / "summary.json", summary)
