@@ -14,6 +14,7 @@ processor's, torchvision weights'), or resized whole for other models or when
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from camfunc._core import targets as _targets
 from camfunc._util.atomic import write_atomic, write_json
 from camfunc._util.images import expand_images
 from camfunc._util.progress import progress
-from camfunc.cli._common import read_batches, safe_name
+from camfunc.cli._common import error_line, read_batches, safe_name
+from camfunc.evidence import UnreadableImage, explain as explain_image
 from camfunc.models._loading import (
     LoadedModel,
     UsageError,
@@ -161,6 +163,8 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def explain(args: argparse.Namespace) -> int:
     loaded = loaded_model(args)
     methods = resolve_methods(args.method or ["gradcam"])
+    if args.expected is not None:
+        return explain_expected(args, loaded, list(methods))
     cls = target_from(args, loaded)
     split = make_split(loaded, args.layer)
     paths = expand_images(args.images)
@@ -217,6 +221,55 @@ def explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def explain_expected(args: argparse.Namespace, loaded: LoadedModel, methods: list[str]) -> int:
+    """``--expected``: an evidence bundle per image (``camfunc.explain``), and summary.json
+    with the predicted and expected classes' files, as the report reads it."""
+    if args.cls is not None or args.topk is not None:
+        raise UsageError("--expected explains the predicted and the expected class; drop "
+                         "--class/--topk")
+    split = make_split(loaded, args.layer)
+    paths = expand_images(args.images)
+    if not paths:
+        raise UsageError("no images given (or none found in the folders given)")
+    out = Path(args.out)
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for path, stem in progress(list(zip(paths, unique_stems(paths), strict=True)), len(paths),
+                               "explain", unit="image"):
+        try:
+            evidence = explain_image(loaded, path, expected=args.expected, methods=methods,
+                                     layer=args.layer, out=out / stem, exif=not args.no_exif,
+                                     split=split, model_name=args.model)
+        except UnreadableImage as error:  # the rest go on, as without --expected
+            error_line(str(error))
+            failed.append({"path": str(path), "reason": str(error)})
+            continue
+        assert evidence.manifest is not None
+        manifest = json.loads(evidence.manifest.read_text())
+        folder = evidence.manifest.parent
+        entries = []
+        for role in ("predicted", "expected"):
+            record = manifest[role]
+            files = record["files"]
+            entries.append({"role": role, "class": record["class"], "name": record["name"],
+                            "score": record["logit"], "probability": record["probability"],
+                            "files": {m: str(folder / f["figure"]) for m, f in files.items()},
+                            "overlays": {m: str(folder / f["overlay"]) for m, f in files.items()},
+                            "maps": {m: str(folder / f["map"]) for m, f in files.items()}})
+        records.append({"path": str(path), "size": manifest["image"]["size"],
+                        "box": manifest["image"]["box"], "correct": manifest["correct"],
+                        "agreement": manifest["agreement"]["pairs"],
+                        "bundle": str(evidence.manifest), "classes": entries})
+    summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
+               "preprocessing": loaded.preprocessing(), "methods": methods,
+               "expected": args.expected, "images": records, "failed": failed}
+    write_json(out / "summary.json", summary)
+    wrong = sum(1 for r in records if not r["correct"])
+    print(f"explained {len(records)} image(s) against expected class {args.expected!r}: "
+          f"{wrong} predicted otherwise; {len(failed)} failed; wrote {out / 'summary.json'}")
+    return 1 if failed else 0
+
+
 def split_layer_names(split, layer: str | None, loaded: LoadedModel) -> list[str]:
     names = getattr(split, "layers", None)
     return list(names) if names else [layer or loaded.layer or "?"]
@@ -231,5 +284,10 @@ def register(subparsers) -> None:
     parser.add_argument("--method", action="append",
                         help="a camfunc method (repeatable; default gradcam)")
     add_target_arguments(parser)
+    parser.add_argument("--expected", metavar="CLASS",
+                        help="the class each image should be (index or name): write an evidence "
+                             "bundle per image with the predicted and expected classes' maps, a "
+                             "contrastive Finer-CAM map, probabilities, the methods' agreement "
+                             "and a manifest with sha256 hashes")
     parser.add_argument("--out", default="camfunc-out", help="output folder (default camfunc-out)")
     parser.set_defaults(handler=explain)
