@@ -132,7 +132,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UsageError("no image could be read")
     summary = summarise(rows)
     out = Path(args.out)
-    write_json(out / "metrics.json", {"model": args.model, "methods": list(methods), "metrics": chosen,
+    write_json(out / "metrics.json", {"model": args.model, "preprocessing": loaded.preprocessing(),
+                                      "methods": list(methods), "metrics": chosen,
                                       "summary": summary, "images": rows, "curves": curves,
                                       "failed": failed})
     write_text_atomic(out / "metrics.csv", to_csv(rows))
