@@ -278,3 +278,31 @@ def test_timm_crop_is_its_own_and_the_overlay_maps_back(timm_resnet, picture, tm
                        "--pretrained-cfg", cfg, "--size", "48", "--out", tmp_path / "sized")
     sized = json.loads((tmp_path / "sized" / "summary.json").read_text())
     assert sized["preprocessing"]["transform"] == "camfunc" and sized["images"][0]["box"] == [0, 0, 40, 48]
+
+
+def test_timm_squash_crop_maps_back_and_border_is_refused(timm_resnet, picture, tmp_path):
+    """crop_mode squash: the whole 40 x 48 picture resized to 64 x 64, cropped 48 x 48 from
+    (8, 8): rows 8 * 40 / 64 = 5 to 35, columns 8 * 48 / 64 = 6 to 42. crop_mode border (a
+    keep-ratio resize then a crop or pad) cannot be followed back: a one-line error."""
+    base = json.loads((timm_resnet / "cfg.json").read_text())
+    for mode in ("squash", "border"):
+        (tmp_path / f"{mode}.json").write_text(json.dumps({**base, "crop_pct": 0.75, "crop_mode": mode}))
+    loaded = load("timm:resnet18", pretrained_cfg=str(tmp_path / "squash.json"))
+    assert loaded.box(40, 48) == pytest.approx((5.0, 6.0, 35.0, 42.0))
+    _, seen = loaded.read(picture)
+    x = timm_tensor(loaded.model, picture)
+    torch.testing.assert_close(loaded.normalise(seen.unsqueeze(0)), x, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UsageError, match="ResizeKeepRatio.*--size"):
+        load("timm:resnet18", pretrained_cfg=str(tmp_path / "border.json"))
+    assert load("timm:resnet18", size=48, pretrained_cfg=str(tmp_path / "border.json")).pipeline is None
+
+
+def test_torchvision_pixels_are_its_weights_transforms(picture):
+    torchvision = pytest.importorskip("torchvision")
+    loaded = load("torchvision:resnet18")
+    transform = torchvision.models.get_model_weights("resnet18").DEFAULT.transforms()
+    _, seen = loaded.read(picture)
+    expected = transform(Image.open(picture).convert("RGB")).unsqueeze(0)
+    torch.testing.assert_close(loaded.normalise(seen.unsqueeze(0)), expected, rtol=1e-6, atol=1e-6)
+    # 40 x 48 -> shorter side 256 (scale 6.4), 256 x 307, crop 224 from (16, round(41.5) = 42)
+    assert loaded.box(40, 48) == pytest.approx((16 / 6.4, 42 / 6.4, 240 / 6.4, 266 / 6.4))

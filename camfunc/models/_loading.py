@@ -236,7 +236,7 @@ def _import_from_here(name: str):
         sys.path.remove(here)
 
 
-def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool) -> LoadedModel:
     """A timm model, randomly initialised (``weights`` a local checkpoint), fed as its
     data config says (size, mean, std), with a local JSON overlay on its pretrained config."""
     try:
@@ -266,10 +266,10 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedM
                        (("crop_pct", config.get("crop_pct")), ("crop_mode", config.get("crop_mode")),
                         ("interpolation", config.get("interpolation"))),
                        _pipeline(lambda: _preprocess.timm_pipeline(config), f"timm:{name}",
-                                 int(config["input_size"][0])))
+                                 int(config["input_size"][0]) if own else 0))
 
 
-def _hf(path: str) -> LoadedModel:
+def _hf(path: str, own: bool) -> LoadedModel:
     """A Hugging Face image classifier saved with ``save_pretrained``, fed as its image
     processor says (size, mean, std), with ``config.id2label`` as class names."""
     folder = Path(path)
@@ -301,12 +301,13 @@ def _hf(path: str) -> LoadedModel:
                         ("crop_size", _plain(getattr(processor, "crop_size", None))),
                         ("resample", str(getattr(processor, "resample", None)))),
                        _pipeline(lambda: _preprocess.hf_pipeline(processor), f"hf:{path}",
-                                 int(getattr(model.config, "num_channels", 3))))
+                                 int(getattr(model.config, "num_channels", 3)) if own else 0))
 
 
 def _pipeline(make: Callable[[], _preprocess.Pipeline], spec: str,
               channels: int) -> _preprocess.Pipeline | None:
-    """The library's own transform; None (camfunc's resize) for a model not taking RGB."""
+    """The library's own transform; None (camfunc's resize) for a model not taking RGB, or
+    ``channels`` 0 (``--size`` given)."""
     if channels != 3:
         return None
     try:
@@ -388,7 +389,7 @@ def load_model(spec: str, weights: str | None = None, size: int | None = None,
     if pretrained_cfg is not None and not spec.startswith("timm:"):
         raise UsageError(f"--pretrained-cfg is for timm: models, given model {spec!r}")
     if spec.startswith(("timm:", "hf:")):
-        loaded = _configured(spec, weights, pretrained_cfg)
+        loaded = _configured(spec, weights, pretrained_cfg, size is None)
         return loaded if size is None else dataclasses.replace(loaded, size=(size, size),
                                                               pipeline=None)
     if spec.startswith("torchvision:"):
@@ -396,12 +397,14 @@ def load_model(spec: str, weights: str | None = None, size: int | None = None,
     return _spec(spec, weights, 224 if size is None else size)
 
 
-def _configured(spec: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+def _configured(spec: str, weights: str | None, pretrained_cfg: str | None,
+                own: bool) -> LoadedModel:
+    """A timm or hf model; ``own``: fed through its library's transform."""
     if spec.startswith("timm:"):
-        return _timm(spec.partition(":")[2], weights, pretrained_cfg)
+        return _timm(spec.partition(":")[2], weights, pretrained_cfg, own)
     if weights is not None:
         raise UsageError("an hf: model takes its weights from its folder; drop --weights")
-    return _hf(spec.partition(":")[2])
+    return _hf(spec.partition(":")[2], own)
 
 
 def _spec(spec: str, weights: str | None, size: int) -> LoadedModel:
