@@ -148,3 +148,11 @@ def test_timm_bundle_records_its_own_crop(scene, tmp_path):
     # 80 x 96 -> shorter side 64 (scale 0.8), 64 x 76; crop 48 from (8, 14): in the image's pixels
     assert manifest["image"]["box"] == pytest.approx([10.0, 17.5, 70.0, 77.5])
     assert manifest["versions"]["timm"] == timm.__version__ and manifest["expected"]["name"] == "b"
+
+
+def test_the_report_reads_an_expected_folder(bundle):
+    out, _, _ = bundle
+    done = camfunc_cli("report", out, "--quiet", "--out", out.parent / "report-of-bundle")
+    assert done.returncode == 0, done.stderr
+    page = (out.parent / "report-of-bundle" / "index.html").read_text()
+    assert page.count('"method": "gradcam"') == 2 and page.count('"method": "layercam"') == 2
