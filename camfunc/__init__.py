@@ -59,6 +59,9 @@ from camfunc._tools.legrad import legrad as legrad
 from camfunc._tools.smoothing import aug_smooth as aug_smooth
 from camfunc._version import __version__ as __version__
 
+# Predicted against expected, with an evidence bundle
+from camfunc.evidence import Evidence as Evidence, explain as explain
+
 __all__ = sorted([
     "Split", "split", "check", "Layout", "with_layout", "LayerChoiceWarning", "RepeatedLayerWarning",
     "TopK", "topk", "Finer", "finer", "ReST", "rest",
@@ -66,5 +69,5 @@ __all__ = sorted([
     "Factorization", "dff", "FullGradModel", "fullgrad", "fullgrad_model", "guided_backprop",
     "guided_gradcam", "guided_model", "legrad", "aug_smooth",
     "fuse", "normalize", "upsample", "NonFiniteWarning",
-    "losses", "metrics", "runs", "targets", "viz", "zoo",
+    "losses", "metrics", "runs", "targets", "viz", "zoo", "explain", "Evidence",
 ], key=str.lower)

@@ -27,7 +27,7 @@ RANK = {
     "camfunc._tools": 3,
     "camfunc.metrics": 4, "camfunc.testing": 4, "camfunc.losses": 4,
     "camfunc.models": 5,
-    "camfunc.runs": 6,
+    "camfunc.runs": 6, "camfunc.evidence": 6,
     "camfunc.cli": 7,
     "camfunc": 8,
     "camfunc.__main__": 9,
