@@ -156,10 +156,24 @@ def _comment_doc(obj: griffe.Object) -> str | None:
     return None
 
 
+def _method_signature(obj: griffe.Function) -> None:
+    """A method registered with ``@cam_method`` takes ``return_scores`` from the decorator
+    and returns maps, or maps and scores: the signature users call, not the one written."""
+    if not any("cam_method" in str(d.value) for d in obj.decorators):
+        return
+    if "return_scores" not in obj.parameters:
+        obj.parameters.add(griffe.Parameter(
+            "return_scores", annotation="bool", kind=griffe.ParameterKind.keyword_only,
+            default="False"))
+    obj.returns = "Tensor | list[Tensor] | tuple[...]"
+
+
 def _walk(obj: griffe.Object, package: griffe.Module, seen: set[str]) -> None:
     if obj.path in seen:
         return
     seen.add(obj.path)
+    if isinstance(obj, griffe.Function):
+        _method_signature(obj)
     if obj.docstring is None and isinstance(obj, griffe.Attribute):
         text = _comment_doc(obj)
         if text:
