@@ -185,13 +185,38 @@ def _walk(obj: griffe.Object, package: griffe.Module, seen: set[str]) -> None:
             _walk(member, package, seen)  # type: ignore[arg-type]
 
 
+def _lazy_alias(module: griffe.Module, name: str, value: object) -> None:
+    """A member a module's ``__getattr__`` imports on first use, as an alias to where it is
+    defined (camfunc.metrics loads each metric's module, and its dependencies, lazily)."""
+    defined_in = getattr(value, "__module__", None)
+    qualname = getattr(value, "__qualname__", None)
+    if defined_in and qualname and defined_in.split(".")[0] == module.path.split(".")[0]:
+        module.set_member(name, griffe.Alias(name, f"{defined_in}.{qualname}", parent=module))
+
+
+def _document_constant(module: griffe.Module, name: str) -> None:
+    """An exported constant with no documentation still gets its entry (name and value)."""
+    member = module.members.get(name)
+    try:
+        target = member.final_target if member is not None and member.is_alias else member
+    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+        return
+    if isinstance(target, griffe.Attribute) and target.docstring is None and not _comment_doc(target):
+        target.docstring = griffe.Docstring("A constant; its value is shown above.", parent=target)
+
+
 def _exports(module: griffe.Module) -> None:
     """Each public module's ``__all__`` as the interpreter sees it: camfunc builds some of
     them (the registered methods), which a static reading cannot evaluate."""
     if not any(part.startswith("_") for part in module.path.split(".")):
-        names = getattr(importlib.import_module(module.path), "__all__", None)
+        runtime = importlib.import_module(module.path)
+        names = getattr(runtime, "__all__", None)
         if names is not None:
             module.exports = [str(name) for name in names]
+            for name in module.exports:
+                if name not in module.members:  # resolved lazily, by a module __getattr__
+                    _lazy_alias(module, name, getattr(runtime, name))
+                _document_constant(module, name)
     for member in module.modules.values():
         if not member.is_alias:
             _exports(member)

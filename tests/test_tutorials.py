@@ -57,3 +57,26 @@ def test_every_public_module_has_an_api_page(module):
     assert re.search(rf"^::: {re.escape(module)}\s*$", pages, flags=re.MULTILINE), (
         f"{module} has no API page: add docs/api/<name>.md holding '::: {module}' "
         "and list it in mkdocs.yml's nav")
+
+
+def test_the_site_builds_strictly_with_every_public_name(tmp_path):
+    """``mkdocs build --strict`` (as .ci/run runs it) passes, and every public name of every
+    public module has its entry on the API pages."""
+    pytest.importorskip("mkdocs")
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    anchors = set()
+    for page in (site / "api").glob("*/index.html"):
+        anchors |= set(re.findall(r'id="(camfunc[\w.]*)"', page.read_text(encoding="utf-8")))
+    missing = []
+    for module_name in public_modules():
+        module = importlib.import_module(module_name)
+        missing += [f"{module_name}.{name}" for name in module.__all__
+                    if not isinstance(getattr(module, name), types.ModuleType)
+                    and f"{module_name}.{name}" not in anchors]
+    assert not missing, f"public names with no entry on the API pages: {missing}"
