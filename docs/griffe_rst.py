@@ -61,7 +61,8 @@ def _public(path: str, package: griffe.Module) -> str | None:
     for n in range(len(parts), 0, -1):  # a member of a public class: Layout.to_grid
         public = _PUBLIC.get(".".join(parts[:n]))
         if public is not None:
-            return ".".join([public, *parts[n:]])
+            found = ".".join([public, *parts[n:]])
+            return None if _is_private(found) else found
     return None
 
 
@@ -76,12 +77,11 @@ def _index_public(module: griffe.Module) -> None:
         if member is None:
             continue
         try:
-            canonical = member.final_target.path if member.is_alias else member.path
+            target = member.final_target if member.is_alias else member
         except (griffe.AliasResolutionError, griffe.CyclicAliasError):
             continue
-        _PUBLIC.setdefault(canonical, f"{module.path}.{name}")
-        if isinstance(member, griffe.Module) or (member.is_alias and member.final_target.is_module):
-            continue
+        if not isinstance(target, griffe.Module):  # a module's private members stay private
+            _PUBLIC.setdefault(target.path, f"{module.path}.{name}")
     for sub in module.modules.values():
         if not sub.is_alias:
             _index_public(sub)
@@ -125,8 +125,14 @@ def rewrite(text: str, obj: griffe.Object, package: griffe.Module) -> str:
         shown = target.rsplit(".", 1)[-1] if match.group(0).find("~") >= 0 else target
         path = _resolve(target, obj, package)
         if path == _MISSING:  # unknown: a camfunc name links anyway, and the build says so
-            path = target if target.startswith(f"{package.path}.") else (
-                None if "." in target else f"{package.path}.{target}")
+            head, _, rest = target.partition(".")
+            if target.startswith(f"{package.path}."):
+                path = target
+            elif not rest:
+                path = f"{package.path}.{target}"
+            else:  # Split.bund: linked under Split's public name; torch.func.vjp stays code
+                owner = _resolve(head, obj, package)
+                path = f"{owner}.{rest}" if owner not in (None, _MISSING) else None
         return keep(f"[`{shown}`][{path}]" if path else f"`{target}`")
 
     text = EXAMPLE.sub(r"\g<indent>Examples:", text)  # griffe's Google parser knows "Examples"
