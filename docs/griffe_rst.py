@@ -55,8 +55,11 @@ def _public(path: str, package: griffe.Module) -> str | None:
     """The public name an object is documented under (its own path if public), or None."""
     if not _is_private(path):
         return path
-    target = package[path.removeprefix(f"{package.path}.")]
-    canonical = target.final_target.path if target.is_alias else target.path
+    try:
+        target = package[path.removeprefix(f"{package.path}.")]
+        canonical = target.final_target.path if target.is_alias else target.path
+    except (KeyError, ValueError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+        return None  # an alias to another library (torch.func.vjp seen from a camfunc module)
     parts = canonical.split(".")
     for n in range(len(parts), 0, -1):  # a member of a public class: Layout.to_grid
         public = _PUBLIC.get(".".join(parts[:n]))
