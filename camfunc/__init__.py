@@ -15,7 +15,14 @@ gradients engine), ``_methods`` (one module per CAM method), ``_tools``
 
 # Splitting a model
 # Subpackages: metrics, figures, dataset-scale runs, the embedded model
-from camfunc import losses as losses, metrics as metrics, runs as runs, viz as viz, zoo as zoo
+from camfunc import (
+    losses as losses,
+    metrics as metrics,
+    runs as runs,
+    targets as targets,
+    viz as viz,
+    zoo as zoo,
+)
 
 # Targets: which class, or which function of the scores, a map explains
 from camfunc._core.contrastive import Finer as Finer, ReST as ReST, finer as finer, rest as rest
@@ -59,5 +66,5 @@ __all__ = sorted([
     "Factorization", "dff", "FullGradModel", "fullgrad", "fullgrad_model", "guided_backprop",
     "guided_gradcam", "guided_model", "legrad", "aug_smooth",
     "fuse", "normalize", "upsample", "NonFiniteWarning",
-    "losses", "metrics", "runs", "viz", "zoo",
+    "losses", "metrics", "runs", "targets", "viz", "zoo",
 ], key=str.lower)

@@ -23,7 +23,7 @@ PACKAGE = pathlib.Path(camfunc.__file__).parent
 RANK = {
     "camfunc._version": 0, "camfunc._util": 0,
     "camfunc._core": 1,
-    "camfunc._methods": 2, "camfunc.zoo": 2, "camfunc.viz": 2,
+    "camfunc._methods": 2, "camfunc.zoo": 2, "camfunc.viz": 2, "camfunc.targets": 2,
     "camfunc._tools": 3,
     "camfunc.metrics": 4, "camfunc.testing": 4, "camfunc.losses": 4,
     "camfunc.models": 5,

@@ -46,7 +46,7 @@ class _PerSampleClasses:
         """``cls`` checked as a method checks class indices (length, types, sign)."""
         check_form(self.cls, batch)
 
-__all__ = ["Finer", "finer", "ReST", "rest"]
+__all__ = ["Finer", "ReST", "finer", "rest"]
 
 
 @dataclasses.dataclass  # not frozen: torch 2.4 cannot compile a frozen one built inside

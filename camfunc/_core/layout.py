@@ -33,7 +33,7 @@ from typing_extensions import TypeIs
 
 from camfunc._core.split import Split, as_tuple, math_twin
 
-__all__ = ["Layout", "with_layout", "resolve", "LayoutRule", "LayoutTag", "TokenGridError"]
+__all__ = ["Layout", "LayoutRule", "LayoutTag", "TokenGridError", "resolve", "with_layout"]
 
 Kind = Literal["channels_first", "channels_last", "tokens"]
 _KINDS = ("channels_first", "channels_last", "tokens")

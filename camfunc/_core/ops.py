@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["normalize", "upsample", "fuse"]
+__all__ = ["fuse", "normalize", "upsample"]
 
 #: A map whose range is below this fraction of its largest magnitude is flat:
 #: summing C float32 products leaves differences of a few ulps (~1e-7 each).

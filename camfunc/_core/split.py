@@ -16,7 +16,7 @@ from typing_extensions import TypeVar
 #: What a method returns for this split: a tensor for one layer, a list for several.
 MapsT = TypeVar("MapsT", default=Tensor, covariant=True)
 
-__all__ = ["MapsT", "Split", "Source", "as_tuple", "math_twin", "unwrap", "TRAINING_MESSAGE"]
+__all__ = ["TRAINING_MESSAGE", "MapsT", "Source", "Split", "as_tuple", "math_twin", "unwrap"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "

@@ -35,7 +35,7 @@ from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels, pick_item
 from camfunc._core.split import Split, math_twin, modes_of, unwrap
 
-__all__ = ["split", "check", "LayerChoiceWarning", "RepeatedLayerWarning"]
+__all__ = ["LayerChoiceWarning", "RepeatedLayerWarning", "check", "split"]
 
 
 class LayerChoiceWarning(UserWarning):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from typing_extensions import TypeIs
 
 from camfunc._util.host import reads_are_free
 
-__all__ = ["TopK", "topk", "Target", "class_scores"]
+__all__ = ["Target", "TopK", "class_scores", "topk"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def topk(k: int) -> TopK:
 
 
 Objective = Callable[[Any], Tensor]
-Target = Union[int, Sequence[int], Tensor, np.ndarray, TopK, Objective]
+Target = int | Sequence[int] | Tensor | np.ndarray | TopK | Objective
 
 
 def is_objective(cls: Target) -> TypeIs[Objective]:
@@ -344,7 +344,7 @@ def _rows_taken(out: Any, total: int, start: int, stop: int) -> Any:
     cut = [part[start:stop] if _batched(part, total) else part for part in parts]
     return torch.utils._pytree.tree_unflatten(
         [list(c) if isinstance(c, tuple) and not isinstance(p, Tensor) else c
-         for c, p in zip(cut, parts)], spec)
+         for c, p in zip(cut, parts, strict=True)], spec)
 
 
 def _each_row_in_its_batch(cls: Objective, clean: Any, out: Any, rows: Tensor,
@@ -374,7 +374,7 @@ def _each_row_in_its_batch(cls: Objective, clean: Any, out: Any, rows: Tensor,
                     for r in range(count) for j in range(batch)]
         return out_part
     stacked = torch.utils._pytree.tree_unflatten(
-        [embed(c, o) for c, o in zip(clean_parts, out_parts)], spec)
+        [embed(c, o) for c, o in zip(clean_parts, out_parts, strict=True)], spec)
     values = _PerCopy(cls, count, batch)(stacked)  # (count * batch, ...)
     return values.reshape(count, batch, *values.shape[1:])[positions, rows]
 

@@ -75,7 +75,7 @@ def _linear_fill(x: Tensor, removed: Tensor) -> Tensor:
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import spsolve
 
-    batch, channels, height, width = x.shape
+    channels, height, width = x.shape[1:]
     area = height * width
     values = x.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, channels).clone()
     gone = removed.detach().cpu().reshape(-1)

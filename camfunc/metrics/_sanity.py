@@ -284,6 +284,6 @@ def model_randomisation(model: nn.Module, layer: str | nn.Module, method: Any, x
         rows.append((spearman(original, resized), spearman(original.abs(), resized.abs()),
                      ssim(_ops.normalize(original), _ops.normalize(resized),
                           window_size=_window_for(size))))
-    spearmans, spearmans_abs, ssims = (torch.stack(column) for column in zip(*rows))
+    spearmans, spearmans_abs, ssims = (torch.stack(column) for column in zip(*rows, strict=True))
     reinitialised = tuple(tuple(order[:s]) for s in range(len(order) + 1))
     return Randomisation(reinitialised, spearmans, spearmans_abs, ssims, torch.stack(per_step), classes)

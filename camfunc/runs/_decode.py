@@ -31,7 +31,7 @@ def decoded_batch(batch: Batch, names: Sequence[str], size: tuple[int, int], cha
     decoded = _on_device(list(files.values()), channels, exif, device)
     images = batch.images.to(device)
     errors = list(batch.errors)
-    for row, image in zip(rows, decoded):
+    for row, image in zip(rows, decoded, strict=True):
         if image is None:  # the device declined it: Pillow, from the bytes already read
             try:
                 image = read_opened(open_image(names[row], exif, files[row].numpy().tobytes()),

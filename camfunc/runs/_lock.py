@@ -29,7 +29,7 @@ class FolderLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+", encoding="utf-8")
+        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open: the flock lives as long as the file)
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -73,7 +73,7 @@ def _redrawn(model: nn.Module, modules: Sequence[nn.Module], seed: int) -> nn.Mo
     copy = deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for original, new in zip(model.parameters(), copy.parameters()):
+        for original, new in zip(model.parameters(), copy.parameters(), strict=True):
             if id(original) in chosen:
                 spread = float(original.std()) if original.numel() > 1 else 1.0
                 new.copy_(torch.randn(new.shape, generator=generator) * (spread or 1.0))

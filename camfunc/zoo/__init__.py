@@ -20,5 +20,14 @@ from camfunc.zoo._scenes import (
            scenes as scenes,
 )
 
-__all__ = ["CLASSES", "DECOY_COLOURS", "IMAGE_SIZE", "LAYER", "Scenes", "ShapesNet", "WEIGHTS_FILE", "scenes",
-           "shapesnet"]
+__all__ = [
+           "CLASSES",
+           "DECOY_COLOURS",
+           "IMAGE_SIZE",
+           "LAYER",
+           "WEIGHTS_FILE",
+           "Scenes",
+           "ShapesNet",
+           "scenes",
+           "shapesnet",
+]

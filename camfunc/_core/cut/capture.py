@@ -37,8 +37,15 @@ from torch import Tensor, nn
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.masks import drop_full_masks
 
-__all__ = ["Captured", "CaptureError", "trace_fx", "export_graph", "example_for", "traced_copy",
-           "target_name"]
+__all__ = [
+    "CaptureError",
+    "Captured",
+    "example_for",
+    "export_graph",
+    "target_name",
+    "trace_fx",
+    "traced_copy",
+]
 
 
 class CaptureError(TypeError):

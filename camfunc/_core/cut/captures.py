@@ -34,7 +34,7 @@ from camfunc._core.validate import refuse_while_compiling
 if TYPE_CHECKING:
     from camfunc._core.split import Split
 
-__all__ = ["Capture", "Captures", "Snapshot", "MAX_CAPTURES", "FIXED_SIZES_FIRST"]
+__all__ = ["FIXED_SIZES_FIRST", "MAX_CAPTURES", "Capture", "Captures", "Snapshot"]
 
 #: Captures kept per split; the least recently used goes first.
 MAX_CAPTURES = 8

@@ -30,7 +30,7 @@ from camfunc._core.cut import rows as _rows
 from camfunc._core.cut.capture import Captured, CaptureError, target_name
 from camfunc._core.cut.lock import TRACE_LOCK
 
-__all__ = ["levels", "Stage", "build_stages"]
+__all__ = ["Stage", "build_stages", "levels"]
 
 # Methods and functions whose result may share memory with their first argument.
 _VIEW_METHODS = {

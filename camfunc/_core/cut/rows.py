@@ -23,7 +23,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["prune_rows", "checked_pruning"]
+__all__ = ["checked_pruning", "prune_rows"]
 
 Rows = tuple[int, int, int]  # (axis, start, stop) of a value that is needed
 
