@@ -25,7 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "docs" / "example_setup.py"
 
-MODULES = ("camfunc", "camfunc.metrics", "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
+# camfunc.models and camfunc.targets are on the site too; their examples need names that
+# docs/example_setup.py does not define yet (a segmentation model, an output), so they wait.
+MODULES = ("camfunc", "camfunc.losses", "camfunc.metrics", "camfunc.runs", "camfunc.testing",
+           "camfunc.viz", "camfunc.zoo")
 
 # Public names whose examples are not doctests yet (excluded from the checks below).
 PENDING: set[str] = set()  # names whose examples are not doctests yet: none
