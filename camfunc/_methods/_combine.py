@@ -76,15 +76,27 @@ def check_activations(a: Tensor) -> None:
         )
 
 
+def in_user_order(split: Split[Any], maps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Maps in the split's chain order put in the order the user gave the layers (a
+    single fused map stays as it is)."""
+    return tuple(maps[i] for i in split.order) if len(split.order) == len(maps) else maps
+
+
+def in_chain_order(split: Split[Any], maps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The inverse of :func:`in_user_order`."""
+    if len(split.order) != len(maps):
+        return maps
+    chained = dict(zip(split.order, maps))
+    return tuple(chained[i] for i in range(len(maps)))
+
+
 def arrange(split: Split[Any], maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
     """Back to the user's layer order; a single layer gives a tensor, several (or a split
     made from a list of layers) a list.
 
     A sample whose maps hold a NaN (non-finite input) gets NaN maps throughout.
     """
-    if split.order:
-        maps = tuple(maps[i] for i in split.order)
-    maps = tuple(_validate.nonfinite_maps(m) for m in maps)
+    maps = tuple(_validate.nonfinite_maps(m) for m in in_user_order(split, maps))
     return list(maps) if split.listed or len(maps) > 1 else maps[0]
 
 

@@ -28,7 +28,10 @@ from torch import Tensor
 
 from camfunc._core import targets as _targets, validate as _validate
 from camfunc._core.split import Split
-from camfunc._methods._combine import arrange
+from camfunc._methods._combine import Computed, arrange, in_chain_order
+
+#: Where a method's maps live: at each cut's layer, or one fused map at the input's size.
+Resolution = Literal["layer", "input"]
 
 # Bound per call: a method given a Split[MapsT] returns MapsT (a tensor, or a list of them).
 MapsT = TypeVar("MapsT")
@@ -59,9 +62,10 @@ class CamMethod(Protocol):
 
     Returns the maps, ``(B, *spatial)`` or ``(B, K, *spatial)`` for a ``Split[Tensor]``
     (one layer) and a list of those for a ``Split[list[Tensor]]``; with
-    ``return_scores=True``, ``(maps, scores)``. ``draws`` says which random numbers
-    the method takes (None: none); ``syncs``, why it makes the host wait for an
-    accelerator on every call (None: it never does).
+    ``return_scores=True``, ``(maps, scores)``. Its facts, as :func:`cam_method` records
+    them: ``compiles_since``, the first torch whose compiler traces it; ``resolution``,
+    ``"layer"`` or ``"input"``; ``draws``, which random numbers it takes (None: none);
+    ``syncs``, why it makes the host wait for an accelerator on every call (None: it never does).
 
     Example:
         >>> method: camfunc.CamMethod = camfunc.METHODS["gradcam"]
@@ -70,6 +74,8 @@ class CamMethod(Protocol):
     """
 
     __name__: str
+    compiles_since: tuple[int, int]
+    resolution: Resolution
     draws: Draws | None
     syncs: str | None
 
@@ -107,17 +113,21 @@ def _with_return_scores(signature: inspect.Signature) -> inspect.Signature:
                              return_annotation="Any")
 
 
-def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register: bool = True,
-               arranged: bool = False) -> Callable[[Callable[..., Any]], CamMethod]:
+def cam_method(*, compiles_since: tuple[int, int] = (0, 0), resolution: Resolution = "layer",
+               draws: Draws | None = None, syncs: str | None = None,
+               register: bool = True) -> Callable[[Callable[..., Computed]], CamMethod]:
     """Turns ``compute(split, x, cls, **options) -> (maps, scores)`` into a public method.
 
-    ``draws`` records the random numbers the method takes (see :class:`Draws`);
-    ``syncs`` says why the method reads a device value on the host in every call,
+    The arguments are facts about the method, kept on it as attributes of the same names:
+    ``compiles_since`` is the first torch (major, minor) whose compiler can trace it
+    (older ones get a clear refusal under ``torch.compile``); ``resolution`` is where its
+    maps live: ``"layer"``, one map per cut, at that layer's size, or ``"input"``, one map
+    fused over the cuts at the input's size (``compute`` returns it as a 1-tuple);
+    ``draws`` records the random numbers it takes (see :class:`Draws`);
+    ``syncs`` says why it reads a device value on the host in every call,
     stalling it until the device catches up (None: it reads none, which
     ``tests/test_sync_dispatch.py`` holds every registered method to);
-    ``register=False`` keeps it out of ``METHODS`` (for methods whose maps are not
-    at the layer's resolution); ``arranged=True`` is for a method that calls
-    another and returns its maps already in the user's order.
+    ``register=False`` keeps it out of ``METHODS`` (``sess``, which takes only images).
 
     Example:
         >>> @camfunc.cam_method(register=False)    # register=True adds it to METHODS
@@ -128,7 +138,7 @@ def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register
         torch.Size([2, 4, 4])
     """
 
-    def decorate(compute: Callable[..., Any]) -> CamMethod:
+    def decorate(compute: Callable[..., Computed]) -> CamMethod:
         name = compute.__name__
         signature = inspect.signature(compute)
         if list(signature.parameters)[:3] != ["split", "x", "cls"]:
@@ -143,12 +153,12 @@ def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register
             if isinstance(cls, _Required):
                 raise TypeError(f"{name}() missing its class argument: cls (an int, a class per "
                                 "sample, a (B, K) tensor, camfunc.topk(k) or a callable)")
-            _validate.check_compilable(name)
+            _validate.check_compilable(name, compiles_since)
             split = _validate.check_call(split, x, differentiable=options.get("differentiable") is True)
             _targets.check_form(cls, x.shape[0])
-            maps, scores = compute(split, x, cls, **options)
-            if not arranged:
-                maps = arrange(split, maps)
+            computed, scores = compute(split, x, cls, **options)
+            fused = resolution == "input" or len(computed) != split.num_layers  # one map for all cuts
+            maps = computed[0] if fused else arrange(split, computed)
             return (maps, scores) if return_scores else maps
 
         # A code object of its own per method: torch.compile caches compiled code per code
@@ -156,6 +166,8 @@ def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register
         method.__code__ = method.__code__.replace(co_name=name)
         functools.update_wrapper(method, compute)
         setattr(method, "__signature__", _with_return_scores(signature))
+        setattr(method, "compiles_since", compiles_since)
+        setattr(method, "resolution", resolution)
         setattr(method, "draws", draws)
         setattr(method, "syncs", syncs)
         public = cast(CamMethod, method)
@@ -166,3 +178,14 @@ def cam_method(*, draws: Draws | None = None, syncs: str | None = None, register
         return public
 
     return decorate
+
+
+def composed(method: Callable[..., Any], split: Split[Any], x: Tensor, cls: _targets.Target,
+             **options: Any) -> Computed:
+    """A compute step made of another public method: its maps (back in the chain's order,
+    which the decorator undoes) and scores. A fused map (one for several cuts) stays one."""
+    maps, scores = method(split, x, cls, return_scores=True, **options)
+    if not isinstance(maps, list):
+        return (maps,), scores
+    return in_chain_order(split, tuple(maps)), scores
+
