@@ -132,8 +132,7 @@ def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normali
 
 
 def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
-                   raw_map: Callable[[Tensor], Tensor], *, normalize: bool,
-                   relu: bool = True) -> Computed:
+                   raw_map: Callable[[Tensor], Tensor], *, normalize: bool) -> Computed:
     """Maps that depend on the activations alone (one forward, no vjp), and the scores.
 
     The maps get the class axis ``cls`` asks for, so every method answers in the same shape.
@@ -143,7 +142,7 @@ def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
     maps = []
     for a in acts:
         check_activations(a)
-        cam = finish(raw_map(a.float()), relu=relu, normalize=normalize)
+        cam = finish(raw_map(a.float()), relu=True, normalize=normalize)
         maps.append(cam.unsqueeze(1).expand(cam.shape[0], k, *cam.shape[1:]) if keep_k else cam)
     return tuple(maps), scores
 

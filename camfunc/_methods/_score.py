@@ -37,8 +37,7 @@ def channel_masks(a: Tensor) -> Tensor:
 
 
 def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
-                  batch_size: int, transform: MaskTransform | None = None,
-                  flat_shortcut: bool = True) -> Tensor:
+                  batch_size: int, transform: MaskTransform | None = None) -> Tensor:
     """Target scores of ``x`` masked by each channel: ``(B, C, *sp)`` masks -> ``(B, C, K)``.
 
     Runs the whole model on ``batch_size`` masked inputs at a time (whole image
@@ -56,7 +55,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
         step = batch * max(1, batch_size // batch)
     shared = None
     # Skipping flat masks reads values: free on the CPU, a host-device sync elsewhere.
-    if flat_shortcut and not whole and transform is None and reads_are_free(x):
+    if not whole and transform is None and reads_are_free(x):
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]
