@@ -21,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
+import torch
 from torch import Tensor
 
 from camfunc._core import targets as _targets, validate as _validate
 from camfunc._core.split import Split
 from camfunc._methods._combine import Computed, arrange, in_chain_order
+from camfunc._util import draws as _draws
 
 #: Where a method's maps live: at each cut's layer, or one fused map at the input's size.
 Resolution = Literal["layer", "input"]
@@ -55,6 +57,41 @@ class Draws:
 
     keyword: str
     kind: Literal["input", "layer_noise", "channel_weights"]
+
+    @property
+    def counted(self) -> bool:
+        """Whether the draws come ``num_samples`` at a time (a leading samples axis)."""
+        return self.kind != "channel_weights"
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether the draws' shape depends on the layer's channels."""
+        return self.kind != "input"
+
+    @property
+    def batch_axis(self) -> int:
+        """The axis that runs over the input's samples."""
+        return 1 if self.counted else 0
+
+    def shape(self, x_shape: Sequence[int], channels: int, num_samples: int) -> tuple[int, ...]:
+        """The draws' shape for an input of ``x_shape`` whose layer has ``channels`` channels."""
+        batch, rest = int(x_shape[0]), tuple(int(n) for n in x_shape[1:])
+        if self.kind == "input":
+            return (num_samples, batch, *rest)
+        if self.kind == "layer_noise":
+            return (num_samples, batch, channels, *rest[1:])
+        return (batch, channels)
+
+    def sample(self, x_shape: Sequence[int], channels: int, num_samples: int,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Fresh draws of :meth:`shape` from ``generator``: standard normal, or uniform in
+        [-1, 1) for channel weights."""
+        sampler = torch.randn if self.counted else _draws.uniform_signed
+        return sampler(self.shape(x_shape, channels, num_samples), generator=generator)
+
+    def options(self, values: Tensor, num_samples: int) -> dict[str, Any]:
+        """The keyword arguments that hand ``values`` to the method."""
+        return {"num_samples": num_samples, self.keyword: values} if self.counted else {self.keyword: values}
 
 
 class CamMethod(Protocol):
