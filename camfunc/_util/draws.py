@@ -26,8 +26,12 @@ def refuse_while_compiling(owner: str, keyword: str) -> None:
 def draw(sampler: Sampler, shape: tuple[int, ...], generator: torch.Generator | None,
          near: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``sampler(shape)`` from ``generator``, on its device (``near``'s without one)."""
-    device = generator.device if generator is not None else near.device
-    return sampler(shape, generator=generator, device=device, dtype=dtype)
+    return sampler(shape, generator=generator, device=device_for(generator, near), dtype=dtype)
+
+
+def device_for(generator: torch.Generator | None, near: Tensor) -> torch.device:
+    """Where draws happen: on the generator's device, else on ``near``'s."""
+    return generator.device if generator is not None else near.device
 
 
 def uniform_signed(shape: tuple[int, ...], *, generator: torch.Generator | None = None,
