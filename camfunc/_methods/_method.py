@@ -46,7 +46,8 @@ class Draws:
     ``keyword`` names the argument that takes them; ``kind`` says what they are:
     ``"input"``, standard normal ``(num_samples, *x.shape)``; ``"layer_noise"``,
     standard normal ``(num_samples, B, C, *x.shape[2:])``; ``"channel_weights"``,
-    uniform in [-1, 1) ``(B, C)``.
+    uniform in [-1, 1) ``(B, C)``. :meth:`shape` gives that shape for an input and
+    :meth:`sample` draws it from a generator, the one place that decodes the kind.
 
     Example:
         >>> camfunc.sscam.draws
