@@ -34,7 +34,7 @@ from torch import Tensor
 from camfunc._core import targets as _targets
 from camfunc._core.cut.lock import holding_calls
 from camfunc._core.layout import LayoutTag
-from camfunc._core.split import Split, as_tuple, math_twin
+from camfunc._core.split import Split, as_tuple, math_twin, run_chain, run_stage
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
 # ``jvp`` at once corrupt each other's level. Eager calls take turns there.
@@ -195,11 +195,9 @@ def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tenso
         carry = as_tuple(split.head(x))
     if not carry[0].requires_grad:  # no graph to keep (frozen head, x without grad): the vjp
         return _vjp_pullback((middle, tail), carry, objective)
-    acts = [carry[0]]
-    for stage in middle:
-        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-        acts.append(carry[0])
-    scores = tail(carry[0].clone(), *carry[1:])
+    found = [carry, *run_chain(middle, carry)]
+    acts = [c[0] for c in found]
+    scores = run_stage(tail, found[-1])
     out = (objective if objective is not None else _targets.class_scores)(scores)
     if not isinstance(out, Tensor):
         _targets.objective_rows(out)  # raises the callable cls's type error
@@ -301,17 +299,39 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
 
 
 @holding_calls
+def smoothed_class_maps(split: Split, noisy: Tensor, copies: int, batch: int, cls: _targets.Target,
+                        scores: Any, per_class: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]],
+                        *, chunk_size: int | None = None,
+                        differentiable: bool = False) -> tuple[Tensor, ...]:
+    """:func:`class_maps` of ``copies`` noisy copies of a ``batch`` of samples stacked in
+    ``noisy``, the classes fixed on the clean batch's ``scores``: ``per_class(grads)`` gets
+    each class's gradients at every copy."""
+    if _targets.is_objective(cls):  # read block by block on the noisy batch
+        objective = _targets.tiled_objective(cls, copies, lambda: scores, batch)
+        pulled = pullback(split, noisy, objective, differentiable=differentiable)
+        cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
+    else:
+        pulled = pullback(split, noisy, differentiable=differentiable)
+        index, keep_k = _targets.class_indices(cls, scores)
+        cotangents = _targets.one_hot_rows(index.repeat(copies, 1), pulled.out)
+
+    def maps_for(cotangent: Tensor, pull: Callable[[Tensor], tuple[Tensor, ...]] = pulled.pull) -> tuple[Tensor, ...]:
+        return per_class(pull(cotangent))
+
+    with torch.set_grad_enabled(differentiable):
+        maps = over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
+    return layer_maps(maps, keep_k)
+
+
+@holding_calls
 def carries(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[list[tuple[Any, ...]], Any]:
     """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph
     unless ``differentiable``."""
     split = split.bound(x, check_model=False)
     with torch.set_grad_enabled(differentiable):
         carry = as_tuple(split.head(x))
-        found = [carry]
-        for stage in split.middle:
-            carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-            found.append(carry)
-        return found, split.tail(carry[0].clone(), *carry[1:])
+        found = [carry, *run_chain(split.middle, carry)]
+        return found, run_stage(split.tail, found[-1])
 
 
 @holding_calls
@@ -322,9 +342,7 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
 
 def _run_stages(stages: Stages, layer: int, carry: tuple[Any, ...]) -> Any:
     middle, tail = stages
-    for stage in middle[layer:]:
-        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-    return tail(carry[0].clone(), *carry[1:])
+    return run_stage(tail, [carry, *run_chain(middle[layer:], carry)][-1])
 
 
 @holding_calls
