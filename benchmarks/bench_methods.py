@@ -174,6 +174,7 @@ class Setup:
     classes: list[int]
     layer: str
     ablate_channels: int | None = None  # pytorch-grad-cam Ablation-CAM: the first M channels only
+    boxes: tuple = ()  # detectors: each image's (reference boxes, their labels)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -319,6 +320,24 @@ def build_pgc_vit(s: Setup):
     model = copy.deepcopy(s.model)
     cam = GradCAM(model=model, target_layers=[_module(model, s.layer)], reshape_transform=patch_grid)
     targets = _pgc_targets(s.classes)
+    return (lambda: cam(input_tensor=s.x, targets=targets)), cam.activations_and_grads.release
+
+
+def build_camfunc_detector(s: Setup):
+    import camfunc
+
+    split = camfunc.split(s.model, s.layer)  # built from the detector's own modules
+    target = camfunc.targets.box_score([b for b, _ in s.boxes], [lab for _, lab in s.boxes])
+    return (lambda: camfunc.gradcam(split, s.x, target)), None
+
+
+def build_pgc_detector(s: Setup):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    model = copy.deepcopy(s.model)
+    cam = GradCAM(model=model, target_layers=[_module(model, s.layer)])
+    targets = [FasterRCNNBoxScoreTarget(lab.tolist(), b.numpy()) for b, lab in s.boxes]
     return (lambda: cam(input_tensor=s.x, targets=targets)), cam.activations_and_grads.release
 
 
@@ -513,6 +532,15 @@ COMPARISONS = {c.key: c for c in (
         Row("pytorch-grad-cam", "pytorch-grad-cam {} GradCAM ¹, a call per class", build_pgc_hf_vit,
             "grad-cam"),
     ), top=10),
+    Comparison("detector", "Grad-CAM with a box-score target on Faster R-CNN (MobileNetV3-Large FPN, "
+               "320 px, 3 boxes per image)", "fasterrcnn_320", "backbone.body.13", 2, 320, (
+        FORWARD,
+        Row("camfunc", "camfunc.gradcam, targets.box_score", build_camfunc_detector),
+        Row("pytorch-grad-cam", "pytorch-grad-cam {} GradCAM ¹, FasterRCNNBoxScoreTarget",
+            build_pgc_detector, "grad-cam",
+            differs="random weights give maps of about 1e-12, where its min-max scaling's 1e-7 "
+                    "epsilon decides the values; raw maps agree (tests/test_detection.py)"),
+    ), memory_limit=0.5),
 )}
 
 
@@ -566,6 +594,8 @@ def make_setup(plan: Plan, device: str) -> Setup:
         model = ViTForImageClassification(ViTConfig(
             image_size=plan.size, patch_size=14, hidden_size=192, num_hidden_layers=6,
             num_attention_heads=3, intermediate_size=768, num_labels=1000))
+    elif c.model == "fasterrcnn_320":
+        return _detector_setup(plan, device)
     elif c.model == "timm_vit_long":
         import timm
 
@@ -584,6 +614,25 @@ def make_setup(plan: Plan, device: str) -> Setup:
         top = scores.topk(c.top, 1).indices
         classes = top[:, 0].tolist() if c.top == 1 else top.tolist()
     return Setup(model, x, classes, c.layer, plan.ablate_channels)
+
+
+def _detector_setup(plan: Plan, device: str) -> Setup:
+    """Random-weight Faster R-CNN on [0, 1] images; each image's first three detections (the
+    label each box-score rule finds first) are the boxes to explain."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+    from torchvision.ops import box_iou
+
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
+                                                  box_score_thresh=0.0).eval().to(device)
+    gen = torch.Generator().manual_seed(SEED + plan.batch)
+    x = torch.rand(plan.batch, 3, plan.size, plan.size, generator=gen).to(device)
+    with torch.no_grad():
+        found = model(list(x))
+    boxes = []
+    for f in found:
+        kept = f["boxes"][(f["boxes"][:, 2:] - f["boxes"][:, :2]).prod(1) > 1][:3]
+        boxes.append((kept.cpu(), f["labels"][box_iou(kept, f["boxes"]).argmax(1)].cpu()))
+    return Setup(model, x, [], plan.comparison.layer, None, tuple(boxes))
 
 
 # ----------------------------------------------------------------------------

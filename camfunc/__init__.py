@@ -73,6 +73,10 @@ from camfunc._core.validate import NonFiniteWarning
 from camfunc._version import __version__
 
 # isort: split
+# Predicted against expected, with an evidence bundle
+from camfunc.evidence import Evidence, explain
+
+# isort: split
 # Subpackages: files, metrics, losses, figures, target callables, the embedded model
 from camfunc import io, losses, metrics, targets, viz, zoo
 
@@ -94,6 +98,8 @@ __all__ = [  # noqa: RUF022 (grouped as the imports above, not sorted)
     "guided_gradcam", "guided_model", "legrad", "aug_smooth",
     # Operations on maps, and the warnings
     "fuse", "normalize", "upsample", "NonFiniteWarning", "__version__",
+    # Predicted against expected
+    "explain", "Evidence",
     # Subpackages
     "io", "losses", "metrics", "runs", "targets", "viz", "zoo",
 ]

@@ -106,14 +106,8 @@ def random_inputs(name: str, x: torch.Tensor, channels: int, samples: int = 2, s
     draws = camfunc.METHODS[name].draws if name in camfunc.METHODS else None
     if draws is None:
         return {}
-    g = torch.Generator().manual_seed(seed)
-    if draws.kind == "input":
-        value = torch.randn((samples, *x.shape), generator=g).to(x.dtype)
-    elif draws.kind == "layer_noise":
-        value = torch.randn((samples, x.shape[0], channels, *x.shape[2:]), generator=g)
-    else:
-        return {draws.keyword: torch.rand((x.shape[0], channels), generator=g) * 2 - 1}
-    return {"num_samples": samples, draws.keyword: value}
+    value = draws.sample(x.shape, channels, samples, torch.Generator().manual_seed(seed))
+    return draws.options(value.to(x.dtype), samples)
 
 
 def sample_slice(randomness: dict, i: int) -> dict:

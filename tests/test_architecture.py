@@ -30,10 +30,11 @@ RANK = {
     "camfunc._tools": 3,
     "camfunc.metrics": 4, "camfunc.losses": 4,
     "camfunc.models": 5,
-    "camfunc": 6,
-    "camfunc.testing": 7, "camfunc.runs": 7,
-    "camfunc.cli": 8,
-    "camfunc.__main__": 9,
+    "camfunc.evidence": 6,
+    "camfunc": 7,
+    "camfunc.testing": 8, "camfunc.runs": 8,
+    "camfunc.cli": 9,
+    "camfunc.__main__": 10,
 }
 APPLICATIONS = ("camfunc.testing", "camfunc.runs", "camfunc.cli", "camfunc.__main__")
 # The namespace hands out ``camfunc.runs`` on first use (its ``__getattr__``), once the
@@ -41,7 +42,7 @@ APPLICATIONS = ("camfunc.testing", "camfunc.runs", "camfunc.cli", "camfunc.__mai
 LAZY = {("camfunc", "camfunc.runs")}
 # Inside the core: the Split value first, the capture and the splitter (layer choice and
 # layouts) last.
-CORE_ORDER = ["split", "targets", "ops", "contrastive", "validate", "layout", "cut", "engine",
+CORE_ORDER = ["split", "targets", "ops", "contrastive", "validate", "layout", "cut", "engine", "detection",
               "splitter"]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import camfunc
-from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import TORCH_VERSION
 from helpers import random_inputs, small_cnn
 
 pytestmark = [pytest.mark.core, pytest.mark.slow]
@@ -52,7 +52,7 @@ def test_inductor_equals_eager(family):
     method = camfunc.METHODS[name]
     torch._dynamo.reset()
     compiled = torch.compile(method, fullgraph=True, backend="inductor")
-    if TORCH_VERSION < COMPILES_SINCE.get(name, (0, 0)):
+    if TORCH_VERSION < camfunc.METHODS[name].compiles_since:
         with pytest.raises(Exception, match="cannot be compiled before torch"):
             compiled(s, x, classes, normalize=False, **options)
         return
@@ -79,7 +79,7 @@ def test_inductor_guided_gradcam_equals_eager_or_says_it_cannot():
     s = camfunc.split(model, "4")
     torch._dynamo.reset()
     compiled = torch.compile(camfunc.guided_gradcam, fullgraph=True, backend="inductor")
-    if TORCH_VERSION < COMPILES_SINCE["guided_backprop"]:
+    if TORCH_VERSION < camfunc.guided_backprop.compiles_since:
         with pytest.raises(Exception, match="cannot be compiled before torch"):
             compiled(s, x, classes)
         return

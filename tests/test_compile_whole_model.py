@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.testing
 
 import camfunc
-from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import TORCH_VERSION
 from helpers import assert_unchanged, small_cnn, snapshot
 
 pytestmark = pytest.mark.core
@@ -42,7 +42,7 @@ def test_prepared_guided_backprop_and_guided_gradcam_compile_and_match_eager():
     split = camfunc.split(model, "4")
     x = torch.randn(3, 3, 8, 8)
     run, counter = compiled(lambda x: camfunc.guided_backprop(guided, x, camfunc.topk(2)))
-    if TORCH_VERSION < COMPILES_SINCE["guided_backprop"]:  # this torch's compiler cannot: say so
+    if TORCH_VERSION < camfunc.guided_backprop.compiles_since:  # this torch's compiler cannot: say so
         with pytest.raises(Exception, match="camfunc.guided_backprop cannot be compiled before torch 2.11"):
             run(x)
         return

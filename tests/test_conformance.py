@@ -20,7 +20,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import camfunc
 import camfunc.testing as kit
 import helpers
-from camfunc._core.validate import COMPILES_SINCE, TORCH_VERSION
+from camfunc._core.validate import TORCH_VERSION
 from helpers import assert_unchanged, sample_slice, small_cnn, snapshot
 
 pytestmark = pytest.mark.core
@@ -215,7 +215,7 @@ def test_compiled_equals_eager_without_graph_breaks_or_recompiles(name):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(camfunc.METHODS[name], backend=counter, fullgraph=True)
     kwargs = random_inputs(name, x)
-    if TORCH_VERSION < COMPILES_SINCE.get(name, (0, 0)):  # this torch's compiler cannot: say so
+    if TORCH_VERSION < camfunc.METHODS[name].compiles_since:  # this torch's compiler cannot: say so
         with pytest.raises(Exception, match=f"camfunc.{name} cannot be compiled before torch"):
             compiled(s, x, classes, **kwargs)
         return

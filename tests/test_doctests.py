@@ -1,10 +1,12 @@
-"""The docs stay true: every public docstring's example runs, and the API pages are current.
+"""The docs stay true: every public docstring's example runs.
 
 Each public object's ``>>>`` examples run with :mod:`doctest` in a fresh
-namespace built by ``docs/example_setup.py`` (the same file the API pages
-show). The outputs the docstrings show are what the examples print, so a
+namespace built by ``docs/example_setup.py`` (the same file the API reference
+shows). The outputs the docstrings show are what the examples print, so a
 change of behaviour or of a signature that the docs do not follow fails here;
 they are documentation, not reference values (those live in the other tests).
+The API pages are written from the docstrings when the site is built
+(``mkdocs build --strict``, see mkdocs.yml), so they cannot fall behind.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "docs" / "example_setup.py"
-GENERATOR = ROOT / "docs" / "gen_api.py"
 
-MODULES = ("camfunc", "camfunc.io", "camfunc.metrics", "camfunc.models", "camfunc.runs",
-           "camfunc.testing", "camfunc.viz", "camfunc.zoo")
+# camfunc.targets is on the site too; its examples need names that docs/example_setup.py
+# does not define yet (a segmentation model, an output), so they wait.
+MODULES = ("camfunc", "camfunc.io", "camfunc.losses", "camfunc.metrics", "camfunc.models",
+           "camfunc.runs", "camfunc.testing", "camfunc.viz", "camfunc.zoo")
 
 # Public names whose examples are not doctests yet (excluded from the checks below).
 PENDING: set[str] = set()  # names whose examples are not doctests yet: none
@@ -80,16 +83,3 @@ def test_docstring_examples_run(name, tmp_path, monkeypatch):
         torch.manual_seed(0)
         runner.run(test, out=report.append)
     assert runner.failures == 0, "".join(report)
-
-
-def test_api_pages_are_current():
-    generator = runpy.run_path(str(GENERATOR))
-    pages = generator["render"]()
-    api = ROOT / "docs" / "api"
-    stale = sorted(str(path.relative_to(ROOT)) for path, text in pages.items()
-                   if not path.exists() or path.read_text(encoding="utf-8") != text)
-    extra = sorted(str(p.relative_to(ROOT)) for p in api.glob("*.md") if p not in pages)
-    assert not stale and not extra, (
-        f"the API pages differ from the docstrings (changed: {stale}, no longer generated: "
-        f"{extra}); regenerate them with: python docs/gen_api.py"
-    )

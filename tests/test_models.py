@@ -58,10 +58,26 @@ def timm_resnet(tmp_path_factory):
 
 
 def api_maps(loaded, layer, picture, cls):
-    """gradcam from the Python API on the tensor the model is fed."""
+    """gradcam from the Python API on the tensor camfunc's own resize gives (``--size``)."""
     _, resized = read_image(picture, loaded.size, channels=loaded.channels)
-    x = loaded.normalise(resized.unsqueeze(0))
+    return api_maps_of(loaded, layer, loaded.normalise(resized.unsqueeze(0)), cls)
+
+
+def api_maps_of(loaded, layer, x, cls):
+    """gradcam from the Python API on the tensor ``x``."""
     return camfunc.gradcam(camfunc.split(loaded.model, layer, example_input=x), x, cls)
+
+
+def hf_tensor(folder, picture):
+    """The picture as the HF image processor itself makes it (normalised)."""
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return processor(images=Image.open(picture).convert("RGB"), return_tensors="pt")["pixel_values"]
+
+
+def timm_tensor(model, picture):
+    """The picture as timm's own eval transform makes it (resolve_data_config + create_transform)."""
+    config = timm.data.resolve_data_config(model=model)
+    return timm.data.create_transform(**config)(Image.open(picture).convert("RGB")).unsqueeze(0)
 
 
 def test_hf_folder_loads_with_its_processor_and_labels(hf_vit):
@@ -94,7 +110,8 @@ def test_explain_hf_maps_equal_the_api(hf_vit, picture, tmp_path):
     entry = summary["images"][0]["classes"][0]
     assert entry["name"] == "dog"
     written = numpy.load(entry["maps"]["gradcam"])
-    expected = api_maps(load(f"hf:{hf_vit}"), summary["layer"][0], picture, 1)[0]
+    x = hf_tensor(hf_vit, picture)
+    expected = api_maps_of(load(f"hf:{hf_vit}"), summary["layer"][0], x, 1)[0]
     numpy.testing.assert_allclose(written, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -108,8 +125,8 @@ def test_explain_timm_maps_equal_the_api(timm_resnet, picture, tmp_path):
     assert summary["preprocessing"]["configured"]["interpolation"] == "bilinear"
     entry = summary["images"][0]["classes"][0]
     assert entry["name"] == "c"
-    expected = api_maps(load("timm:resnet18", weights, pretrained_cfg=cfg), summary["layer"][0],
-                        picture, 2)[0]
+    loaded = load("timm:resnet18", weights, pretrained_cfg=cfg)
+    expected = api_maps_of(loaded, summary["layer"][0], timm_tensor(loaded.model, picture), 2)[0]
     numpy.testing.assert_allclose(numpy.load(entry["maps"]["gradcam"]), expected.numpy(),
                                   rtol=1e-5, atol=1e-6)
 
@@ -206,9 +223,16 @@ def test_hf_resnet_with_a_shortest_edge_processor(tmp_path, picture):
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     entry = summary["images"][0]["classes"][0]
-    expected = api_maps(loaded, summary["layer"][0], picture, 1)[0]
+    x = hf_tensor(tmp_path / "m", picture)
+    expected = api_maps_of(loaded, summary["layer"][0], x, 1)[0]
     numpy.testing.assert_allclose(numpy.load(entry["maps"]["gradcam"]), expected.numpy(),
-                                  rtol=1e-5, atol=1e-6)
+                                  rtol=1e-5, atol=1e-5)
+    # ConvNeXt's processor: shorter side 40 -> int(40 / 0.875) = 45, so 40 x 48 -> 45 x 54,
+    # centre-cropped to 40 x 40 from (45 - 40) // 2 = 2, (54 - 40) // 2 = 7 (HF floors).
+    scale = 45 / 40
+    assert summary["images"][0]["box"] == pytest.approx([2 / scale, 7 / scale, 42 / scale, 47 / scale])
+    assert summary["preprocessing"]["resize"] == 45
+    assert summary["preprocessing"]["center_crop"] == [40, 40]
 
 
 def test_timm_tiny_vit_loads_at_its_configured_size(tmp_path, picture):
@@ -218,3 +242,67 @@ def test_timm_tiny_vit_loads_at_its_configured_size(tmp_path, picture):
     loaded = load("timm:vit_tiny_patch16_224", str(tmp_path / "vit.pt"),
                   pretrained_cfg=str(tmp_path / "cfg.json"))
     assert loaded.size == (32, 32) and loaded.class_names is None
+
+
+def test_timm_crop_is_its_own_and_the_overlay_maps_back(timm_resnet, picture, tmp_path):
+    """crop_pct 0.75 at 48 px: timm resizes the shorter side to int(48 / 0.75) = 64 and crops
+    48 x 48. The 40 x 48 picture becomes 64 x 76 (scale 1.6), cropped from round(8) = 8,
+    round(14) = 14: (5, 8.75, 35, 38.75) in the picture's pixels."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**json.loads((timm_resnet / "cfg.json").read_text()),
+                               "crop_pct": 0.75, "crop_mode": "center"}))
+    weights = str(timm_resnet / "ckpt.pt")
+    done = camfunc_cli("explain", picture, "--model", "timm:resnet18", "--weights", weights,
+                       "--pretrained-cfg", cfg, "--class", "1", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["preprocessing"]["transform"] == "timm"
+    assert summary["preprocessing"]["resize"] == 64 and summary["preprocessing"]["center_crop"] == [48, 48]
+    record = summary["images"][0]
+    assert record["box"] == pytest.approx([5.0, 8.75, 35.0, 38.75]) and record["size"] == [40, 48]
+    loaded = load("timm:resnet18", weights, pretrained_cfg=str(cfg))
+    cam = api_maps_of(loaded, summary["layer"][0], timm_tensor(loaded.model, picture), 1)[0]
+    entry = record["classes"][0]
+    numpy.testing.assert_allclose(numpy.load(entry["maps"]["gradcam"]), cam.numpy(), rtol=1e-5, atol=1e-6)
+    # The overlay: the map resized into rows 5..35 and columns 9..39 (rounded), zero elsewhere.
+    back = torch.zeros(40, 48)
+    back[5:35, 9:39] = torch.nn.functional.interpolate(cam[None, None], size=(30, 30), mode="bilinear",
+                                                       align_corners=False)[0, 0]
+    original = torch.from_numpy(numpy.asarray(Image.open(picture), dtype=numpy.float32) / 255).permute(2, 0, 1)
+    expected = numpy.asarray(camfunc.viz.overlay(original, back))
+    written = numpy.asarray(Image.open(entry["overlays"]["gradcam"]))
+    assert written.shape == (40, 48, 3)
+    assert numpy.abs(written.astype(int) - expected.astype(int)).max() <= 1
+    # --size is camfunc's whole-image resize, explicitly: the whole picture is the box.
+    done = camfunc_cli("explain", picture, "--model", "timm:resnet18", "--weights", weights,
+                       "--pretrained-cfg", cfg, "--size", "48", "--out", tmp_path / "sized")
+    sized = json.loads((tmp_path / "sized" / "summary.json").read_text())
+    assert sized["preprocessing"]["transform"] == "camfunc" and sized["images"][0]["box"] == [0, 0, 40, 48]
+
+
+def test_timm_squash_crop_maps_back_and_border_is_refused(timm_resnet, picture, tmp_path):
+    """crop_mode squash: the whole 40 x 48 picture resized to 64 x 64, cropped 48 x 48 from
+    (8, 8): rows 8 * 40 / 64 = 5 to 35, columns 8 * 48 / 64 = 6 to 42. crop_mode border (a
+    keep-ratio resize then a crop or pad) cannot be followed back: a one-line error."""
+    base = json.loads((timm_resnet / "cfg.json").read_text())
+    for mode in ("squash", "border"):
+        (tmp_path / f"{mode}.json").write_text(json.dumps({**base, "crop_pct": 0.75, "crop_mode": mode}))
+    loaded = load("timm:resnet18", pretrained_cfg=str(tmp_path / "squash.json"))
+    assert loaded.box(40, 48) == pytest.approx((5.0, 6.0, 35.0, 42.0))
+    _, seen = loaded.read(picture)
+    x = timm_tensor(loaded.model, picture)
+    torch.testing.assert_close(loaded.normalise(seen.unsqueeze(0)), x, rtol=1e-6, atol=1e-6)
+    with pytest.raises(UsageError, match="ResizeKeepRatio.*--size"):
+        load("timm:resnet18", pretrained_cfg=str(tmp_path / "border.json"))
+    assert load("timm:resnet18", size=48, pretrained_cfg=str(tmp_path / "border.json")).pipeline is None
+
+
+def test_torchvision_pixels_are_its_weights_transforms(picture):
+    torchvision = pytest.importorskip("torchvision")
+    loaded = load("torchvision:resnet18")
+    transform = torchvision.models.get_model_weights("resnet18").DEFAULT.transforms()
+    _, seen = loaded.read(picture)
+    expected = transform(Image.open(picture).convert("RGB")).unsqueeze(0)
+    torch.testing.assert_close(loaded.normalise(seen.unsqueeze(0)), expected, rtol=1e-6, atol=1e-6)
+    # 40 x 48 -> shorter side 256 (scale 6.4), 256 x 307, crop 224 from (16, round(41.5) = 42)
+    assert loaded.box(40, 48) == pytest.approx((16 / 6.4, 42 / 6.4, 240 / 6.4, 266 / 6.4))

@@ -86,6 +86,40 @@ def test_evaluate_report_loads(browser, tmp_path):
     assert "pointing" in browser.find_element("id", "classes").text
 
 
+def test_evaluate_keeps_curves_the_report_plots_and_filters_by_value(browser, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--generated", "6", "--method", "gradcam", "--method", "layercam",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    for row in data["images"]:  # each AUC is the area under the curve kept beside it
+        curve = next(c for c in data["curves"] if c["image"] == row["image"]
+                     and c["method"] == row["method"] and c["metric"] == "deletion")
+        assert np.trapezoid(curve["scores"], curve["fractions"]) == pytest.approx(row["deletion_auc"], abs=1e-5)
+    assert main(["report", str(out), "--quiet"]) == 0
+    text = (out / "report" / "index.html").read_text()
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+    browser.get((out / "report" / "index.html").as_uri())
+    assert _errors(browser) == []
+    plots = browser.find_elements("css selector", "svg.curve")
+    assert sorted(p.get_attribute("data-metric") for p in plots) == ["deletion", "insertion"]
+    for plot in plots:
+        lines = plot.find_elements("css selector", "polyline")
+        assert sorted(line.get_attribute("data-method") for line in lines) == ["gradcam", "layercam"]
+        assert all(len(line.get_attribute("points").split()) == len(data["curves"][0]["scores"])
+                   for line in lines)
+        assert plot.size["width"] > 100 and plot.size["height"] > 100  # drawn, not collapsed
+    assert len(_names(browser)) == 12
+    Select(browser.find_element("id", "fmetric")).select_by_visible_text("insertion_auc")
+    threshold = sorted(r["insertion_auc"] for r in data["images"])[6]
+    browser.find_element("id", "fvalue").send_keys(f"{threshold:.6f}")
+    above = sum(r["insertion_auc"] >= round(threshold, 6) for r in data["images"])
+    assert len(_names(browser)) == above and 0 < above < 12
+    Select(browser.find_element("id", "fop")).select_by_index(1)  # at most the value
+    below = sum(r["insertion_auc"] <= round(threshold, 6) for r in data["images"])
+    assert len(_names(browser)) == below
+    assert _errors(browser) == []
+
+
 def test_a_folder_of_nothing_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -34,7 +34,7 @@ from torch import Tensor
 from camfunc._core import targets as _targets
 from camfunc._core.cut.lock import holding_calls
 from camfunc._core.layout import LayoutTag
-from camfunc._core.split import Split, as_tuple, math_twin
+from camfunc._core.split import Split, as_tuple, math_twin, run_chain, run_stage
 
 # PyTorch's forward-AD levels are process-wide, not per thread: two threads in
 # ``jvp`` at once corrupt each other's level. Eager calls take turns there.
@@ -178,29 +178,40 @@ def autograd_path(differentiable: bool) -> bool:
     return differentiable and not torch.compiler.is_dynamo_compiling()
 
 
-def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None) -> Pulled:
+def _autograd_pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None,
+                       *, differentiable: bool = True) -> Pulled:
     """:func:`pullback` as one ordinary forward, with ``G`` from ``torch.autograd.grad``
-    (``create_graph=True``): batch norm in training mode updates its statistics once, as in
-    the forward, and dropout's masks are the forward's."""
+    (``create_graph=True`` when ``differentiable``): batch norm in training mode updates its
+    statistics once, as in the forward, and dropout's masks are the forward's. Not
+    ``differentiable`` (a split whose stages ``torch.func`` cannot transform): the head runs
+    without a graph and the backward starts at ``A``."""
     # Double backward (a loss on the maps) needs attention's math kernel.
-    middle, tail = differentiated(split, twins=True)
-    carry = as_tuple(split.head(x))
+    middle, tail = differentiated(split, twins=differentiable)
+    if not differentiable:
+        with torch.no_grad():
+            carry = as_tuple(split.head(x))
+        carry = (carry[0].detach().requires_grad_(), *carry[1:])
+    else:
+        carry = as_tuple(split.head(x))
     if not carry[0].requires_grad:  # no graph to keep (frozen head, x without grad): the vjp
         return _vjp_pullback((middle, tail), carry, objective)
-    acts = [carry[0]]
-    for stage in middle:
-        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-        acts.append(carry[0])
-    scores = tail(carry[0].clone(), *carry[1:])
+    found = [carry, *run_chain(middle, carry)]
+    acts = [c[0] for c in found]
+    scores = run_stage(tail, found[-1])
     out = (objective if objective is not None else _targets.class_scores)(scores)
     if not isinstance(out, Tensor):
         _targets.objective_rows(out)  # raises the callable cls's type error
     _check_depends(out)
 
-    # create_graph keeps the graph for the next class and for the loss's own backward.
+    # The graph is kept for the next class (and, create_graph, for the loss's own backward).
     def pull(cotangent: Tensor, out: Tensor = out, acts: tuple[Tensor, ...] = tuple(acts)) -> tuple[Tensor, ...]:
-        return torch.autograd.grad(out, acts, cotangent, create_graph=True)
+        grads = torch.autograd.grad(out, acts, cotangent, create_graph=differentiable,
+                                    retain_graph=True)
+        return grads if differentiable else tuple(g.detach() for g in grads)
 
+    if not differentiable:  # the caller sees the output as the vjp path gives it: no graph
+        scores = torch.utils._pytree.tree_map(
+            lambda t: t.detach() if isinstance(t, Tensor) else t, scores)
     return Pulled(tuple(acts), out, scores, pull, batches=False)
 
 
@@ -247,9 +258,9 @@ def pullback(split: Split, x: Tensor, objective: Callable[[Any], Tensor] | None 
     Differentiable maps run attention by its math kernel, which has a double backward.
     """
     split = split.bound(x, check_model=False)
-    if autograd_path(differentiable):
+    if autograd_path(differentiable) or not split.functional:
         with torch.enable_grad():
-            return _autograd_pullback(split, x, objective)
+            return _autograd_pullback(split, x, objective, differentiable=differentiable)
     with torch.set_grad_enabled(differentiable):
         twins = differentiable  # compiled differentiable maps: a double backward too
         return _vjp_pullback(differentiated(split, twins=twins), as_tuple(split.head(x)), objective,
@@ -288,17 +299,39 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
 
 
 @holding_calls
+def smoothed_class_maps(split: Split, noisy: Tensor, copies: int, batch: int, cls: _targets.Target,
+                        scores: Any, per_class: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]],
+                        *, chunk_size: int | None = None,
+                        differentiable: bool = False) -> tuple[Tensor, ...]:
+    """:func:`class_maps` of ``copies`` noisy copies of a ``batch`` of samples stacked in
+    ``noisy``, the classes fixed on the clean batch's ``scores``: ``per_class(grads)`` gets
+    each class's gradients at every copy."""
+    if _targets.is_objective(cls):  # read block by block on the noisy batch
+        objective = _targets.tiled_objective(cls, copies, lambda: scores, batch)
+        pulled = pullback(split, noisy, objective, differentiable=differentiable)
+        cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
+    else:
+        pulled = pullback(split, noisy, differentiable=differentiable)
+        index, keep_k = _targets.class_indices(cls, scores)
+        cotangents = _targets.one_hot_rows(index.repeat(copies, 1), pulled.out)
+
+    def maps_for(cotangent: Tensor, pull: Callable[[Tensor], tuple[Tensor, ...]] = pulled.pull) -> tuple[Tensor, ...]:
+        return per_class(pull(cotangent))
+
+    with torch.set_grad_enabled(differentiable):
+        maps = over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
+    return layer_maps(maps, keep_k)
+
+
+@holding_calls
 def carries(split: Split, x: Tensor, *, differentiable: bool = False) -> tuple[list[tuple[Any, ...]], Any]:
     """What enters the stage after each cut, ``(A_i, *context)``, and the output; no graph
     unless ``differentiable``."""
     split = split.bound(x, check_model=False)
     with torch.set_grad_enabled(differentiable):
         carry = as_tuple(split.head(x))
-        found = [carry]
-        for stage in split.middle:
-            carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-            found.append(carry)
-        return found, split.tail(carry[0].clone(), *carry[1:])
+        found = [carry, *run_chain(split.middle, carry)]
+        return found, run_stage(split.tail, found[-1])
 
 
 @holding_calls
@@ -309,9 +342,7 @@ def run_from(split: Split, layer: int, carry: tuple[Any, ...]) -> Any:
 
 def _run_stages(stages: Stages, layer: int, carry: tuple[Any, ...]) -> Any:
     middle, tail = stages
-    for stage in middle[layer:]:
-        carry = as_tuple(stage(carry[0].clone(), *carry[1:]))
-    return tail(carry[0].clone(), *carry[1:])
+    return run_stage(tail, [carry, *run_chain(middle[layer:], carry)][-1])
 
 
 @holding_calls

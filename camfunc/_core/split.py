@@ -7,7 +7,7 @@ from a model (``camfunc._core.splitter``); anyone can build one by hand.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol
 
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from typing_extensions import TypeVar
 #: What a method returns for this split: a tensor for one layer, a list for several.
 MapsT = TypeVar("MapsT", default=Tensor, covariant=True)
 
-__all__ = ["TRAINING_MESSAGE", "MapsT", "Source", "Split", "as_tuple", "math_twin", "unwrap"]
+__all__ = ["TRAINING_MESSAGE", "MapsT", "Source", "Split", "as_tuple", "math_twin", "run_chain", "run_stage", "unwrap"]
 
 TRAINING_MESSAGE = (
     "the model is in training mode: batch norm would update its running statistics "
@@ -48,7 +48,10 @@ class Split(Generic[MapsT]):
     when it was traced (tracing bakes in ``if self.training`` branches, so a
     call in other modes is refused); ``forward_kwargs`` the arguments the model
     was captured with besides ``x`` (:func:`check` calls it with them); ``source`` (set by :func:`split`) keeps the
-    model's captures valid: :meth:`bound` uses it. All but ``head`` and ``tail``
+    model's captures valid: :meth:`bound` uses it. ``functional=False`` says the
+    stages after the head hold ops that ``torch.func`` cannot transform (custom
+    autograd functions such as torchvision's ``roi_align``): gradients then come
+    from one ordinary backward per class. All but ``head`` and ``tail``
     are keyword-only.
 
     ``Split[Tensor]`` (the default) gives methods' maps as one tensor;
@@ -74,6 +77,7 @@ class Split(Generic[MapsT]):
     traced_modes: tuple[bool, ...] | None = None
     forward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Source | None = dataclasses.field(default=None, repr=False, compare=False)
+    functional: bool = True
 
     def __post_init__(self) -> None:
         for field in ("head", "tail"):
@@ -115,10 +119,9 @@ class Split(Generic[MapsT]):
     def __call__(self, x: Any) -> Any:
         """Runs the whole model: ``tail(...head(x))``."""
         split = self.bound(x) if isinstance(x, Tensor) else self
-        carry = split.head(x)
-        for stage in (*split.middle, split.tail):
-            carry = stage(*as_tuple(carry))
-        return carry
+        carry = as_tuple(split.head(x))
+        last = [carry, *run_chain(split.middle, carry, keep=False)][-1]
+        return run_stage(split.tail, last, keep=False)  # nothing is kept: no copies
 
 
 class Source(Protocol):
@@ -142,6 +145,23 @@ def math_twin(stage: Callable[..., Any]) -> Callable[..., Any]:
 
 def as_tuple(carry: Any) -> tuple[Any, ...]:
     return carry if isinstance(carry, tuple) else (carry,)
+
+
+def run_stage(stage: Callable[..., Any], carry: tuple[Any, ...], *, keep: bool = True) -> Any:
+    """``stage`` on ``(A, *context)``; with ``keep``, on a copy of ``A``, so that its in-place
+    ops leave the carry (kept as a cut's activations) as it was."""
+    return stage(carry[0].clone(), *carry[1:]) if keep else stage(*carry)
+
+
+def run_chain(stages: Sequence[Callable[..., Any]], carry: tuple[Any, ...], *,
+              keep: bool = True) -> list[tuple[Any, ...]]:
+    """What each of ``stages`` hands on, in turn, starting from ``carry`` (``keep``: as
+    :func:`run_stage`)."""
+    found = []
+    for stage in stages:
+        carry = as_tuple(run_stage(stage, carry, keep=keep))
+        found.append(carry)
+    return found
 
 
 def unwrap(model: nn.Module) -> nn.Module:

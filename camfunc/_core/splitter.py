@@ -33,6 +33,7 @@ from camfunc._core.cut.capture import (
 from camfunc._core.cut.captures import Capture, Captures
 from camfunc._core.cut.lock import TRACE_LOCK
 from camfunc._core.cut.partition import build_stages, levels, pick_item
+from camfunc._core.detection import detector_split, is_detector
 from camfunc._core.split import Split, math_twin, modes_of, unwrap
 
 __all__ = ["LayerChoiceWarning", "RepeatedLayerWarning", "check", "split"]
@@ -324,6 +325,9 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
     kwargs = _checked_forward_kwargs(forward_kwargs)
+    if is_detector(model):
+        return _detector(model, layer, layout=layout, grid=grid, prefix_tokens=prefix_tokens,
+                         output=output, forward_kwargs=kwargs)
     if layer is None:
         if example_input is None:
             raise ValueError(
@@ -350,6 +354,19 @@ def split(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | Non
         return Capture(built, captured.admits, captured.example_shape)
 
     return Captures(model, build).first
+
+
+def _detector(model: nn.Module, layer: Layer | list[Layer] | tuple[Layer, ...] | None,
+              **options: Any) -> Split[Any]:
+    """A torchvision detector's split, built from its modules (neither capture can take it)."""
+    given = sorted(key for key, value in options.items() if value not in (None, {}))
+    if given:
+        raise ValueError(f"a {type(model).__name__} is split from its own modules, which takes no "
+                         f"{', '.join(given)}; pass the layer only")
+    if layer is None or isinstance(layer, (list, tuple)):
+        raise ValueError(f"a {type(model).__name__} is split at one named layer of its backbone's "
+                         f"body, e.g. camfunc.split(model, 'backbone.body.layer3'); got {layer!r}")
+    return detector_split(model, cut_name(model, layer))
 
 
 def _checked_forward_kwargs(forward_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:

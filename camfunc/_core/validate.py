@@ -9,14 +9,17 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from camfunc._core.split import TRAINING_MESSAGE, Split, modes_of, unwrap
 from camfunc._util.host import reads_are_free
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -29,12 +32,6 @@ def _major_minor(version: str) -> tuple[int, int]:
 #: The installed torch, as (major, minor).
 TORCH_VERSION = _major_minor(torch.__version__)
 
-#: The first torch whose compiler can trace each method, where that is later than
-#: camfunc's floor (measured: torch 2.4's dynamo cannot trace vmap over module calls;
-#: an autograd.Function under functorch transforms compiles only on recent torch).
-COMPILES_SINCE = {"ablationcam": (2, 5), "guided_backprop": (2, 11)}  # guided_gradcam calls guided_backprop
-
-
 @torch._dynamo.assume_constant_result  # runs while dynamo traces, so its message reaches the user
 def _refuse(message: str) -> None:
     raise NotImplementedError(message)
@@ -46,12 +43,21 @@ def refuse_while_compiling(message: str) -> None:
         _refuse(message)
 
 
-def check_compilable(method: str) -> None:
-    """A clear error while ``torch.compile`` traces ``method`` on a torch whose compiler cannot."""
-    since = COMPILES_SINCE.get(method, (0, 0))
+def check_compilable(method: str, since: tuple[int, int]) -> None:
+    """A clear error while ``torch.compile`` traces ``method`` on a torch older than ``since``,
+    whose compiler cannot (the method's ``compiles_since``)."""
     if torch.compiler.is_dynamo_compiling() and TORCH_VERSION < since:
         _refuse(f"camfunc.{method} cannot be compiled before torch {since[0]}.{since[1]} (this is "
                 f"{torch.__version__}); call it without torch.compile, or use a newer torch")
+
+
+def compiles_since(since: tuple[int, int]) -> Callable[[F], F]:
+    """Records on a whole-model function the first torch whose compiler traces it (its
+    ``compiles_since`` attribute, as ``@cam_method(compiles_since=...)`` does for a method)."""
+    def mark(fn: F) -> F:
+        setattr(fn, "compiles_since", since)
+        return fn
+    return mark
 
 
 class NonFiniteWarning(UserWarning):

@@ -16,7 +16,7 @@ from camfunc._methods._combine import (
 from camfunc._methods._method import cam_method
 
 
-@cam_method()
+@cam_method(compiles_since=(2, 5))  # torch 2.4's dynamo cannot trace vmap over module calls
 def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int = 32,
                 ablation_value: float = 0.0, normalize: bool = True, eigen_smooth: bool = False) -> Computed:
     r"""Ablation-CAM: channels weighted by the relative score drop when each is ablated.

@@ -19,6 +19,7 @@ from camfunc._methods._combine import (
     weighted_sum,
 )
 from camfunc._methods._method import Draws, cam_method
+from camfunc._util import draws as _draws
 
 _PROBE_TOLERANCE = 1e-4
 
@@ -186,10 +187,8 @@ def randomcam(split: Split, x: Tensor, cls: _targets.Target = 0, *, weights: Ten
     def raw_map(a: Tensor) -> Tensor:
         w = weights
         if w is None:
-            if torch.compiler.is_dynamo_compiling():
-                raise ValueError("randomcam cannot draw inside torch.compile; pass weights=")
-            device = generator.device if generator is not None else a.device
-            w = torch.rand(a.shape[:2], generator=generator, device=device) * 2 - 1
+            _draws.refuse_while_compiling("randomcam", "weights")
+            w = _draws.draw(_draws.uniform_signed, tuple(a.shape[:2]), generator, a)
         if tuple(w.shape) != tuple(a.shape[:2]):
             raise ValueError(f"weights must be (B, C) = {tuple(a.shape[:2])}, got {tuple(w.shape)}")
         return weighted_sum(a, w.to(a), eigen_smooth)

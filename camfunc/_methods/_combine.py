@@ -76,15 +76,27 @@ def check_activations(a: Tensor) -> None:
         )
 
 
+def in_user_order(split: Split[Any], maps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Maps in the split's chain order put in the order the user gave the layers (a
+    single fused map stays as it is)."""
+    return tuple(maps[i] for i in split.order) if len(split.order) == len(maps) else maps
+
+
+def in_chain_order(split: Split[Any], maps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The inverse of :func:`in_user_order`."""
+    if len(split.order) != len(maps):
+        return maps
+    chained = dict(zip(split.order, maps))
+    return tuple(chained[i] for i in range(len(maps)))
+
+
 def arrange(split: Split[Any], maps: tuple[Tensor, ...]) -> Tensor | list[Tensor]:
     """Back to the user's layer order; a single layer gives a tensor, several (or a split
     made from a list of layers) a list.
 
     A sample whose maps hold a NaN (non-finite input) gets NaN maps throughout.
     """
-    if split.order:
-        maps = tuple(maps[i] for i in split.order)
-    maps = tuple(_validate.nonfinite_maps(m) for m in maps)
+    maps = tuple(_validate.nonfinite_maps(m) for m in in_user_order(split, maps))
     return list(maps) if split.listed or len(maps) > 1 else maps[0]
 
 
@@ -120,8 +132,7 @@ def maps_from_class_weights(a: Tensor, weights: Tensor, keep_k: bool, *, normali
 
 
 def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
-                   raw_map: Callable[[Tensor], Tensor], *, normalize: bool,
-                   relu: bool = True) -> Computed:
+                   raw_map: Callable[[Tensor], Tensor], *, normalize: bool) -> Computed:
     """Maps that depend on the activations alone (one forward, no vjp), and the scores.
 
     The maps get the class axis ``cls`` asks for, so every method answers in the same shape.
@@ -131,7 +142,7 @@ def activation_cam(split: Split, x: Tensor, cls: _targets.Target,
     maps = []
     for a in acts:
         check_activations(a)
-        cam = finish(raw_map(a.float()), relu=relu, normalize=normalize)
+        cam = finish(raw_map(a.float()), relu=True, normalize=normalize)
         maps.append(cam.unsqueeze(1).expand(cam.shape[0], k, *cam.shape[1:]) if keep_k else cam)
     return tuple(maps), scores
 

@@ -10,14 +10,15 @@ from torch import Tensor
 from camfunc._core import targets as _targets
 from camfunc._core.contrastive import finer
 from camfunc._core.split import Split
+from camfunc._methods._combine import Computed
 from camfunc._methods._gradient import gradcam
-from camfunc._methods._method import cam_method
+from camfunc._methods._method import cam_method, composed
 
 
-@cam_method(arranged=True)
+@cam_method()
 def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
              method: Callable[..., Any] = gradcam, gamma: float = 0.6, num_references: int = 3,
-             references: Tensor | Sequence[int] | None = None, **method_kwargs: Any) -> Any:
+             references: Tensor | Sequence[int] | None = None, **method_kwargs: Any) -> Computed:
     r"""Finer-CAM: ``method`` run on the contrastive target :func:`camfunc.finer`.
 
     .. math:: S = y_c - \gamma \frac{1}{T} \sum_{t=1}^{T} y_{d_t}
@@ -37,4 +38,4 @@ def finercam(split: Split, x: Tensor, cls: _targets.Target, *,
         torch.Size([2, 4, 4])
     """
     target = finer(cls, gamma=gamma, num_references=num_references, references=references)
-    return method(split, x, target, return_scores=True, **method_kwargs)
+    return composed(method, split, x, target, **method_kwargs)

@@ -27,6 +27,7 @@ from camfunc._methods._combine import (
     widened,
 )
 from camfunc._methods._method import Draws, cam_method
+from camfunc._util import draws as _draws
 
 # ----------------------------------------------------------------------------
 # Weights: the paper-specific part of each method
@@ -295,14 +296,8 @@ def _draw_noise(x: Tensor, num_samples: int, noise: Tensor | None,
             )
         return noise.to(device=x.device, dtype=x.dtype)
     _validate.check_count(num_samples, "num_samples")
-    if torch.compiler.is_dynamo_compiling():
-        raise ValueError(
-            "smooth_gradcampp cannot draw noise inside torch.compile (inductor's random "
-            "numbers differ from eager's); draw it outside and pass noise="
-        )
-    device = generator.device if generator is not None else x.device
-    drawn = torch.randn((num_samples, *x.shape), generator=generator, device=device, dtype=x.dtype)
-    return drawn.to(x.device)
+    _draws.refuse_while_compiling("smooth_gradcampp", "noise")
+    return _draws.draw(torch.randn, (num_samples, *x.shape), generator, x, x.dtype).to(x.device)
 
 
 @cam_method(draws=Draws("noise", "input"))
@@ -365,18 +360,6 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
         return tuple(maps)
 
     # The classes are fixed on the clean scores, then asked of every noisy copy.
-    if _targets.is_objective(cls):  # read block by block on the noisy batch
-        objective = _targets.tiled_objective(cls, samples, lambda: scores, x.shape[0])
-        pulled = _engine.pullback(split, noisy, objective, differentiable=differentiable)
-        cotangents, keep_k = _targets.objective_rows(pulled.out, noisy.shape[0])
-    else:
-        pulled = _engine.pullback(split, noisy, differentiable=differentiable)
-        index, keep_k = _targets.class_indices(cls, scores)
-        cotangents = _targets.one_hot_rows(index.repeat(samples, 1), pulled.out)
-
-    def maps_for(cotangent: Tensor, pull=pulled.pull) -> tuple[Tensor, ...]:
-        return per_class(pull(cotangent))
-
-    with torch.set_grad_enabled(differentiable):
-        maps = _engine.over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
-    return _engine.layer_maps(maps, keep_k), scores
+    maps = _engine.smoothed_class_maps(split, noisy, samples, x.shape[0], cls, scores, per_class,
+                                       chunk_size=chunk_size, differentiable=differentiable)
+    return maps, scores

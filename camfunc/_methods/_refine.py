@@ -9,14 +9,15 @@ from torch import Tensor
 
 from camfunc._core import ops as _ops, targets as _targets
 from camfunc._core.split import Split
+from camfunc._methods._combine import Computed, in_user_order
 from camfunc._methods._gradient import gradcampp
-from camfunc._methods._method import cam_method
+from camfunc._methods._method import cam_method, composed
 
 
-@cam_method(arranged=True)
+@cam_method(resolution="input")
 def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
               method: Callable[..., Any] = gradcampp, size: Sequence[int] | None = None,
-              normalize: bool = True, **method_kwargs: Any) -> tuple[Tensor, Any]:
+              normalize: bool = True, **method_kwargs: Any) -> Computed:
     r"""Refine-CAM: multiply one method's normalised maps over several layers.
 
     .. math:: L = \prod_{l} \mathrm{up}\big(\hat L^{(l)}\big)
@@ -38,10 +39,10 @@ def refinecam(split: Split, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.refinecam(s, x, 3, method=camfunc.layercam, size=(16, 16)).shape
         torch.Size([2, 16, 16])
     """
-    maps, scores = method(split, x, cls, normalize=True, return_scores=True, **method_kwargs)
-    maps = maps if isinstance(maps, list) else [maps]
+    chained, scores = composed(method, split, x, cls, normalize=True, **method_kwargs)
+    maps = in_user_order(split, chained)  # the product's rounding follows the user's order
     size = tuple(x.shape[2:]) if size is None else tuple(size)
     product = _ops.fuse(maps, "product", size=size, spatial_dims=len(size))
     if normalize:
         product = _ops.normalize(product, spatial_dims=len(size))
-    return product, scores
+    return (product,), scores

@@ -24,6 +24,7 @@ from camfunc._core import engine as _engine, ops as _ops, targets as _targets, v
 from camfunc._core.split import Split
 from camfunc._methods._combine import Computed, check_activations, maps_from_class_weights
 from camfunc._methods._method import Draws, cam_method
+from camfunc._util import draws as _draws
 from camfunc._util.host import reads_are_free
 
 # A mask transform gets the upsampled masks of one chunk and the chunk's flat
@@ -37,8 +38,7 @@ def channel_masks(a: Tensor) -> Tensor:
 
 
 def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
-                  batch_size: int, transform: MaskTransform | None = None,
-                  flat_shortcut: bool = True) -> Tensor:
+                  batch_size: int, transform: MaskTransform | None = None) -> Tensor:
     """Target scores of ``x`` masked by each channel: ``(B, C, *sp)`` masks -> ``(B, C, K)``.
 
     Runs the whole model on ``batch_size`` masked inputs at a time (whole image
@@ -56,7 +56,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
         step = batch * max(1, batch_size // batch)
     shared = None
     # Skipping flat masks reads values: free on the CPU, a host-device sync elsewhere.
-    if flat_shortcut and not whole and transform is None and reads_are_free(x):
+    if not whole and transform is None and reads_are_free(x):
         varying = flat.flatten(1).amax(1) > 0
         if not bool(varying.all()):
             todo = todo[varying]
@@ -196,8 +196,8 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
     """
     _validate.check_count(batch_size, "batch_size")
     _validate.check_count(num_samples, "num_samples")
-    if noise is None and torch.compiler.is_dynamo_compiling():
-        raise ValueError("sscam cannot draw noise inside torch.compile; pass noise=")
+    if noise is None:
+        _draws.refuse_while_compiling("sscam", "noise")
 
     def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
         masks = channel_masks(a)
@@ -211,8 +211,7 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
                 if noise is not None:
                     draw = noise[i].flatten(0, 1)[flat_index].unsqueeze(1)
                 else:
-                    device = generator.device if generator is not None else up.device
-                    draw = torch.randn(up.shape, generator=generator, device=device)
+                    draw = _draws.draw(torch.randn, tuple(up.shape), generator, up)
                 return up + std * draw.to(up)
             return masked_scores(split, x, masks, pick, batch_size, transform=add_noise)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from camfunc._core import engine as _engine, ops as _ops, targets as _targets, validate as _validate
 from camfunc._core.split import Split
+from camfunc._methods._combine import Computed
 from camfunc._methods._gradient import gradcam
 from camfunc._methods._method import cam_method
 from camfunc._util.gaussian import sampled_gaussian
@@ -290,14 +291,14 @@ def _check_options(x: Tensor, method: Any, cls: Any, scales: Any, num_scales: An
 # ---------------------------------------------------------------- the method
 
 
-@cam_method(register=False, arranged=True)
+@cam_method(resolution="input", register=False)
 def sess(split: Split, x: Tensor, cls: _targets.Target, *,
          method: Callable[..., Any] = gradcam, scales: Sequence[int] | None = None,
          num_scales: int = 12, scale_step_ratio: float = 2.0 / 7.0,
          window_size: int | None = None, step_size: int | None = None,
          pre_filter_ratio: float = 0.0, theta: float = 0.0, pool: str = "mean",
          smooth: bool = True, use_softmax_scores: bool = True, batch_size: int = 32,
-         normalize: bool = True, **method_kwargs: Any) -> tuple[Tensor, Any]:
+         normalize: bool = True, **method_kwargs: Any) -> Computed:
     r"""SESS: ``method`` on sliding windows at several scales, fused by patch score.
 
     For each scale :math:`s` the input is resized (bilinear, antialiased) so its
@@ -404,4 +405,4 @@ def sess(split: Split, x: Tensor, cls: _targets.Target, *,
     if not keep_k:
         cams = cams[:, 0]
     cams = _validate.nonfinite_maps(cams, x)  # NaN patches fail the score filter and vanish
-    return cams, scores
+    return (cams,), scores

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from camfunc._core import engine as _engine, ops as _ops, validate as _validate
 from camfunc._core.split import Split
+from camfunc._util import draws as _draws
 from camfunc._util.host import syncs
 
 
@@ -79,10 +80,9 @@ def dff(split: Split, x: Tensor, n_components: int = 5, *, iterations: int = 200
         offset = torch.where(bad_columns, torch.inf, v).amin(1, keepdim=True)
         v = torch.where(bad_columns, 0.0, v - offset)
         if init is None:
-            if torch.compiler.is_dynamo_compiling():
-                raise ValueError("dff cannot draw its initialisation inside torch.compile; pass init=")
+            _draws.refuse_while_compiling("dff", "init")
             scale = (v.mean() / n_components).sqrt()
-            device = generator.device if generator is not None else v.device
+            device = _draws.device_for(generator, v)
             w0 = torch.randn((channels, n_components), generator=generator, device=device).abs()
             h0 = torch.randn((n_components, v.shape[1]), generator=generator, device=device).abs()
             init = (scale * w0.to(v.device), scale * h0.to(v.device))

@@ -107,6 +107,11 @@ def _rewrite(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
+# An autograd.Function under functorch transforms compiles only on recent torch.
+_GUIDED_SINCE = (2, 11)
+
+
+@_validate.compiles_since(_GUIDED_SINCE)
 @syncs(None)
 def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
                     chunk_size: int | None = None, return_scores: bool = False) -> Any:
@@ -129,7 +134,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
         >>> camfunc.guided_backprop(model, x, camfunc.topk(2)).shape
         torch.Size([2, 2, 3, 64, 64])
     """
-    _validate.check_compilable("guided_backprop")
+    _validate.check_compilable("guided_backprop", _GUIDED_SINCE)
     if not isinstance(model, nn.Module):
         raise TypeError(f"guided_backprop takes the model, got {type(model).__name__}")
     guided = guided_model(model)
@@ -145,6 +150,7 @@ def guided_backprop(model: nn.Module, x: Tensor, cls: _targets.Target, *,
     return (maps, scores) if return_scores else maps
 
 
+@_validate.compiles_since(_GUIDED_SINCE)  # it calls guided_backprop
 @syncs(None)
 def guided_gradcam(split: Split, x: Tensor, cls: _targets.Target, *,
                    guided: torch.fx.GraphModule | None = None, chunk_size: int | None = None,

@@ -186,3 +186,20 @@ def expand_images(paths: list[str]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def rgb_image(image: Any, path: str | Path) -> Any:
+    """An opened image as 8-bit RGB Pillow, what a library's own transform takes: 8-bit modes
+    converted by Pillow, deeper ones scaled by their range first (never clipped)."""
+    from PIL import Image
+
+    if not is_deep(image):
+        return _eight_bit(image, 3)
+    unit = _deep_unit(image, path)
+    return Image.fromarray(np.round(unit * 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def read_original(path: str | Path, *, exif: bool = True) -> tuple[Any, Tensor]:
+    """The opened image and it as the user sees it, (3, H, W) float in [0, 1]."""
+    image = open_image(path, exif)
+    return image, _float(unit_pixels(image, 3, path))

@@ -10,7 +10,6 @@ from typing import Any
 
 from torch import Tensor
 
-from camfunc.io import read_image
 from camfunc.models import LoadedModel, UsageError
 
 
@@ -56,13 +55,13 @@ def read_batches(paths: list[Path], loaded: LoadedModel, batch_size: int,
         batch = []
         for index in range(start, min(start + batch_size, len(paths))):
             try:
-                stored, resized = read_image(paths[index], loaded.size,
-                                             channels=loaded.channels, exif=exif)
+                stored, resized = loaded.read(paths[index], exif=exif)
             except (OSError, ValueError) as error:
                 error_line(str(error))
                 failed.append({"path": str(paths[index]), "reason": str(error)})
                 continue
-            warning = squash_warning(paths[index], stored, loaded.size)
+            warning = None if loaded.pipeline is not None else \
+                squash_warning(paths[index], stored, loaded.size)
             if warning is not None:
                 warning_line(warning)
             batch.append((index, stored, resized))

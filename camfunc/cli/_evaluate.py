@@ -44,7 +44,9 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
         return {"drop": change.drop, "increase": change.increase.float()}
     if name in ("deletion", "insertion"):
         curve = getattr(metrics, name)(model, x, maps, cls, step=args.step, batch_size=args.batch_size)
-        return {f"{name}_auc": curve.auc}
+        # 2-D columns are curves: kept in metrics.json's "curves", not in the table or CSV.
+        return {f"{name}_auc": curve.auc, f"{name}_curve": curve.curves,
+                f"{name}_fractions": curve.fractions.expand(curve.curves.shape[0], -1)}
     if name == "pointing":
         return {"pointing_game_15px": metrics.pointing_game(maps, masks).hits.float(),
                 "energy_pointing_game": metrics.energy_pointing_game(maps, masks).proportions}
@@ -101,6 +103,7 @@ def evaluate(args: argparse.Namespace) -> int:
     failed: list[dict[str, str]] = []
     batches = generated_batches(args) if args.generated else file_batches(args, loaded, failed)
     rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
     first = 0
     for names, images, classes, masks in progress(batches, None, "evaluate", unit="batch"):
         x = loaded.normalise(images)
@@ -117,20 +120,33 @@ def evaluate(args: argparse.Namespace) -> int:
                                                   method, first))
             except (ValueError, TypeError, IndexError) as error:
                 raise UsageError(f"{method_name}: {str(error).splitlines()[0]}") from None
+            scalars = {k: v for k, v in columns.items() if v.ndim == 1}
             for row, name in enumerate(names):
                 rows.append({"image": name, "method": method_name, "class": int(classes[row]),
-                             **{key: float(value[row]) for key, value in columns.items()}})
+                             **{key: float(value[row]) for key, value in scalars.items()}})
+                curves.extend(curve_records(columns, row, name, method_name, int(classes[row])))
         first += len(names)
     if not rows:
         raise UsageError("no image could be read")
     summary = summarise(rows)
     out = Path(args.out)
-    write_json(out / "metrics.json", {"model": args.model, "methods": list(methods), "metrics": chosen,
-                                      "summary": summary, "images": rows, "failed": failed})
+    write_json(out / "metrics.json", {"model": args.model, "preprocessing": loaded.preprocessing(),
+                                      "methods": list(methods), "metrics": chosen,
+                                      "summary": summary, "images": rows, "curves": curves,
+                                      "failed": failed})
     write_text_atomic(out / "metrics.csv", to_csv(rows))
     print(table(summary, list(summary[0])))
     print(f"wrote {out / 'metrics.csv'} and {out / 'metrics.json'}")
     return 1 if failed else 0
+
+
+def curve_records(columns: dict[str, Tensor], row: int, image: str, method: str,
+                  cls: int) -> list[dict[str, Any]]:
+    """One image's deletion and insertion curves: the class score at each fraction moved."""
+    return [{"image": image, "method": method, "class": cls, "metric": key[:-len("_curve")],
+             "fractions": [round(float(f), 6) for f in columns[key[:-len("_curve")] + "_fractions"][row]],
+             "scores": [float(v) for v in value[row]]}
+            for key, value in columns.items() if key.endswith("_curve")]
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

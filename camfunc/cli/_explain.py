@@ -1,16 +1,20 @@
 """``camfunc explain``: overlays for images, per method and class, and a JSON summary.
 
-For each image, method and class: a figure (the image beside its overlay,
-titled with the class and its probability, with a colour bar, at least 256
-px) and the bare overlay at the image's own pixels (``...-overlay.png``).
-Both are drawn on each image as viewers show it (EXIF orientation applied,
-unless ``--no-exif``); the model sees it resized to its input size, with the
-channels it takes.
+For each image, method and class: a figure (the pixels the model saw beside
+the overlay, titled with the class and its probability, with a colour bar, at
+least 256 px) and the map put back on the original image through the model's
+resize and crop (``...-overlay.png``, zero outside the crop), so it lines up.
+Images are read as viewers show them (EXIF orientation applied, unless
+``--no-exif``) and fed through the model's own transform (timm's, the image
+processor's, torchvision weights'), or resized whole for other models or when
+``--size`` is given. With ``--expected``, an evidence bundle per image
+(``camfunc.explain``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,8 @@ from torch import Tensor
 
 import camfunc
 from camfunc import models
-from camfunc.cli._common import read_batches, safe_name
+from camfunc.cli._common import error_line, read_batches, safe_name
+from camfunc.evidence import UnreadableImage, explain as explain_image
 from camfunc.io import expand_images, progress, write_atomic, write_json
 from camfunc.models import (
     LoadedModel,
@@ -156,6 +161,8 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def explain(args: argparse.Namespace) -> int:
     loaded = loaded_model(args)
     methods = resolve_methods(args.method or ["gradcam"])
+    if args.expected is not None:
+        return explain_expected(args, loaded, list(methods))
     cls = target_from(args, loaded)
     split = make_split(loaded, args.layer)
     paths = expand_images(args.images)
@@ -171,7 +178,8 @@ def explain(args: argparse.Namespace) -> int:
     for batch in progress(batches, total, "explain", unit="batch"):
         indices = [index for index, _, _ in batch]
         originals = [original for _, original, _ in batch]
-        images = torch.stack([image for _, _, image in batch])
+        seen = [image for _, _, image in batch]
+        images = torch.stack(seen)
         x = loaded.normalise(images)
         per_method = {}
         for name, method in methods.items():
@@ -184,27 +192,79 @@ def explain(args: argparse.Namespace) -> int:
         probabilities = torch.softmax(scores.float(), dim=1)
         for row, index in enumerate(indices):
             folder = out / stems[index]
+            height, width = originals[row].shape[1:]
             entries = []
             for k, c in enumerate(classes[row].tolist()):
                 files, overlays, arrays = {}, {}, {}
                 title = f"{loaded.class_name(c)} ({float(probabilities[row, c]):.1%})"
                 for name, maps in per_method.items():
                     stem = folder / f"{safe_name(name)}-{safe_name(loaded.class_name(c))}"
-                    files[name] = str(save_figure(stem.with_suffix(".png"), originals[row],
+                    files[name] = str(save_figure(stem.with_suffix(".png"), seen[row],
                                                   name, maps[row, k], title))
                     arrays[name] = str(save_array(stem.with_suffix(".npy"), maps[row, k]))
+                    back = loaded.on_original(maps[row, k], height, width)
                     overlays[name] = str(save_overlay(stem.with_name(stem.name + "-overlay.png"),
-                                                      originals[row], maps[row, k]))
+                                                      originals[row], back))
                 entries.append({"class": c, "name": loaded.class_name(c),
                                 "score": float(scores[row, c]),
                                 "probability": float(probabilities[row, c]), "files": files,
                                 "overlays": overlays, "maps": arrays})
-            records.append({"path": str(paths[index]), "classes": entries})
+            records.append({"path": str(paths[index]), "size": [height, width],
+                            "box": list(loaded.box(height, width)), "classes": entries})
     summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
                "preprocessing": loaded.preprocessing(), "methods": list(methods), "images": records, "failed": failed}
     write_json(out / "summary.json", summary)
     print(f"explained {len(records)} image(s) with {len(methods)} method(s); "
           f"{len(failed)} failed; wrote {out / 'summary.json'}")
+    return 1 if failed else 0
+
+
+def explain_expected(args: argparse.Namespace, loaded: LoadedModel, methods: list[str]) -> int:
+    """``--expected``: an evidence bundle per image (``camfunc.explain``), and summary.json
+    with the predicted and expected classes' files, as the report reads it."""
+    if args.cls is not None or args.topk is not None:
+        raise UsageError("--expected explains the predicted and the expected class; drop "
+                         "--class/--topk")
+    split = make_split(loaded, args.layer)
+    paths = expand_images(args.images)
+    if not paths:
+        raise UsageError("no images given (or none found in the folders given)")
+    out = Path(args.out)
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for path, stem in progress(list(zip(paths, unique_stems(paths), strict=True)), len(paths),
+                               "explain", unit="image"):
+        try:
+            evidence = explain_image(loaded, path, expected=args.expected, methods=methods,
+                                     layer=args.layer, out=out / stem, exif=not args.no_exif,
+                                     split=split, model_name=args.model)
+        except UnreadableImage as error:  # the rest go on, as without --expected
+            error_line(str(error))
+            failed.append({"path": str(path), "reason": str(error)})
+            continue
+        assert evidence.manifest is not None
+        manifest = json.loads(evidence.manifest.read_text())
+        folder = evidence.manifest.parent
+        entries = []
+        for role in ("predicted", "expected"):
+            record = manifest[role]
+            files = record["files"]
+            entries.append({"role": role, "class": record["class"], "name": record["name"],
+                            "score": record["logit"], "probability": record["probability"],
+                            "files": {m: str(folder / f["figure"]) for m, f in files.items()},
+                            "overlays": {m: str(folder / f["overlay"]) for m, f in files.items()},
+                            "maps": {m: str(folder / f["map"]) for m, f in files.items()}})
+        records.append({"path": str(path), "size": manifest["image"]["size"],
+                        "box": manifest["image"]["box"], "correct": manifest["correct"],
+                        "agreement": manifest["agreement"]["pairs"],
+                        "bundle": str(evidence.manifest), "classes": entries})
+    summary = {"model": args.model, "layer": split_layer_names(split, args.layer, loaded),
+               "preprocessing": loaded.preprocessing(), "methods": methods,
+               "expected": args.expected, "images": records, "failed": failed}
+    write_json(out / "summary.json", summary)
+    wrong = sum(1 for r in records if not r["correct"])
+    print(f"explained {len(records)} image(s) against expected class {args.expected!r}: "
+          f"{wrong} predicted otherwise; {len(failed)} failed; wrote {out / 'summary.json'}")
     return 1 if failed else 0
 
 
@@ -222,5 +282,10 @@ def register(subparsers) -> None:
     parser.add_argument("--method", action="append",
                         help="a camfunc method (repeatable; default gradcam)")
     add_target_arguments(parser)
+    parser.add_argument("--expected", metavar="CLASS",
+                        help="the class each image should be (index or name): write an evidence "
+                             "bundle per image with the predicted and expected classes' maps, a "
+                             "contrastive Finer-CAM map, probabilities, the methods' agreement "
+                             "and a manifest with sha256 hashes")
     parser.add_argument("--out", default="camfunc-out", help="output folder (default camfunc-out)")
     parser.set_defaults(handler=explain)

@@ -89,7 +89,62 @@ def evaluate_rows(folder: Path) -> tuple[list[dict], dict]:
     data = json.loads((folder / "metrics.json").read_text())
     rows = [{**r, "name": r["image"]} for r in data["images"]]
     return rows, {"kind": "evaluate", "model": data.get("model"), "methods": data.get("methods"),
-                  "metrics": data.get("metrics"), "summary": data.get("summary")}
+                  "metrics": data.get("metrics"), "summary": data.get("summary"),
+                  "curves": mean_curves(data.get("curves", []))}
+
+
+def mean_curves(curves: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per metric and method, the mean class score at each fraction moved (each image's curve
+    put on the first one's fractions by linear interpolation, should their steps differ)."""
+    import numpy
+
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for curve in curves:
+        grouped.setdefault((curve["metric"], curve["method"]), []).append(curve)
+    means: dict[str, dict[str, dict[str, Any]]] = {}
+    for (metric, method), members in grouped.items():
+        fractions = numpy.asarray(members[0]["fractions"], dtype=float)
+        scores = numpy.mean([numpy.interp(fractions, c["fractions"], c["scores"]) for c in members], 0)
+        means.setdefault(metric, {})[method] = {"fractions": fractions.tolist(),
+                                                "scores": scores.tolist(), "images": len(members)}
+    return means
+
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def curve_svg(metric: str, methods: dict[str, dict[str, Any]]) -> str:
+    """An inline SVG of each method's mean curve for ``metric``: fraction moved (x, 0 to 1)
+    against the mean class score (y, over the curves' own range), with a legend."""
+    width, height, left, top, right, bottom = 360, 220, 48, 24, 110, 36
+    low = min(min(m["scores"]) for m in methods.values())
+    high = max(max(m["scores"]) for m in methods.values())
+    span = high - low or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def point(f: float, v: float) -> str:
+        return f"{left + f * plot_w:.1f},{top + (1 - (v - low) / span) * plot_h:.1f}"
+
+    parts = [f'<svg class="curve" data-metric="{html.escape(metric)}" xmlns="http://www.w3.org/2000/svg" '
+             f'width="{width}" height="{height}" role="img"><title>{html.escape(metric)}: mean class '
+             'score against fraction of pixels moved</title>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
+             f'<text x="{left}" y="16" font-size="13">{html.escape(metric)}</text>',
+             f'<text x="{left}" y="{height - 8}" font-size="11">0</text>',
+             f'<text x="{left + plot_w - 6}" y="{height - 8}" font-size="11">1</text>',
+             f'<text x="{left + plot_w / 2 - 40}" y="{height - 8}" font-size="11">fraction moved</text>',
+             f'<text x="2" y="{top + 10}" font-size="11">{high:.3g}</text>',
+             f'<text x="2" y="{top + plot_h}" font-size="11">{low:.3g}</text>']
+    for number, (method, curve) in enumerate(methods.items()):
+        colour = COLOURS[number % len(COLOURS)]
+        points = " ".join(point(f, v) for f, v in zip(curve["fractions"], curve["scores"], strict=True))
+        parts.append(f'<polyline data-method="{html.escape(method)}" fill="none" stroke="{colour}" '
+                     f'stroke-width="2" points="{points}"/>')
+        y = top + 14 + 16 * number
+        parts.append(f'<line x1="{width - right + 8}" y1="{y - 4}" x2="{width - right + 24}" '
+                     f'y2="{y - 4}" stroke="{colour}" stroke-width="2"/><text x="{width - right + 28}" '
+                     f'y="{y}" font-size="11">{html.escape(method)}</text>')
+    return "".join(parts) + "</svg>"
 
 
 def explain_rows(folder: Path, thumbs: Path, show_progress: bool) -> tuple[list[dict], dict]:
@@ -136,10 +191,13 @@ def worst_first(rows: list[dict], metrics: list[str]) -> list[dict]:
 
 def page(rows: list[dict], meta: dict, page_size: int) -> str:
     """The whole HTML page: rows and settings inlined as one JSON blob."""
+    curves = meta.pop("curves", None) or {}
     blob = json.dumps({"rows": rows, "meta": meta, "metrics": metric_keys(rows),
                        "pageSize": page_size}).replace("</", "<\\/")
     title = html.escape(f"camfunc report: {meta['kind']}")
-    return TEMPLATE.replace("__TITLE__", title).replace("__DATA__", blob)
+    plots = "".join(curve_svg(metric, methods) for metric, methods in sorted(curves.items()))
+    section = f'<h2>Deletion and insertion curves</h2><div id="curves">{plots}</div>' if plots else ""
+    return TEMPLATE.replace("__TITLE__", title).replace("__CURVES__", section).replace("__DATA__", blob)
 
 
 def report(args: argparse.Namespace) -> int:
@@ -184,12 +242,15 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-
 </style></head><body>
 <h1>__TITLE__</h1>
 <details><summary>Settings</summary><pre id="settings"></pre></details>
+__CURVES__
 <h2>Per class</h2><table id="classes"></table>
 <h2>Gallery</h2>
 <label>Sort <select id="sort"></select></label>
 <label><input type="checkbox" id="desc"> descending</label>
 <label>Method <select id="method"></select></label>
 <label>Class <select id="cls"></select></label>
+<label>Where <select id="fmetric"></select></label><select id="fop"><option>&ge;</option><option>&le;</option></select>
+<input id="fvalue" type="number" step="any" size="6" placeholder="value">
 <button id="prev">&lt;</button><span id="pageinfo"></span><button id="next">&gt;</button>
 <div id="grid"></div>
 <script id="data" type="application/json">__DATA__</script>
@@ -208,7 +269,9 @@ function distinct(key) { return [...new Set(D.rows.map((r) => String(r[key])))].
 function classOf(r) { return String(r.class_name !== undefined ? r.class_name : r["class"]); }
 function view() {
   const m = $("method").value, c = $("cls").value, key = $("sort").value, sign = $("desc").checked ? -1 : 1;
-  let rows = D.rows.filter((r) => (m === "(all)" || r.method === m) && (c === "(all)" || classOf(r) === c));
+  const fm = $("fmetric").value, fv = $("fvalue").value === "" ? NaN : Number($("fvalue").value), above = $("fop").selectedIndex === 0;
+  const kept = (r) => fm === "(none)" || Number.isNaN(fv) || (above ? r[fm] >= fv : r[fm] <= fv);
+  let rows = D.rows.filter((r) => (m === "(all)" || r.method === m) && (c === "(all)" || classOf(r) === c) && kept(r));
   if (key !== "(worst first)") rows = rows.slice().sort((a, b) => sign * (a[key] - b[key]));
   return rows;
 }
@@ -239,7 +302,9 @@ $("settings").textContent = JSON.stringify(D.meta, null, 1);
 options($("sort"), D.metrics, false); $("sort").insertAdjacentHTML("afterbegin", "<option selected>(worst first)</option>");
 options($("method"), distinct("method"), true);
 options($("cls"), [...new Set(D.rows.map(classOf))].sort(), true);
-for (const id of ["sort", "desc", "method", "cls"]) $(id).addEventListener("change", () => { state.page = 0; render(); });
+options($("fmetric"), ["(none)"].concat(D.metrics), false);
+for (const id of ["sort", "desc", "method", "cls", "fmetric", "fop"]) $(id).addEventListener("change", () => { state.page = 0; render(); });
+$("fvalue").addEventListener("input", () => { state.page = 0; render(); });
 $("prev").onclick = () => { state.page = Math.max(0, state.page - 1); render(); };
 $("next").onclick = () => { state.page += 1; render(); };
 classTable(); render();

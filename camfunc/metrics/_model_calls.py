@@ -19,6 +19,7 @@ from torch import Tensor
 
 from camfunc._core import targets as _targets
 from camfunc._core.validate import check_count
+from camfunc._util import draws as _draws
 from camfunc.metrics import _inputs
 
 Method = Callable[..., Any]
@@ -146,5 +147,5 @@ def per_sample_draws(name: str, given: Tensor | None, count: int, x: Tensor,
             shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
             raise ValueError(f"{name} must be a tensor of shape {expected}, got {shape}")
         return lambda i: given[i].to(device=x.device, dtype=x.dtype)
-    device = generator.device if generator is not None else x.device
+    device = _draws.device_for(generator, x)
     return lambda i: draw(device).to(device=x.device, dtype=x.dtype)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from camfunc._core import targets as _targets
+from camfunc._util import draws as _draws
 from camfunc.metrics import _inputs, _model_calls
 
 __all__ = ["road", "road_curve", "road_impute"]
@@ -148,8 +149,7 @@ def road_impute(x: Tensor, removed: Tensor, *, noise_std: float = 0.01, noise: T
         filled = filled.to(device=x.device, dtype=x.dtype)
         if noise_std > 0:
             if noise is None:
-                device = generator.device if generator is not None else x.device
-                noise = torch.randn(x.shape, generator=generator, device=device)
+                noise = _draws.draw(torch.randn, tuple(x.shape), generator, x)
             mask = removed.to(x.device).unsqueeze(1)
             filled = torch.where(mask, filled + noise_std * noise.to(filled), filled)
     return filled

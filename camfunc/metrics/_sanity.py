@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from camfunc._core import ops as _ops
 from camfunc._core.splitter import layer_name, split as split_model
 from camfunc._methods import METHODS
+from camfunc._util import draws as _draws
 from camfunc._util.gaussian import sampled_gaussian, separable_filter
 from camfunc.metrics import _inputs
 from camfunc.metrics._inputs import Classes
@@ -162,8 +163,7 @@ def reinitialise(module: nn.Module, generator: torch.Generator | None) -> None:
     with torch.no_grad():
         for p in params:
             bound = 1 / math.sqrt(p[0].numel() if p.ndim >= 2 else weight_fan_in)
-            device = generator.device if generator is not None else p.device
-            draw = torch.rand(p.shape, generator=generator, device=device, dtype=torch.float32)
+            draw = _draws.draw(torch.rand, tuple(p.shape), generator, p, torch.float32)
             p.copy_((draw * 2 - 1) * bound)
 
 

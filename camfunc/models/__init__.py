@@ -24,8 +24,12 @@ def load(spec: str, weights: str | None = None, size: int | None = None,
     """The model a spec names, in eval mode, with what it needs to be fed and explained.
 
     ``weights`` is a local checkpoint (not for ``hf:``, whose folder holds them); ``size`` the
-    square input (default: a timm or hf model's configured size, else 224); ``pretrained_cfg`` a local JSON overlay on a
-    timm model's pretrained config (``num_classes``, ``mean``, ``label_names``...). Every failure is a one-line ``UsageError``.
+    square input, which also replaces a timm, hf or torchvision model's own transform by
+    camfunc's whole-image resize (default: the model's own transform and size, else 224);
+    ``pretrained_cfg`` a local JSON overlay on a timm model's pretrained config
+    (``num_classes``, ``mean``, ``label_names``...). ``loaded.read(path)`` gives an image as
+    shown and as the model sees it, ``loaded.box(h, w)`` where the model's pixels lie in it.
+    Every failure is a one-line ``UsageError``.
 
     >>> loaded = camfunc.models.load("builtin")
     >>> loaded.size, loaded.class_names[:2]

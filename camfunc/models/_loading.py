@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from camfunc._core import split as _split, splitter as _splitter
 from camfunc._methods import METHODS
+from camfunc._util import images as _images
+from camfunc.models import _preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,17 +42,48 @@ class LoadedModel:
     class_names: tuple[str, ...] | None = None
     channels: int = 3            # image channels the model takes (1 or 3)
     source: str = "camfunc"      # whose config gave size, mean and std: camfunc, timm or hf
-    # The library's own transform as its config states it (resize, crop, interpolation);
-    # recorded, while camfunc resizes the whole image to ``size``.
+    # The library's own transform as its config states it (resize, crop, interpolation).
     configured: tuple[tuple[str, Any], ...] = ()
+    # The library's own transform (unnormalised) and its geometry; None: camfunc resizes the
+    # whole image to ``size`` (builtin and factory models, or ``--size`` given).
+    pipeline: _preprocess.Pipeline | None = None
 
     def preprocessing(self) -> dict:
-        """How images are fed, for the outputs: where it came from, size, mean and std."""
-        return {"source": self.source, "resize": "bilinear, whole image (no crop)",
-                "input_size": [self.channels, *self.size],
+        """How images are fed, for the outputs: whose transform, its resize and crop, size,
+        mean and std."""
+        if self.pipeline is None:
+            how: dict[str, Any] = {"transform": "camfunc", "resize": "bilinear, whole image (no crop)"}
+        else:
+            how = {"transform": self.source, **self.pipeline[1].record()}
+        return {"source": self.source, **how, "input_size": [self.channels, *self.size],
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std),
                 **({"configured": dict(self.configured)} if self.configured else {})}
+
+    def read(self, path: str | Path, exif: bool = True) -> tuple[Tensor, Tensor]:
+        """An image file as the user sees it (3, H, W) and as the model sees it, unnormalised
+        ((channels, *size), in [0, 1]): through the library's own transform when it has one.
+        Errors are one-line ``OSError``/``ValueError``s naming the file."""
+        if self.pipeline is None:
+            return _images.read_image(path, self.size, channels=self.channels, exif=exif)
+        image, original = _images.read_original(path, exif=exif)
+        seen = self.pipeline[0](_images.rgb_image(image, path))
+        if tuple(seen.shape) != (self.channels, *self.size):
+            raise ValueError(f"{path}: the model's transform gave {tuple(seen.shape)}, expected "
+                             f"{(self.channels, *self.size)}")
+        return original, seen
+
+    def box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """``(top, left, bottom, right)`` in a ``height`` x ``width`` image's pixels of what the
+        model sees: the crop's box, or the whole image."""
+        if self.pipeline is None:
+            return 0.0, 0.0, float(height), float(width)
+        return self.pipeline[1].box(height, width)
+
+    def on_original(self, cam: Tensor, height: int, width: int) -> Tensor:
+        """A map on the model's pixels put back on the original image (zero where the model
+        saw nothing), so overlays line up."""
+        return _preprocess.on_original(cam, height, width, self.box(height, width))
 
     def normalise(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, 3, H, W) as the model expects them."""
@@ -139,7 +172,8 @@ def _torchvision(name: str, weights: str | None, size: int | None) -> LoadedMode
         class_names=names if names and _outputs(model, len(names)) else None, source="torchvision",
         configured=(("resize_size", list(transform.resize_size)),
                     ("crop_size", list(transform.crop_size)),
-                    ("interpolation", str(transform.interpolation.value))))
+                    ("interpolation", str(transform.interpolation.value))),
+        pipeline=_preprocess.torchvision_pipeline(transform) if size is None else None)
 
 
 def _outputs(model: nn.Module, count: int) -> bool:
@@ -207,7 +241,7 @@ def _import_from_here(name: str):
         sys.path.remove(here)
 
 
-def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool) -> LoadedModel:
     """A timm model, randomly initialised (``weights`` a local checkpoint), fed as its
     data config says (size, mean, std), with a local JSON overlay on its pretrained config."""
     try:
@@ -235,10 +269,12 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None) -> LoadedM
                        tuple(config["std"]), tuple(str(n) for n in names) if names else None,
                        int(config["input_size"][0]), "timm",
                        (("crop_pct", config.get("crop_pct")), ("crop_mode", config.get("crop_mode")),
-                        ("interpolation", config.get("interpolation"))))
+                        ("interpolation", config.get("interpolation"))),
+                       _pipeline(lambda: _preprocess.timm_pipeline(config), f"timm:{name}",
+                                 int(config["input_size"][0]) if own else 0))
 
 
-def _hf(path: str) -> LoadedModel:
+def _hf(path: str, own: bool) -> LoadedModel:
     """A Hugging Face image classifier saved with ``save_pretrained``, fed as its image
     processor says (size, mean, std), with ``config.id2label`` as class names."""
     folder = Path(path)
@@ -268,7 +304,22 @@ def _hf(path: str) -> LoadedModel:
                         ("size", _plain(getattr(processor, "size", None))),
                         ("do_center_crop", getattr(processor, "do_center_crop", None)),
                         ("crop_size", _plain(getattr(processor, "crop_size", None))),
-                        ("resample", str(getattr(processor, "resample", None)))))
+                        ("resample", str(getattr(processor, "resample", None)))),
+                       _pipeline(lambda: _preprocess.hf_pipeline(processor), f"hf:{path}",
+                                 int(getattr(model.config, "num_channels", 3)) if own else 0))
+
+
+def _pipeline(make: Callable[[], _preprocess.Pipeline], spec: str,
+              channels: int) -> _preprocess.Pipeline | None:
+    """The library's own transform; None (camfunc's resize) for a model not taking RGB, or
+    ``channels`` 0 (``--size`` given)."""
+    if channels != 3:
+        return None
+    try:
+        return make()
+    except _preprocess.UnsupportedTransform as error:
+        raise UsageError(f"model {spec}: {error}; give --size to have camfunc resize the whole "
+                         "image instead") from None
 
 
 class _LogitsOf(nn.Module):
@@ -343,19 +394,22 @@ def load_model(spec: str, weights: str | None = None, size: int | None = None,
     if pretrained_cfg is not None and not spec.startswith("timm:"):
         raise UsageError(f"--pretrained-cfg is for timm: models, given model {spec!r}")
     if spec.startswith(("timm:", "hf:")):
-        loaded = _configured(spec, weights, pretrained_cfg)
-        return loaded if size is None else dataclasses.replace(loaded, size=(size, size))
+        loaded = _configured(spec, weights, pretrained_cfg, size is None)
+        return loaded if size is None else dataclasses.replace(loaded, size=(size, size),
+                                                              pipeline=None)
     if spec.startswith("torchvision:"):
         return _torchvision(spec.partition(":")[2], weights, size)
     return _spec(spec, weights, 224 if size is None else size)
 
 
-def _configured(spec: str, weights: str | None, pretrained_cfg: str | None) -> LoadedModel:
+def _configured(spec: str, weights: str | None, pretrained_cfg: str | None,
+                own: bool) -> LoadedModel:
+    """A timm or hf model; ``own``: fed through its library's transform."""
     if spec.startswith("timm:"):
-        return _timm(spec.partition(":")[2], weights, pretrained_cfg)
+        return _timm(spec.partition(":")[2], weights, pretrained_cfg, own)
     if weights is not None:
         raise UsageError("an hf: model takes its weights from its folder; drop --weights")
-    return _hf(spec.partition(":")[2])
+    return _hf(spec.partition(":")[2], own)
 
 
 def _spec(spec: str, weights: str | None, size: int) -> LoadedModel:

@@ -66,15 +66,6 @@ def default_samples(method: Callable[..., Any]) -> int:
     return int(inspect.signature(method).parameters["num_samples"].default)
 
 
-def one_draw(kind: str, generator: torch.Generator, samples: int, image_shape: tuple[int, ...],
-             channels: int) -> Tensor:
-    if kind == "input":
-        return torch.randn((samples, *image_shape), generator=generator)
-    if kind == "layer_noise":
-        return torch.randn((samples, channels, *image_shape[1:]), generator=generator)
-    return torch.rand(channels, generator=generator) * 2 - 1
-
-
 def padded(values: Tensor, size: int, dim: int) -> Tensor:
     """``values`` with zero rows appended along ``dim`` up to ``size``."""
     missing = size - values.shape[dim]
@@ -96,11 +87,10 @@ def random_inputs(work: Work, name: str, method: Callable[..., Any], indices: li
     draws = getattr(METHODS.get(name), "draws", None)
     if draws is None:
         return {}
-    samples = default_samples(METHODS[name]) if draws.kind != "channel_weights" else 0
-    per_image = [one_draw(draws.kind, image_generator(work.seed, name, i), samples, image_shape,
-                          work.layer_channels) for i in indices]
-    dim = 0 if draws.kind == "channel_weights" else 1
-    stacked = padded(torch.stack(per_image, dim), batch, dim)
+    samples = default_samples(METHODS[name]) if draws.counted else 0
+    per_image = [draws.sample((1, *image_shape), work.layer_channels, samples,
+                              image_generator(work.seed, name, i)) for i in indices]
+    stacked = padded(torch.cat(per_image, draws.batch_axis), batch, draws.batch_axis)
     return {draws.keyword: stacked.to(work.device)}
 
 

@@ -51,16 +51,8 @@ def _with_draws(method: Method, case: Case, options: dict[str, Any]) -> dict[str
     spec = getattr(method, "draws", None)
     if spec is None or spec.keyword in options:
         return options
-    x, generator = case.x, torch.Generator().manual_seed(0)
-    if spec.kind == "input":
-        drawn = {"num_samples": 2, spec.keyword: torch.randn((2, *x.shape), generator=generator)}
-    else:
-        channels = _activations(case, x).shape[1]
-        if spec.kind == "layer_noise":
-            drawn = {"num_samples": 2,
-                     spec.keyword: torch.randn((2, x.shape[0], channels, *x.shape[2:]), generator=generator)}
-        else:
-            drawn = {spec.keyword: torch.rand((x.shape[0], channels), generator=generator) * 2 - 1}
+    channels = _activations(case, case.x).shape[1] if spec.per_channel else 0
+    drawn = spec.options(spec.sample(case.x.shape, channels, 2, torch.Generator().manual_seed(0)), 2)
     return {**drawn, **options}
 
 
