@@ -11,12 +11,17 @@ import csv
 import html
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from camfunc.cli._common import Subparsers
 from camfunc.cli._explain import positive_int
 from camfunc.io import progress, write_text_atomic
 from camfunc.models import UsageError
+
+if TYPE_CHECKING:  # torch loads only when thumbnails are drawn
+    from torch import Tensor
 
 THUMB = 128
 #: Metrics where a high value is bad: these sort worst-first descending, the rest ascending.
@@ -42,11 +47,11 @@ def _number(text: str) -> Any:
         return text
 
 
-def _bar(rows: list[dict], description: str, shown: bool):
+def _bar(rows: list[dict[str, Any]], description: str, shown: bool) -> Iterable[dict[str, Any]]:
     return progress(rows, len(rows), description, unit="map") if shown else rows
 
 
-def _thumb(image, cam, path: Path) -> str:
+def _thumb(image: Tensor, cam: Tensor, path: Path) -> str:
     from camfunc.viz import overlay
 
     picture = overlay(image, cam)
@@ -69,8 +74,8 @@ def run_rows(folder: Path, thumbs: Path, show_progress: bool) -> tuple[list[dict
     settings = manifest.get("settings", {})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     maps = {m: read_maps(folder, m, verify=False) for m in methods}
-    size = tuple(settings.get("model", {}).get("size") or (64, 64))
-    data = open_data(manifest["run"]["data"], size)  # type: ignore[arg-type]
+    height, width = settings.get("model", {}).get("size") or (64, 64)
+    data = open_data(manifest["run"]["data"], (int(height), int(width)))
     position = {m: {int(i): p for p, i in enumerate(maps[m][0].tolist())} for m in methods}
     rank = {m: 0 for m in methods}
     for row in _bar(rows, "thumbnails", show_progress):
@@ -220,7 +225,7 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("report", help="a static HTML report of a run, evaluate or explain folder",
                                    description="Write FOLDER/report/index.html: a gallery of overlays, "
                                                "sortable and filterable, worst first, with settings.")

@@ -9,10 +9,11 @@ import dataclasses
 import importlib
 import os
 import sys
+import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 from torch import Tensor, nn
@@ -228,7 +229,7 @@ def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
     return _imagenet_style(model.eval(), size)
 
 
-def _import_from_here(name: str):
+def _import_from_here(name: str) -> types.ModuleType:
     """Import ``name``, looking in the working directory too, as ``python -m`` would: a
     ``mymodels.py`` beside the user works without ``PYTHONPATH=.``."""
     here = os.getcwd()
@@ -246,6 +247,8 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool)
     data config says (size, mean, std), with a local JSON overlay on its pretrained config."""
     try:
         import timm
+        from timm.data.config import resolve_model_data_config
+        from timm.data.imagenet_info import ImageNetInfo
     except ImportError:
         raise UsageError("timm models need timm: pip install timm") from None
     if not timm.is_model(name):
@@ -260,11 +263,11 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool)
                          f"{type(error).__name__}: {_first_line(error)}") from None
     if weights is not None:
         _load_weights(model, weights)
-    config = timm.data.resolve_model_data_config(model)
+    config = resolve_model_data_config(model)
     size = tuple(int(v) for v in config["input_size"][1:])
     names = overlay.get("label_names")
     if names is None and getattr(model, "num_classes", None) == 1000:
-        names = timm.data.ImageNetInfo().label_descriptions()
+        names = ImageNetInfo().label_descriptions()
     return LoadedModel(model.eval(), None, (size[0], size[1]), tuple(config["mean"]),
                        tuple(config["std"]), tuple(str(n) for n in names) if names else None,
                        int(config["input_size"][0]), "timm",
@@ -331,7 +334,8 @@ class _LogitsOf(nn.Module):
         self.config = getattr(model, "config", None)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values=pixel_values).logits
+        logits: Tensor = self.model(pixel_values=pixel_values).logits
+        return logits
 
 
 def hf_size(processor: object) -> tuple[int, int]:
@@ -366,8 +370,8 @@ def _plain(value: object) -> Any:
     return {k: v for k, v in items if v is not None}
 
 
-def _floats(values: object) -> tuple[float, ...] | None:
-    return tuple(float(v) for v in values) if values is not None else None  # type: ignore[attr-defined]
+def _floats(values: Iterable[SupportsFloat] | None) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None
 
 
 def _first_line(error: BaseException) -> str:

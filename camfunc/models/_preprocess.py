@@ -56,11 +56,11 @@ class UnsupportedTransform(ValueError):
 
 def timm_pipeline(config: dict[str, Any]) -> Pipeline:
     """timm's own eval transform for ``config`` (``resolve_data_config``'s), unnormalised."""
-    import timm.data
+    from timm.data.transforms_factory import create_transform
 
     channels = int(config["input_size"][0])
     unit = dict(config, mean=(0.0,) * channels, std=(1.0,) * channels)
-    transform = timm.data.create_transform(**unit, is_training=False)
+    transform = create_transform(**unit, is_training=False)
     return _tensor_of(transform), geometry_of(list(getattr(transform, "transforms", [transform])))
 
 

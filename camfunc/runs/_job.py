@@ -27,13 +27,16 @@ from camfunc.models import (
     with_normalisation,
 )
 from camfunc.runs import _distributed, _lock, _settings, _shards
-from camfunc.runs._dataset import Batch, collate, open_data
+from camfunc.runs._dataset import Batch, ImageFolderData, ScenesData, collate, open_data
 from camfunc.runs._decode import decoded_batch
 from camfunc.runs._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 METRICS = "metrics.csv"
+
+#: A dataset a run reads: an image folder, or generated scenes.
+Data = ImageFolderData | ScenesData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ def probe(split: camfunc.Split, loaded: LoadedModel, device: torch.device) -> tu
     return activations.shape[1], scores.shape[1], tuple(activations.shape[2:])
 
 
-def label_classes(data, loaded: LoadedModel, num_classes: int) -> Tensor:
+def label_classes(data: Data, loaded: LoadedModel, num_classes: int) -> Tensor:
     """Dataset label -> model class: by name where the model names every folder, else by order."""
     names = loaded.class_names
     if names and all(c in names for c in data.classes):
@@ -200,8 +203,8 @@ def empty_result(methods: Sequence[str], k: int, map_size: tuple, map_dtype: str
                      torch.zeros(0, k), maps, table)
 
 
-def merge(out: Path, manifest: dict[str, Any], data, count: int, class_names,
-          columns: list[str]) -> dict[str, Any]:
+def merge(out: Path, manifest: dict[str, Any], data: Data, count: int,
+          class_names: Sequence[str] | None, columns: list[str]) -> dict[str, Any]:
     """Rank 0, after every shard is written: index.csv, metrics.csv, and the final manifest."""
     names = [data.name(i) for i in range(len(data))]
     labels = [int(v) for v in data.labels]
@@ -366,7 +369,8 @@ def execute(request: _settings.Request) -> RunResult:
                 failure = error
         shared = _distributed.broadcast(group, {"summary": summary, "error": _described(failure)})
         _raise_any(failure, [shared["error"]])
-        return shared["summary"]
+        result: RunResult = shared["summary"]
+        return result
     finally:
         lock.release()
         _distributed.finish(group)
@@ -489,7 +493,7 @@ def _raise_any(own: BaseException | None, reported: list[str | None]) -> None:
         raise RuntimeError("the run failed on another rank: " + "; ".join(errors))
 
 
-def result_settings(dataset, model: str | nn.Module, state: str, split: camfunc.Split,
+def result_settings(dataset: Data, model: str | nn.Module, state: str, split: camfunc.Split,
                     loaded: LoadedModel, options: _settings.Options) -> dict[str, Any]:
     """Everything the results depend on: what the fingerprint hashes."""
     return {"format": _shards.FORMAT, "data": dataset.identity(),
@@ -541,7 +545,7 @@ def timing(stats: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
             "total_seconds": total_seconds, "ranks": stats}
 
 
-def process(work: Work, dataset, out: Path, shards: list[int], options: _settings.Options,
+def process(work: Work, dataset: Data, out: Path, shards: list[int], options: _settings.Options,
             common: dict[str, Any], empty: Explained, show: bool,
             device: torch.device) -> tuple[int, float]:
     """This rank's shards, batch by batch; each shard written as soon as its last batch is done."""
@@ -571,10 +575,11 @@ def process(work: Work, dataset, out: Path, shards: list[int], options: _setting
     return processed, time.perf_counter() - start
 
 
-def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset) -> None:
+def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset: Data) -> None:
     if work.decode is not None:
+        assert isinstance(dataset, ImageFolderData)  # decoding on the device reads files
         batch = work.decode(batch, [dataset.files[i] for i in batch.indices.tolist()])
-    for index, error in zip(batch.indices.tolist(), batch.errors):
+    for index, error in zip(batch.indices.tolist(), batch.errors, strict=True):
         if error:
             buffer.failed.append({"index": index, "name": dataset.name(index), "reason": error})
     explained = explain_batch(work, batch)
