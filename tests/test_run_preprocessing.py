@@ -240,3 +240,21 @@ def test_scenes_are_resized_whole_and_the_manifest_says_so(timm_model, tmp_path)
     manifest = json.loads(result.manifest.read_text())
     assert manifest["preprocessing"]["transform"] == "camfunc"
     assert "scenes are resized whole" in manifest["run"]["notes"][0]
+
+
+def test_evaluate_scores_the_maps_of_timms_own_tensor(timm_model, data, tmp_path):
+    """``camfunc evaluate`` already fed the model's own transform; pinned here as well."""
+    done = camfunc_cli("evaluate", data, "--model", "timm:resnet10t", "--layer", TIMM_LAYER,
+                       "--weights", timm_model / "ckpt.pt", "--pretrained-cfg",
+                       timm_model / "cfg.json", "--metric", "confidence", "--class", "1",
+                       "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["preprocessing"]["transform"] == "timm"
+    model, tensor, _ = timm_own(timm_model)
+    x = torch.stack([tensor(data / name) for name in PICTURES])
+    split = camfunc.split(model, TIMM_LAYER)
+    cls = torch.ones(len(PICTURES), dtype=torch.long)
+    drop = camfunc.metrics.confidence_change(split, x, camfunc.gradcam(split, x, cls), cls).drop
+    numpy.testing.assert_allclose([row["drop"] for row in written["images"]], drop.numpy(),
+                                  rtol=1e-4, atol=1e-6)

@@ -186,8 +186,11 @@ def on_original(cam: Tensor, height: int, width: int,
 
     Example:
         >>> box = camfunc.models.Geometry(64, (48, 48)).box(60, 90)   # shorter side 64, crop 48
-        >>> camfunc.models.on_original(torch.ones(2, 2), 60, 90, box).sum(1)[[0, 30]]
-        tensor([ 0., 45.])
+        >>> box
+        (7.5, 22.5, 52.5, 67.5)
+        >>> full = camfunc.models.on_original(torch.ones(2, 2), 60, 90, box)
+        >>> full.shape, bool(full[8:52, 22:68].gt(0.99).all()), round(full.sum().item())  # 44 x 46
+        (torch.Size([60, 90]), True, 2024)
     """
     top, left, bottom, right = (round(v) for v in box)
     top, left = max(0, top), max(0, left)
