@@ -32,6 +32,41 @@ class UsageError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageReader:
+    """Image files as a model takes them, unnormalised: (channels, *size) float in [0, 1],
+    through the library's own transform (``transform``: timm's, an image processor's,
+    torchvision weights', without their normalisation) when there is one, else resized whole
+    by camfunc. ``reader(path, exif=True)`` reads one; errors are one-line ``OSError`` or
+    ``ValueError``s naming the file. It holds no model and pickles, so DataLoader workers can
+    run it; ``LoadedModel.reader()`` makes the one a model is fed with.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.models.load("builtin").reader()("cat.png").shape
+        torch.Size([3, 64, 64])
+    """
+
+    size: tuple[int, int]
+    channels: int = 3
+    transform: Callable[[Any], Tensor] | None = None   # 8-bit RGB Pillow -> (C, H, W) in [0, 1]
+
+    def __call__(self, path: str | Path, exif: bool = True) -> Tensor:
+        if self.transform is None:
+            return _images.read_resized(path, self.size, channels=self.channels, exif=exif)
+        return self.opened(_images.open_image(path, exif), path)
+
+    def opened(self, image: Any, path: str | Path) -> Tensor:
+        """An image opened already (``camfunc.io.open_image``) through the transform."""
+        if self.transform is None:
+            return _images.unit_float(_images.read_opened(image, self.size, self.channels, path))
+        seen = self.transform(_images.rgb_image(image, path))
+        if tuple(seen.shape) != (self.channels, *self.size):
+            raise ValueError(f"{path}: the model's transform gave {tuple(seen.shape)}, expected "
+                             f"{(self.channels, *self.size)}")
+        return seen
+
+
+@dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A model in eval mode, with what the command line needs to feed and explain it."""
 
@@ -68,11 +103,13 @@ class LoadedModel:
         if self.pipeline is None:
             return _images.read_image(path, self.size, channels=self.channels, exif=exif)
         image, original = _images.read_original(path, exif=exif)
-        seen = self.pipeline[0](_images.rgb_image(image, path))
-        if tuple(seen.shape) != (self.channels, *self.size):
-            raise ValueError(f"{path}: the model's transform gave {tuple(seen.shape)}, expected "
-                             f"{(self.channels, *self.size)}")
-        return original, seen
+        return original, self.reader().opened(image, path)
+
+    def reader(self) -> ImageReader:
+        """What :meth:`read` gives as the model sees it, alone, as a picklable callable
+        (without the model), for a dataset's loader workers."""
+        return ImageReader(self.size, self.channels,
+                           None if self.pipeline is None else self.pipeline[0])
 
     def box(self, height: int, width: int) -> tuple[float, float, float, float]:
         """``(top, left, bottom, right)`` in a ``height`` x ``width`` image's pixels of what the

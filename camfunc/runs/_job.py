@@ -27,7 +27,14 @@ from camfunc.models import (
     with_normalisation,
 )
 from camfunc.runs import _distributed, _lock, _settings, _shards
-from camfunc.runs._dataset import Batch, ImageFolderData, ScenesData, collate, open_data
+from camfunc.runs._dataset import (
+    Batch,
+    ImageFolderData,
+    ScenesData,
+    collate,
+    open_data,
+    parse_scenes,
+)
 from camfunc.runs._decode import decoded_batch
 from camfunc.runs._work import Explained, Work, explain_batch
 
@@ -248,8 +255,8 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     Images are read as they are: every Pillow mode, 16-bit and float ones
     scaled to [0, 1] by their range (never clipped), turned by their EXIF
     orientation (``exif=False`` keeps them as stored), with the channels the
-    model takes (grayscale to RGB only for a three-channel model), resized to
-    the model's size and normalised as it expects. An unreadable image is
+    model takes (grayscale to RGB only for a three-channel model), fed as the
+    model is (below) and normalised as it expects. An unreadable image is
     recorded as failed, with the reason, and the run goes on. JPEG files are
     decoded on the device (``torchvision.io.decode_jpeg``, batched; the
     loader's workers only read bytes) with ``decode="device"``, the default
@@ -259,8 +266,20 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     **Model.** ``model`` is a spec, as for the command line (``"builtin"``,
     ``"torchvision:NAME"``, ``"timm:NAME"`` with ``pretrained_cfg`` a JSON
     overlay, ``"hf:PATH"``, ``"package.module:factory"``, with ``weights`` a
-    state-dict file; ``camfunc.models.load``), fed at its configured size and
-    normalisation unless ``size``, ``mean``/``std`` say otherwise; or an
+    state-dict file; ``camfunc.models.load``). Image files go through the
+    model's own transform where its library states one (timm's
+    ``resolve_data_config`` and ``create_transform``, the folder's
+    ``AutoImageProcessor``, torchvision weights' ``transforms()``: their
+    resize, centre crop and interpolation), normalised by its mean and std;
+    the maps lie on those pixels, and the manifest's ``preprocessing``
+    records the transform, its resize and crop, so they can be put back on
+    the original image (``camfunc.models.Geometry.from_record``,
+    ``camfunc.models.on_original``; ``camfunc report`` does). Such images
+    are read by Pillow in the loader's workers, never on the device, and
+    generated scenes are resized whole: each said in one line on stderr and
+    in the manifest's ``run.notes``. ``size`` resizes the whole image to
+    ``size`` x ``size`` instead (as builtin and factory models always are),
+    and ``mean``/``std`` replace the normalisation. ``model`` may also be an
     ``nn.Module`` in eval mode fed ``size`` x ``size`` (default 224) images,
     normalised by ``mean``/``std`` if given. Random initial weights
     are drawn from ``seed``, so every rank and restart builds the same model.
@@ -348,6 +367,7 @@ class Prepared:
     settings: dict[str, Any]                  # what the results depend on
     fingerprint: str
     count: int                                # shards
+    notes: list[str] = dataclasses.field(default_factory=list)   # preprocessing departures
 
 
 def execute(request: _settings.Request) -> RunResult:
@@ -387,9 +407,10 @@ def prepare(request: _settings.Request) -> Prepared:
     decoder = _settings.check_reading(request.exif, request.decode, device)
     loaded, state = load(request.model, request.weights, request.layer, size, request.mean,
                          request.std, options.seed, device, request.pretrained_cfg)
+    loaded, decoder, notes = own_transform(request.data, loaded, decoder)
     split = _user_error(lambda: make_split(loaded, request.layer))
     dataset = open_data(request.data, loaded.size, loaded.channels, request.exif,
-                        jpeg_bytes=decoder == "device")
+                        jpeg_bytes=decoder == "device", reader=loaded.reader())
     channels, num_classes, layer_size = probe(split, loaded, device)
     if options.topk is not None and options.topk > num_classes:
         raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
@@ -400,7 +421,31 @@ def prepare(request: _settings.Request) -> Prepared:
                     method_functions, channels, layer_size, class_of_label,
                     metric_columns(options.metrics, hasattr(dataset, "masks")), settings,
                     _settings.fingerprint(settings),
-                    _shards.shard_count(len(dataset), options.shard_size))
+                    _shards.shard_count(len(dataset), options.shard_size), notes)
+
+
+def own_transform(data: str | Path, loaded: LoadedModel,
+                  decoder: str) -> tuple[LoadedModel, str, list[str]]:
+    """The model, the JPEG decoder and notes, where the model has its own transform (timm's,
+    an image processor's, torchvision weights'): image files go through it, read by Pillow in
+    the loader's workers (the device decoder only resizes whole); generated scenes are resized
+    whole. Each departure is a one-line note on stderr (rank 0) and in the manifest."""
+    if loaded.pipeline is None:
+        return loaded, decoder, []
+    notes = []
+    if isinstance(data, str) and parse_scenes(data) is not None:
+        notes.append(f"scenes are resized whole to the model's {loaded.size[1]}x{loaded.size[0]}; "
+                     f"its own ({loaded.source}) transform is for image files")
+        loaded = dataclasses.replace(loaded, pipeline=None)
+    elif decoder == "device":
+        notes.append(f"JPEGs are decoded by Pillow, not on the device: the model's own "
+                     f"({loaded.source}) transform runs in the loader's workers (give --size to "
+                     "resize whole and decode on the device)")
+        decoder = "pillow"
+    if _distributed.rank() == 0:
+        for note in notes:
+            print(f"camfunc run: note: {note}", file=sys.stderr)
+    return loaded, decoder, notes
 
 
 def begin_manifest(prepared: Prepared, group: _distributed.Group,
@@ -412,7 +457,9 @@ def begin_manifest(prepared: Prepared, group: _distributed.Group,
                 "run": {"world_size": group.world, "batch_size": options.batch_size,
                         "num_workers": options.num_workers, "device": str(prepared.device),
                         "compile": bool(request.compile), "data": str(request.data),
-                        "out": str(prepared.out), "decode": prepared.decoder},
+                        "out": str(prepared.out), "decode": prepared.decoder,
+                        **({"notes": prepared.notes} if prepared.notes else {})},
+                "preprocessing": prepared.loaded.preprocessing(),
                 "versions": _settings.versions(), "num_images": len(prepared.dataset),
                 "num_shards": prepared.count, "recomputed": damaged}
     if group.rank == 0:
@@ -500,8 +547,10 @@ def result_settings(dataset: Data, model: str | nn.Module, state: str, split: ca
             "model": {"spec": model if isinstance(model, str) else type(model).__qualname__,
                       "weights_sha256": state, "layers": list(split.layers),
                       "size": list(loaded.size), "mean": loaded.mean, "std": loaded.std,
-                      # Whose config fed the model; left out for camfunc's own, as before.
-                      **({} if loaded.source == "camfunc" else {"source": loaded.source})},
+                      # Whose config fed the model, and its transform; left out for
+                      # camfunc's own, as before.
+                      **({} if loaded.source == "camfunc" else
+                         {"source": loaded.source, "preprocessing": loaded.preprocessing()})},
             "methods": list(options.methods), "classes": options.classes,
             "metrics": options.metrics, "map_dtype": options.map_dtype,
             "upsample": options.upsample, "shard_size": options.shard_size, "seed": options.seed}
