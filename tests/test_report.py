@@ -120,6 +120,19 @@ def test_evaluate_keeps_curves_the_report_plots_and_filters_by_value(browser, tm
     assert _errors(browser) == []
 
 
+def test_a_run_without_metrics_still_has_its_gallery(browser, tmp_path):
+    out = tmp_path / "run"
+    camfunc.runs.run("scenes:3", out, methods=["gradcam"], classes="top2", progress=False)
+    # metrics.csv: a row per image and class, with scores but no metric columns
+    lines = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 3 * 2 and "drop" not in lines[0] and "probability" in lines[0]
+    assert main(["report", str(out), "--quiet"]) == 0
+    browser.get((out / "report" / "index.html").as_uri())
+    time.sleep(0.5)
+    assert len(_names(browser)) == 6
+    assert _errors(browser) == []
+
+
 def test_a_folder_of_nothing_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -192,7 +192,8 @@ def metric_rows(shard: dict[str, Any], names: list[str],
     """One row per image, method and explained class (rank 0 = first class)."""
     classes, scores, probabilities = shard["classes"], shard["scores"], shard["probabilities"]
     for row, index in enumerate(shard["indices"].tolist()):
-        for method, table in shard["metrics"].items():
+        for method in shard["maps"]:  # every method has a row, with or without metric columns
+            table = shard["metrics"].get(method, {})
             for rank in range(classes.shape[1]):
                 c = int(classes[row, rank])
                 line = {"index": index, "name": names[index], "label": int(shard["labels"][row]),
