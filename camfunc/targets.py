@@ -323,8 +323,8 @@ def yolo_detections(output: Any) -> list[dict[str, Tensor]]:
     ``scores`` :math:`\max_c p_{c,n}` and ``labels`` :math:`rg\max_c p_{c,n}`, for all
     N anchors. There is no NMS and no threshold, so :func:`box_score` compares each
     reference box with every anchor; a box taken from the model's own (NMS'd) detections
-    matches the anchor it came from. Heads that decode end to end (YOLOv10, YOLO26) return
-    ``(B, max_det, 6)`` and are refused. pytorch-grad-cam has no YOLOv8 target; its
+    matches the anchor it came from. A head switched to end-to-end decoding (its ``end2end``
+    flag, YOLOv10 and YOLO26) returns ``(B, max_det, 6)`` instead, which is refused. pytorch-grad-cam has no YOLOv8 target; its
     ``FasterRCNNBoxScoreTarget``, on a model wrapped to return these dicts, scores the same.
 
     Example:

@@ -1,5 +1,5 @@
 """Ultralytics YOLO (YOLOv8n and YOLO11n built from their YAML configs, random weights, no
-download), split by torch.fx at a backbone and at a neck layer: Grad-CAM with a box-score
+download), split at a backbone and at a neck layer (torch.export captures them; fx cannot): Grad-CAM with a box-score
 target over YOLO's own output, and Eigen-CAM, equal pytorch-grad-cam's at a square and a
 non-square size, with the model untouched.
 
@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import assert_unchanged, pytorch_grad_cam_raw, snapshot
+from helpers import assert_unchanged, pytorch_grad_cam_box_gradcam, pytorch_grad_cam_raw, snapshot
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.nms import non_max_suppression
@@ -72,23 +72,6 @@ class _Dicts(nn.Module):
         return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
 
 
-def _peer_gradcam(model, layer, x, boxes, labels):
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
-
-    wrapped = _Dicts(model)
-    peer_targets = [FasterRCNNBoxScoreTarget(lab.tolist(), box.numpy())
-                    for box, lab in zip(boxes, labels, strict=True)]
-    with GradCAM(wrapped, [layer]) as extractor:
-        outputs = extractor.activations_and_grads(x)
-        sum(t(o) for t, o in zip(peer_targets, outputs, strict=True)).backward()
-        acts = extractor.activations_and_grads.activations[0].numpy()
-        grads = extractor.activations_and_grads.gradients[0].numpy()
-        raw = extractor.get_cam_image(x, layer, peer_targets, acts, grads, False)
-    model.zero_grad(set_to_none=True)
-    return torch.from_numpy(np.maximum(raw, 0)).float()
-
-
 @pytest.mark.parametrize("size", SIZES, ids=["square", "non-square"])
 @pytest.mark.parametrize(("config", "layer"), CASES, ids=["yolov8n", "yolo11n"])
 def test_gradcam_and_eigencam_equal_the_peers(config, layer, size):
@@ -111,7 +94,7 @@ def test_gradcam_and_eigencam_equal_the_peers(config, layer, size):
     assert_unchanged(before, model)
 
     module = model.get_submodule(layer)
-    peer = _peer_gradcam(model, module, x, boxes, labels)
+    peer = pytorch_grad_cam_box_gradcam(_Dicts(model), module, x, boxes, labels)
     assert maps.shape == peer.shape and peer.max() > 0  # an image's may be all negative: ReLU'd to 0
     assert torch.allclose(maps, peer, rtol=1e-4, atol=1e-5 * peer.max().item())
     assert torch.allclose(unmatched[0], maps[0]) and torch.equal(unmatched[1], torch.zeros_like(maps[1]))
