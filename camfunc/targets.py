@@ -320,25 +320,29 @@ def yolo_detections(output: Any) -> list[dict[str, Tensor]]:
     mode (alone, or first in its ``(predictions, raw)`` pair): for anchor :math:`n`, a box
     :math:`(c_x, c_y, w, h)` in input pixels and C class probabilities :math:`p_{c,n}`.
     Image ``i`` gets ``boxes`` :math:`(c_x \mp w/2,\ c_y \mp h/2)` as x1, y1, x2, y2,
-    ``scores`` :math:`\max_c p_{c,n}` and ``labels`` :math:`rg\max_c p_{c,n}`, for all
+    ``scores`` :math:`\max_c p_{c,n}` and ``labels`` :math:`\arg\max_c p_{c,n}`, for all
     N anchors. There is no NMS and no threshold, so :func:`box_score` compares each
     reference box with every anchor; a box taken from the model's own (NMS'd) detections
     matches the anchor it came from. A head switched to end-to-end decoding (its ``end2end``
-    flag, YOLOv10 and YOLO26) returns ``(B, max_det, 6)`` instead, which is refused. pytorch-grad-cam has no YOLOv8 target; its
-    ``FasterRCNNBoxScoreTarget``, on a model wrapped to return these dicts, scores the same.
+    flag, YOLOv10 and YOLO26) returns ``(B, max_det, 6)`` instead, which is refused.
+    pytorch-grad-cam has no YOLOv8 target; its ``FasterRCNNBoxScoreTarget``, on a model
+    wrapped to return these dicts, scores the same.
 
     Example:
-        >>> s = camfunc.split(yolo, "model.9", example_input=x)   # an Ultralytics DetectionModel
-        >>> target = camfunc.targets.box_score(boxes, labels, decode=camfunc.targets.yolo_detections)
+        >>> s = camfunc.split(yolo, "model.9", example_input=x)   # a DetectionModel
+        >>> decode = camfunc.targets.yolo_detections
+        >>> target = camfunc.targets.box_score(boxes, labels, decode=decode)
         >>> camfunc.gradcam(s, x, target).shape
     """
     predictions = output[0] if isinstance(output, (tuple, list)) and output else output
     if not isinstance(predictions, Tensor) or predictions.ndim != 3 or predictions.shape[1] < 5:
-        raise ValueError(f"yolo_detections reads a YOLO Detect output (B, 4 + classes, anchors), got "
-                         f"{tuple(predictions.shape) if isinstance(predictions, Tensor) else type(output).__name__}")
+        got = tuple(predictions.shape) if isinstance(predictions, Tensor) else type(output).__name__
+        raise ValueError(f"yolo_detections reads a YOLO Detect output (B, 4 + classes, anchors), "
+                         f"got {got}")
     if predictions.shape[2] == 6:  # a Detect head has at least 21 anchors (three levels)
-        raise ValueError(f"yolo_detections reads (B, 4 + classes, anchors); {tuple(predictions.shape)} "
-                         "looks like an end-to-end head's (B, max_det, 6) detections")
+        raise ValueError(f"yolo_detections reads (B, 4 + classes, anchors); "
+                         f"{tuple(predictions.shape)} looks like an end-to-end head's "
+                         "(B, max_det, 6) detections")
     centre, half = predictions[:, :2], predictions[:, 2:4] / 2
     boxes = torch.cat([centre - half, centre + half], 1).transpose(1, 2)  # (B, N, 4)
     scores, labels = predictions[:, 4:].max(1)

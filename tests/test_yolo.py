@@ -1,7 +1,7 @@
 """Ultralytics YOLO (YOLOv8n and YOLO11n built from their YAML configs, random weights, no
-download), split at a backbone and at a neck layer (torch.export captures them; fx cannot): Grad-CAM with a box-score
-target over YOLO's own output, and Eigen-CAM, equal pytorch-grad-cam's at a square and a
-non-square size, with the model untouched.
+download), split at a backbone and at a neck layer (torch.export captures them; fx cannot):
+Grad-CAM with a box-score target over YOLO's own output, and Eigen-CAM, equal
+pytorch-grad-cam's at a square and a non-square size, with the model untouched.
 
 The peer has no YOLOv8 target. It gets a model wrapped to return torchvision's per-image
 dicts, built here with Ultralytics' own box conversion, and its ``FasterRCNNBoxScoreTarget``;
@@ -69,7 +69,8 @@ class _Dicts(nn.Module):
         predictions = self.model(x)[0]  # (B, 4 + classes, anchors)
         boxes = xywh2xyxy(predictions[:, :4].transpose(1, 2))
         scores, labels = predictions[:, 4:].max(1)
-        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+        return [{"boxes": b, "scores": s, "labels": lab}
+                for b, s, lab in zip(boxes, scores, labels, strict=True)]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["square", "non-square"])
@@ -95,9 +96,11 @@ def test_gradcam_and_eigencam_equal_the_peers(config, layer, size):
 
     module = model.get_submodule(layer)
     peer = pytorch_grad_cam_box_gradcam(_Dicts(model), module, x, boxes, labels)
-    assert maps.shape == peer.shape and peer.max() > 0  # an image's may be all negative: ReLU'd to 0
+    # One image's weighted sum may be negative everywhere (random weights): ReLU'd to 0.
+    assert maps.shape == peer.shape and peer.max() > 0
     assert torch.allclose(maps, peer, rtol=1e-4, atol=1e-5 * peer.max().item())
-    assert torch.allclose(unmatched[0], maps[0]) and torch.equal(unmatched[1], torch.zeros_like(maps[1]))
+    assert torch.allclose(unmatched[0], maps[0])
+    assert torch.equal(unmatched[1], torch.zeros_like(maps[1]))
 
     from pytorch_grad_cam import EigenCAM
 
