@@ -173,7 +173,7 @@ def _call(name: str, function: Any, split: Split, x: Tensor, cls: int, **options
         result = function(split, x, cls, **options)
     except (ValueError, TypeError, IndexError) as error:
         raise UsageError(f"{name}: {str(error).splitlines()[0]}") from None
-    maps = result[0] if isinstance(result, tuple) else result
+    maps: Tensor = result[0] if isinstance(result, tuple) else result
     return maps.detach().float().cpu()
 
 

@@ -23,10 +23,12 @@ from camfunc._util.images import (
     read_opened,
     read_resized,
     read_resized_bytes,
+    read_shown,
     unit_float,
 )
 from camfunc._util.progress import progress, progress_bar
 
 __all__ = ["IMAGE_SUFFIXES", "expand_images", "open_image", "progress", "progress_bar",
-           "read_image", "read_opened", "read_resized", "read_resized_bytes", "unit_float",
+           "read_image", "read_opened", "read_resized", "read_resized_bytes", "read_shown",
+           "unit_float",
            "write_atomic", "write_json", "write_text_atomic"]

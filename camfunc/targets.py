@@ -26,8 +26,8 @@ from torch import Tensor
 
 from camfunc._core.targets import class_scores
 
-__all__ = ["BoxScore", "Segmentation", "Similarity", "Softmax", "Binary", "box_score", "clip",
-           "segmentation", "similarity", "softmax", "binary", "yolo_detections"]
+__all__ = ["Binary", "BoxScore", "Segmentation", "Similarity", "Softmax", "binary", "box_score",
+           "clip", "segmentation", "similarity", "softmax", "yolo_detections"]
 
 
 def _per_sample(values: Tensor, shared_ndim: int, batch: int, device: torch.device,
@@ -225,7 +225,8 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of each box of ``a`` (N, 4) with each of ``b`` (M, 4), boxes as x1, y1, x2, y2."""
     from torchvision.ops import box_iou
 
-    return box_iou(a, b)
+    iou: Tensor = box_iou(a, b)
+    return iou
 
 
 def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -346,4 +347,5 @@ def yolo_detections(output: Any) -> list[dict[str, Tensor]]:
     centre, half = predictions[:, :2], predictions[:, 2:4] / 2
     boxes = torch.cat([centre - half, centre + half], 1).transpose(1, 2)  # (B, N, 4)
     scores, labels = predictions[:, 4:].max(1)
-    return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+    return [{"boxes": b, "scores": s, "labels": lab}
+            for b, s, lab in zip(boxes, scores, labels, strict=True)]

@@ -277,3 +277,23 @@ def test_the_namespace_lists_its_names_explicitly():
     assert names == camfunc.__all__ and len(set(names)) == len(names)
     assert [n for n in names if not hasattr(camfunc, n)] == []
     assert sorted(set(camfunc.METHODS) - set(names)) == []
+
+
+def test_the_methods_package_exports_every_registered_method():
+    import camfunc._methods as methods
+
+    assert sorted(set(camfunc.METHODS) - set(methods.__all__)) == []
+    assert [n for n in methods.__all__ if not hasattr(methods, n)] == []
+    assert [n for n in methods.__all__ if n in camfunc.METHODS or n == "sess"] == [
+        n for n in camfunc.__all__ if n in camfunc.METHODS or n == "sess"]  # one order
+
+
+def test_types_are_checked_strictly_and_nothing_is_ignored():
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["mypy"]
+    strict = ("disallow_untyped_defs", "disallow_incomplete_defs", "warn_return_any",
+              "no_implicit_reexport")
+    assert {flag: config.get(flag) for flag in strict} == dict.fromkeys(strict, True)
+    ignored = [path.name for path in PACKAGE.rglob("*.py") if "type: ignore" in path.read_text()]
+    assert ignored == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -42,7 +42,7 @@ _FORWARD_AD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _forward_ad_turn():
+def _forward_ad_turn() -> Iterator[None]:
     # The fused CPU attention kernels have no forward-AD formula; the math one has.
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with _FORWARD_AD_LOCK, sdpa_kernel([SDPBackend.MATH]):
@@ -57,7 +57,8 @@ def _is_float_tensor(value: Any) -> bool:
 
 
 def stage_vjp(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_constant: bool,
-               objective: Callable[[Any], Any] | None = None):
+               objective: Callable[[Any], Any] | None = None
+               ) -> tuple[Any, Callable[..., tuple[Tensor, ...]], Any]:
     """vjp of one stage with respect to ``A`` (and floating context that depends on it).
 
     Context computed by the head does not depend on the first ``A``, so it is
@@ -70,9 +71,9 @@ def stage_vjp(stage: Callable[..., Any], carry: tuple[Any, ...], *, context_is_c
         i for i, c in enumerate(context) if _is_float_tensor(c))
     structure: dict[str, Any] = {}
 
-    def stage_fn(a: Tensor, *varying_values: Tensor):
+    def stage_fn(a: Tensor, *varying_values: Tensor) -> tuple[Any, tuple[Tensor, ...]]:
         full = list(context)
-        for i, value in zip(varying, varying_values):
+        for i, value in zip(varying, varying_values, strict=True):
             full[i] = value.clone()
         out = stage(a.clone(), *full)
         leaves, structure["spec"] = torch.utils._pytree.tree_flatten(out)
@@ -128,7 +129,7 @@ def over_classes(fn: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: in
             outs.append(fn(cotangent))          # pullback called from a comprehension
         if isinstance(outs[0], Tensor):
             return torch.stack(outs)
-        return tuple(torch.stack(parts) for parts in zip(*outs))
+        return tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
     return torch.func.vmap(fn, chunk_size=chunk_size)(cotangents)
 
 
@@ -231,7 +232,9 @@ def _vjp_pullback(stages: Stages, carry: tuple[Any, ...], objective: Callable[[A
 
     # Pullbacks come in as defaults, not closure cells: torch 2.4's compiler
     # cannot call a pullback held in a closure cell.
-    def pull(cotangent: Tensor, pull_tail=pull_tail, pullbacks=tuple(pullbacks)) -> tuple[Tensor, ...]:
+    def pull(cotangent: Tensor, pull_tail: Callable[..., tuple[Tensor, ...]] = pull_tail,
+             pullbacks: tuple[Callable[..., tuple[Tensor, ...]], ...] = tuple(pullbacks)
+             ) -> tuple[Tensor, ...]:
         grads = pull_tail(cotangent)
         layer_grads = [grads[0]]
         for stage_pullback in reversed(pullbacks):
@@ -291,7 +294,8 @@ def class_maps(split: Split, x: Tensor, cls: _targets.Target,
                           differentiable=differentiable)
         cotangents, keep_k = _targets.cotangents_for(cls, pulled.out, pulled.scores, x.shape[0])
 
-        def maps_for(cotangent: Tensor, pull=pulled.pull, acts=pulled.acts) -> tuple[Tensor, ...]:
+        def maps_for(cotangent: Tensor, pull: Callable[[Tensor], tuple[Tensor, ...]] = pulled.pull,
+                     acts: tuple[Tensor, ...] = pulled.acts) -> tuple[Tensor, ...]:
             return per_class(acts, pull(cotangent))
 
         maps = over_classes(maps_for, cotangents, chunk_size, loop=not pulled.batches)
@@ -396,9 +400,11 @@ def _curvature_layers(split: Split, found: list[tuple[Any, ...]], objective: Cal
         cotangents, keep_k = _targets.objective_rows(objective_at(a, aside), batch)
 
         def maps_for(cotangent: Tensor, a: Tensor = a, aside: Tensor | None = aside,
-                     objective_at=objective_at) -> Tensor:
+                     objective_at: Callable[[Tensor, Tensor | None], Tensor] = objective_at
+                     ) -> Tensor:
             def gradient(v: Tensor, w: Tensor | None) -> Tensor:
-                return torch.func.vjp(lambda u: objective_at(u, w), v)[1](cotangent)[0]
+                grad: Tensor = torch.func.vjp(lambda u: objective_at(u, w), v)[1](cotangent)[0]
+                return grad
             if aside is None:
                 g_and_hvp = torch.func.jvp(lambda v: gradient(v, None), (a,), (a,))
             else:

@@ -46,7 +46,7 @@ def refuse_while_compiling(message: str) -> None:
 def check_compilable(method: str, since: tuple[int, int]) -> None:
     """A clear error while ``torch.compile`` traces ``method`` on a torch older than ``since``,
     whose compiler cannot (the method's ``compiles_since``)."""
-    if torch.compiler.is_dynamo_compiling() and TORCH_VERSION < since:
+    if torch.compiler.is_dynamo_compiling() and since > TORCH_VERSION:
         _refuse(f"camfunc.{method} cannot be compiled before torch {since[0]}.{since[1]} (this is "
                 f"{torch.__version__}); call it without torch.compile, or use a newer torch")
 
@@ -182,17 +182,17 @@ def check_call(split: Any, x: Any, *, differentiable: bool = False) -> Split:
     (training with them is what it is for)."""
     split = check_split(split)
     check_input(split, x)
-    split = split.bound(x)  # a capture valid for x and the model as it is now
-    check_traced_modes(split)
+    bound: Split = split.bound(x)  # a capture valid for x and the model as it is now
+    check_traced_modes(bound)
     if not differentiable:
-        check_eval_mode(split)
-    return split
+        check_eval_mode(bound)
+    return bound
 
 
 def check_one_forward(split: Split, method: str) -> None:
     """A method that runs the model more than once per call refuses training mode, where
     each run would update batch norm's statistics again."""
-    if split.model is not None and any(modes_of(split.model)) or any(
+    if (split.model is not None and any(modes_of(split.model))) or any(
             m.training for f in split.stages if isinstance(f, nn.Module) for m in f.modules()):
         raise ValueError(
             f"{method} runs the model more than once per call, so in training mode batch norm "

@@ -1,10 +1,9 @@
 """CAM methods on a split: each is its paper's maths in one module, registered by :func:`cam_method`.
 
 Adding a method is one new module here and one import line below. The registry
-(``METHODS``), camfunc's namespace (``from camfunc._methods import *``), the API
-docs, dataset runs and the conformance suite all read what is imported here.
-Names without a leading underscore are exported, so helpers are imported under
-private names.
+(``METHODS``), the API docs, dataset runs and the conformance suite read what is
+imported here; ``__all__`` below and camfunc's namespace name each method once more,
+so that a type checker sees them (tests/test_architecture.py checks that the three agree).
 """
 # ruff: noqa: I001 (the lines below are the registration order)
 
@@ -27,3 +26,10 @@ from camfunc._methods._sess import sess  # not registered: maps at the input's s
 #: ``(split, x, cls, *, normalize, return_scores)``; gradient methods add ``chunk_size``,
 #: random ones the argument their ``draws`` attribute names.
 METHODS: dict[str, CamMethod] = dict(_REGISTRY)
+
+__all__ = [  # noqa: RUF022 (the registration order, as above)
+    "METHODS", "CamMethod", "Draws", "cam_method", "sess",
+    "gradcam", "gradcam_elementwise", "gradcampp", "hirescam", "layercam", "smooth_gradcampp",
+    "xgradcam", "eigencam", "eigengradcam", "kpcacam", "segeigencam", "cam", "randomcam",
+    "iscam", "scorecam", "sscam", "ablationcam", "shapleycam", "finercam", "fem", "refinecam",
+]

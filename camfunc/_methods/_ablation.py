@@ -51,7 +51,8 @@ def ablationcam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: in
         channel_ids = torch.arange(a.shape[1], device=a.device)
         shape = (1, a.shape[1], *(1,) * (a.ndim - 2))
 
-        def ablated(k: Tensor, a: Tensor = a, context: tuple = context, layer: int = layer) -> Tensor:
+        def ablated(k: Tensor, a: Tensor = a, context: tuple = context, layer: int = layer,
+                    channel_ids: Tensor = channel_ids, shape: tuple[int, ...] = shape) -> Tensor:
             # A (C,) comparison per copy, not a dense (C, C) mask: one select per ablated copy.
             keep = (channel_ids != k).reshape(shape)
             out = _engine.run_from(split, layer, (torch.where(keep, a, ablation_value), *context))

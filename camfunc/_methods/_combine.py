@@ -86,7 +86,7 @@ def in_chain_order(split: Split[Any], maps: tuple[Tensor, ...]) -> tuple[Tensor,
     """The inverse of :func:`in_user_order`."""
     if len(split.order) != len(maps):
         return maps
-    chained = dict(zip(split.order, maps))
+    chained = dict(zip(split.order, maps, strict=True))
     return tuple(chained[i] for i in range(len(maps)))
 
 
@@ -109,7 +109,7 @@ def gradient_cam(split: Split, x: Tensor, cls: _targets.Target, weights: Weights
 
     def per_class(acts: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
-        for a, g in zip(acts, grads):
+        for a, g in zip(acts, grads, strict=True):
             check_activations(a)
             a, g = widened(a), widened(g)
             maps.append(finish(collapse(combine(a, weights(a, g)), eigen_smooth), relu=relu,

@@ -351,7 +351,7 @@ def smooth_gradcampp(split: Split, x: Tensor, cls: _targets.Target, *, num_sampl
 
     def per_class(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         maps = []
-        for a, g in zip(clean_acts, grads):
+        for a, g in zip(clean_acts, grads, strict=True):
             check_activations(a)
             a = widened(a)
             g = widened(g).reshape(samples, *a.shape)

@@ -75,7 +75,7 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
     if whole and values is not None:  # back to sample-major order
         values = values[torch.argsort(todo)]
     if shared is not None:
-        constant, zero_out = shared
+        _constant, zero_out = shared
         rows = torch.div(torch.arange(total, device=x.device), channels, rounding_mode="floor")
         filled = pick(zero_out.expand(total, *zero_out.shape[1:]), rows).float()
         if values is not None:
@@ -87,7 +87,8 @@ def masked_scores(split: Split, x: Tensor, masks: Tensor, pick: _targets.Picker,
     return values.reshape(batch, channels, -1)
 
 
-def score_cam_from(split: Split, x: Tensor, cls: _targets.Target, channel_scores, *,
+def score_cam_from(split: Split, x: Tensor, cls: _targets.Target,
+                   channel_scores: Callable[[int, Tensor, _targets.Picker], Tensor], *,
                    normalize: bool, eigen_smooth: bool = False) -> Computed:
     """Shared driver: ``channel_scores(layer, a, pick) -> (B, C, K)`` becomes softmax weights."""
     acts, scores = _engine.forward(split, x)
@@ -127,7 +128,7 @@ def scorecam(split: Split, x: Tensor, cls: _targets.Target, *, batch_size: int =
     """
     _validate.check_count(batch_size, "batch_size")
 
-    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+    def channel_scores(layer: int, a: Tensor, pick: _targets.Picker) -> Tensor:
         return masked_scores(split, x, channel_masks(a), pick, batch_size)
 
     return score_cam_from(split, x, cls, channel_scores, normalize=normalize, eigen_smooth=eigen_smooth)
@@ -155,7 +156,7 @@ def iscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 1
     _validate.check_count(batch_size, "batch_size")
     _validate.check_count(num_samples, "num_samples")
 
-    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+    def channel_scores(layer: int, a: Tensor, pick: _targets.Picker) -> Tensor:
         masks = channel_masks(a)
         coefficient = 1 / num_samples
         total = masked_scores(split, x, coefficient * masks, pick, batch_size)
@@ -199,7 +200,7 @@ def sscam(split: Split, x: Tensor, cls: _targets.Target, *, num_samples: int = 3
     if noise is None:
         _draws.refuse_while_compiling("sscam", "noise")
 
-    def channel_scores(layer: int, a: Tensor, pick) -> Tensor:
+    def channel_scores(layer: int, a: Tensor, pick: _targets.Picker) -> Tensor:
         masks = channel_masks(a)
         if noise is not None:
             expected = (num_samples, *a.shape[:2], *x.shape[2:])

@@ -43,7 +43,7 @@ class Patch(NamedTuple):
 
 def default_scales(window: int, num_scales: int, step_ratio: float) -> list[int]:
     """``window + i * round(step_ratio * window)`` for ``i < num_scales`` (224, 288, ... at 224)."""
-    step = int(round(window * step_ratio))
+    step = round(window * step_ratio)
     return [window + step * i for i in range(num_scales)]
 
 
@@ -154,7 +154,7 @@ def crop(scaled: Sequence[Tensor], patches: Sequence[Patch], samples: Sequence[i
     return torch.stack([
         scaled[patches[p].scale][b, :, patches[p].top:patches[p].top + window,
                                  patches[p].left:patches[p].left + window]
-        for b, p in zip(samples, indices)])
+        for b, p in zip(samples, indices, strict=True)])
 
 
 def jobs(positions: Sequence[int], num_patches: int,

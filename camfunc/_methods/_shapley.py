@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -62,7 +63,7 @@ def shapleycam(split: Split, x: Tensor, cls: _targets.Target, *,
     if differentiable:
         _validate.check_one_forward(split, "shapleycam")
 
-    def objective_for(scores: Tensor):
+    def objective_for(scores: Tensor) -> Callable[[Any], Tensor]:
         if _targets.is_objective(cls):
             return cls
         index, keep_k = _targets.class_indices(cls, scores)  # fixed on the clean scores

@@ -60,7 +60,7 @@ def aug_smooth(method: Callable[..., Any], *, flips: bool = True,
         averaged = []
         for layer_map in layers:
             per_variant = layer_map.reshape(len(variants), batch, *layer_map.shape[1:])
-            restored = [m.flip(-1) if flip else m for m, (flip, _) in zip(per_variant, variants)]
+            restored = [m.flip(-1) if flip else m for m, (flip, _) in zip(per_variant, variants, strict=True)]
             averaged.append(torch.stack(restored).mean(0))
         result = averaged if isinstance(maps, list) else averaged[0]
         if not return_scores:

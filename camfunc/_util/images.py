@@ -203,3 +203,16 @@ def read_original(path: str | Path, *, exif: bool = True) -> tuple[Any, Tensor]:
     """The opened image and it as the user sees it, (3, H, W) float in [0, 1]."""
     image = open_image(path, exif)
     return image, _float(unit_pixels(image, 3, path))
+
+
+def read_shown(path: str | Path, *, exif: bool = True) -> Tensor:
+    """An image file as the user sees it, at its own size: (3, H, W) float in [0, 1], turned
+    by its EXIF orientation unless ``exif`` is False (what an overlay is drawn on); errors as
+    :func:`read_image`'s.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.io.read_shown("cat.png").shape
+        torch.Size([3, 60, 80])
+    """
+    return read_original(path, exif=exif)[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 from camfunc.cli._common import call_handler
 
@@ -21,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _subcommands():
+def _subcommands() -> list[types.ModuleType]:
     from camfunc.cli import _demo, _evaluate, _explain, _report, _run
 
     return [_demo, _explain, _evaluate, _run, _report]

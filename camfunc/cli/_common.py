@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from torch import Tensor
 
 from camfunc.models import LoadedModel, UsageError
+
+# What add_subparsers returns; argparse names no public type for it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def safe_name(text: str) -> str:
@@ -73,7 +77,8 @@ def call_handler(args: Any) -> int:
     """Run a parsed command's ``args.handler(args)``: a ``UsageError`` is one line on stderr and
     status 2, Ctrl-C status 130."""
     try:
-        return args.handler(args)
+        status: int = args.handler(args)
+        return status
     except UsageError as error:
         error_line(str(error))
         return 2

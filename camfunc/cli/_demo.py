@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from camfunc import models, zoo
-from camfunc.cli._common import table
+from camfunc import Split, models, zoo
+from camfunc.cli._common import Subparsers, table
 from camfunc.io import write_atomic, write_json
 from camfunc.models import UsageError, make_split, resolve_methods
 from camfunc.viz import figure
@@ -22,7 +24,8 @@ STRICT = 1.0
 DEMO_SEED = 7  # the scenes drawn for figures; scores use the held-out seed the training never saw
 
 
-def localisation_scores(method, split, data, batch_size: int) -> dict[str, float]:
+def localisation_scores(method: Callable[..., Tensor], split: Split, data: zoo.Scenes, batch_size: int
+                        ) -> dict[str, float]:
     """Pointing-game and energy-pointing-game means of one method on ``data``, true classes."""
     from camfunc import metrics
 
@@ -101,14 +104,14 @@ def save_image(image: torch.Tensor, path: Path) -> Path:
     return write_atomic(path, lambda file: file.write(buffer.getvalue()))
 
 
-def chance_pointing(data, tolerance: float = 15.0) -> float:
+def chance_pointing(data: zoo.Scenes, tolerance: float = 15.0) -> float:
     """The pointing game of a uniformly random point: mean fraction of pixels within tolerance."""
     from camfunc import metrics
 
-    return metrics.pointing_game_chance(data.masks, tolerance=tolerance).mean().item()
+    return float(metrics.pointing_game_chance(data.masks, tolerance=tolerance).mean())
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("demo", help="explain generated scenes with the embedded model",
                                    description="Generate scenes, explain them with the embedded "
                                                "model and several methods, write figures and a "

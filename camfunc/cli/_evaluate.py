@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from camfunc.cli._common import read_batches, table
+from camfunc.cli._common import Subparsers, read_batches, table
 from camfunc.cli._explain import add_model_arguments, loaded_model, positive_int
 from camfunc.io import expand_images, progress, write_json, write_text_atomic
 from camfunc.models import LoadedModel, UsageError, make_split, resolve_methods
@@ -24,8 +25,13 @@ DEFAULT_METRICS = ("confidence", "deletion", "insertion")
 RANDOM_METRICS = ("road", "arcc", "infidelity", "sensitivity")
 
 
-def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks: Tensor | None,
-                   args: argparse.Namespace, method, first: int) -> dict[str, Tensor]:
+#: (names, images, classes or None, masks or None): one batch to evaluate.
+Batch = tuple[list[str], Tensor, Tensor | None, Tensor | None]
+
+
+def metric_columns(name: str, model: Callable[[Tensor], Any], x: Tensor, maps: Tensor, cls: Tensor,
+                   masks: Tensor | None, args: argparse.Namespace, method: Callable[..., Tensor],
+                   first: int) -> dict[str, Tensor]:
     """One metric's per-image columns for a batch whose first image is number ``first``.
 
     Random metrics run an image at a time, each from a generator seeded by ``--seed`` and the
@@ -63,7 +69,7 @@ def metric_columns(name: str, model, x: Tensor, maps: Tensor, cls: Tensor, masks
                                                        batch_size=args.batch_size)}
 
 
-def generated_batches(args: argparse.Namespace):
+def generated_batches(args: argparse.Namespace) -> Iterator[Batch]:
     """(names, images, classes, masks) batches of the embedded model's held-out scenes."""
     from camfunc import zoo
 
@@ -74,7 +80,8 @@ def generated_batches(args: argparse.Namespace):
         yield names, data.images[start:stop], data.labels[start:stop], data.masks[start:stop]
 
 
-def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dict[str, str]]):
+def file_batches(args: argparse.Namespace, loaded: LoadedModel, failed: list[dict[str, str]]
+                 ) -> Iterator[Batch]:
     """(names, images, classes or None, None) batches of readable image files, read a batch
     at a time; failures recorded."""
     paths = expand_images(args.images)
@@ -168,7 +175,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score CAM methods with faithfulness metrics",
                                    description="Run metrics over images or the generated set; "
                                                "print a table, save JSON and CSV.")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import camfunc
 from camfunc import models
-from camfunc.cli._common import error_line, read_batches, safe_name
+from camfunc.cli._common import Subparsers, error_line, read_batches, safe_name
 from camfunc.evidence import UnreadableImage, explain as explain_image
 from camfunc.io import expand_images, progress, write_atomic, write_json
 from camfunc.models import (
@@ -268,12 +268,12 @@ def explain_expected(args: argparse.Namespace, loaded: LoadedModel, methods: lis
     return 1 if failed else 0
 
 
-def split_layer_names(split, layer: str | None, loaded: LoadedModel) -> list[str]:
+def split_layer_names(split: camfunc.Split, layer: str | None, loaded: LoadedModel) -> list[str]:
     names = getattr(split, "layers", None)
     return list(names) if names else [layer or loaded.layer or "?"]
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("explain", help="write CAM overlays for images",
                                    description="Write one overlay per image, method and class, "
                                                "and a JSON summary.")

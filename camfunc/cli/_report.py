@@ -11,12 +11,17 @@ import csv
 import html
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from camfunc.cli._common import Subparsers
 from camfunc.cli._explain import positive_int
-from camfunc.io import progress, write_text_atomic
-from camfunc.models import UsageError
+from camfunc.io import progress, read_shown, write_text_atomic
+from camfunc.models import Geometry, UsageError, on_original
+
+if TYPE_CHECKING:  # torch loads only when thumbnails are drawn
+    from torch import Tensor
 
 THUMB = 128
 #: Metrics where a high value is bad: these sort worst-first descending, the rest ascending.
@@ -42,11 +47,11 @@ def _number(text: str) -> Any:
         return text
 
 
-def _bar(rows: list[dict], description: str, shown: bool):
+def _bar(rows: list[dict[str, Any]], description: str, shown: bool) -> Iterable[dict[str, Any]]:
     return progress(rows, len(rows), description, unit="map") if shown else rows
 
 
-def _thumb(image, cam, path: Path) -> str:
+def _thumb(image: Tensor, cam: Tensor, path: Path) -> str:
     from camfunc.viz import overlay
 
     picture = overlay(image, cam)
@@ -69,19 +74,36 @@ def run_rows(folder: Path, thumbs: Path, show_progress: bool) -> tuple[list[dict
     settings = manifest.get("settings", {})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     maps = {m: read_maps(folder, m, verify=False) for m in methods}
-    size = tuple(settings.get("model", {}).get("size") or (64, 64))
-    data = open_data(manifest["run"]["data"], size)  # type: ignore[arg-type]
+    height, width = settings.get("model", {}).get("size") or (64, 64)
+    data = open_data(manifest["run"]["data"], (int(height), int(width)))
+    geometry = run_geometry(manifest)
+    exif = bool(settings.get("data", {}).get("exif", True))
     position = {m: {int(i): p for p, i in enumerate(maps[m][0].tolist())} for m in methods}
     rank = {m: 0 for m in methods}
     for row in _bar(rows, "thumbnails", show_progress):
         index, method = int(row["index"]), row["method"]
-        image = data[index].image
-        image = image.float() / 255 if image.dtype == torch.uint8 else image
         cam = maps[method][1][position[method][index], int(row.get("rank", 0) or 0)]
+        if geometry is not None and hasattr(data, "files"):
+            # The model's own resize and crop: the map back on the original image.
+            image = read_shown(data.files[index], exif=exif)
+            height, width = image.shape[1:]
+            cam = on_original(cam.float(), height, width, geometry.box(height, width))
+        else:
+            image = data[index].image
+            image = image.float() / 255 if image.dtype == torch.uint8 else image
         row["thumb"] = "thumbs/" + _thumb(image, cam, thumbs / f"{index}-{method}-{rank[method]}.png")
         rank[method] += 1
     return rows, {"kind": "run", "settings": settings, "run": manifest.get("run", {}),
                   "versions": manifest.get("versions", {}), "failed": manifest.get("failed", [])}
+
+
+def run_geometry(manifest: dict) -> Geometry | None:
+    """The resize and crop a run fed its images through (the model's own transform), from its
+    manifest; None where it resized them whole."""
+    preprocessing = manifest.get("preprocessing") or {}
+    if "center_crop" not in preprocessing:
+        return None
+    return Geometry.from_record(preprocessing)
 
 
 def evaluate_rows(folder: Path) -> tuple[list[dict], dict]:
@@ -220,7 +242,7 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("report", help="a static HTML report of a run, evaluate or explain folder",
                                    description="Write FOLDER/report/index.html: a gallery of overlays, "
                                                "sortable and filterable, worst first, with settings.")
@@ -237,7 +259,7 @@ TEMPLATE = """<!doctype html>
 body{font:14px sans-serif;margin:1em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 #grid{display:flex;flex-wrap:wrap;gap:6px}.card{width:140px;font-size:11px}
-.card img{width:128px;height:128px;image-rendering:auto;display:block}
+.card img{width:128px;height:128px;object-fit:contain;image-rendering:auto;display:block}
 .miss{outline:3px solid #d00}
 </style></head><body>
 <h1>__TITLE__</h1>

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from camfunc.cli._common import call_handler
+from camfunc.cli._common import Subparsers, call_handler
 from camfunc.cli._explain import add_model_arguments
 from camfunc.models import UsageError
 
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help=HELP,
         description="Explain every image of a dataset with CAM methods; write maps in shard "

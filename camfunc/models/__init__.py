@@ -1,11 +1,16 @@
 """Models as the command line and dataset runs load them: a spec (``builtin``,
 ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``package.module:factory``) becomes a
 ``LoadedModel`` with its input size, normalisation and class names.
+
+Images are fed through the model's own transform where its library states one
+(``ImageReader``); a ``Geometry`` (its resize and centre crop) says where the model's
+pixels lie in the original image, and ``on_original`` puts a map back there.
 """
 
 from __future__ import annotations
 
 from camfunc.models._loading import (
+    ImageReader,
     LoadedModel,
     UsageError,
     input_channels,
@@ -14,9 +19,10 @@ from camfunc.models._loading import (
     resolve_methods,
     with_normalisation,
 )
+from camfunc.models._preprocess import Geometry, on_original
 
-__all__ = ["LoadedModel", "UsageError", "input_channels", "load", "make_split", "resolve_methods",
-           "with_normalisation"]
+__all__ = ["Geometry", "ImageReader", "LoadedModel", "UsageError", "input_channels", "load",
+           "make_split", "on_original", "resolve_methods", "with_normalisation"]
 
 
 def load(spec: str, weights: str | None = None, size: int | None = None,

@@ -9,10 +9,11 @@ import dataclasses
 import importlib
 import os
 import sys
+import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,41 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class UsageError(ValueError):
     """A bad argument, in one line: the command line prints it and exits with status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageReader:
+    """Image files as a model takes them, unnormalised: (channels, *size) float in [0, 1],
+    through the library's own transform (``transform``: timm's, an image processor's,
+    torchvision weights', without their normalisation) when there is one, else resized whole
+    by camfunc. ``reader(path, exif=True)`` reads one; errors are one-line ``OSError`` or
+    ``ValueError``s naming the file. It holds no model and pickles, so DataLoader workers can
+    run it; ``LoadedModel.reader()`` makes the one a model is fed with.
+
+    Example:
+        >>> from PIL import Image; Image.new("RGB", (80, 60)).save("cat.png")
+        >>> camfunc.models.load("builtin").reader()("cat.png").shape
+        torch.Size([3, 64, 64])
+    """
+
+    size: tuple[int, int]
+    channels: int = 3
+    transform: Callable[[Any], Tensor] | None = None   # 8-bit RGB Pillow -> (C, H, W) in [0, 1]
+
+    def __call__(self, path: str | Path, exif: bool = True) -> Tensor:
+        if self.transform is None:
+            return _images.read_resized(path, self.size, channels=self.channels, exif=exif)
+        return self.opened(_images.open_image(path, exif), path)
+
+    def opened(self, image: Any, path: str | Path) -> Tensor:
+        """An image opened already (``camfunc.io.open_image``) through the transform."""
+        if self.transform is None:
+            return _images.unit_float(_images.read_opened(image, self.size, self.channels, path))
+        seen = self.transform(_images.rgb_image(image, path))
+        if tuple(seen.shape) != (self.channels, *self.size):
+            raise ValueError(f"{path}: the model's transform gave {tuple(seen.shape)}, expected "
+                             f"{(self.channels, *self.size)}")
+        return seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +103,13 @@ class LoadedModel:
         if self.pipeline is None:
             return _images.read_image(path, self.size, channels=self.channels, exif=exif)
         image, original = _images.read_original(path, exif=exif)
-        seen = self.pipeline[0](_images.rgb_image(image, path))
-        if tuple(seen.shape) != (self.channels, *self.size):
-            raise ValueError(f"{path}: the model's transform gave {tuple(seen.shape)}, expected "
-                             f"{(self.channels, *self.size)}")
-        return original, seen
+        return original, self.reader().opened(image, path)
+
+    def reader(self) -> ImageReader:
+        """What :meth:`read` gives as the model sees it, alone, as a picklable callable
+        (without the model), for a dataset's loader workers."""
+        return ImageReader(self.size, self.channels,
+                           None if self.pipeline is None else self.pipeline[0])
 
     def box(self, height: int, width: int) -> tuple[float, float, float, float]:
         """``(top, left, bottom, right)`` in a ``height`` x ``width`` image's pixels of what the
@@ -228,7 +266,7 @@ def _factory(spec: str, weights: str | None, size: int) -> LoadedModel:
     return _imagenet_style(model.eval(), size)
 
 
-def _import_from_here(name: str):
+def _import_from_here(name: str) -> types.ModuleType:
     """Import ``name``, looking in the working directory too, as ``python -m`` would: a
     ``mymodels.py`` beside the user works without ``PYTHONPATH=.``."""
     here = os.getcwd()
@@ -246,6 +284,8 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool)
     data config says (size, mean, std), with a local JSON overlay on its pretrained config."""
     try:
         import timm
+        from timm.data.config import resolve_model_data_config
+        from timm.data.imagenet_info import ImageNetInfo
     except ImportError:
         raise UsageError("timm models need timm: pip install timm") from None
     if not timm.is_model(name):
@@ -260,11 +300,11 @@ def _timm(name: str, weights: str | None, pretrained_cfg: str | None, own: bool)
                          f"{type(error).__name__}: {_first_line(error)}") from None
     if weights is not None:
         _load_weights(model, weights)
-    config = timm.data.resolve_model_data_config(model)
+    config = resolve_model_data_config(model)
     size = tuple(int(v) for v in config["input_size"][1:])
     names = overlay.get("label_names")
     if names is None and getattr(model, "num_classes", None) == 1000:
-        names = timm.data.ImageNetInfo().label_descriptions()
+        names = ImageNetInfo().label_descriptions()
     return LoadedModel(model.eval(), None, (size[0], size[1]), tuple(config["mean"]),
                        tuple(config["std"]), tuple(str(n) for n in names) if names else None,
                        int(config["input_size"][0]), "timm",
@@ -331,7 +371,8 @@ class _LogitsOf(nn.Module):
         self.config = getattr(model, "config", None)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values=pixel_values).logits
+        logits: Tensor = self.model(pixel_values=pixel_values).logits
+        return logits
 
 
 def hf_size(processor: object) -> tuple[int, int]:
@@ -366,8 +407,8 @@ def _plain(value: object) -> Any:
     return {k: v for k, v in items if v is not None}
 
 
-def _floats(values: object) -> tuple[float, ...] | None:
-    return tuple(float(v) for v in values) if values is not None else None  # type: ignore[attr-defined]
+def _floats(values: Iterable[SupportsFloat] | None) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None
 
 
 def _first_line(error: BaseException) -> str:

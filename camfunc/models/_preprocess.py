@@ -41,9 +41,25 @@ class Geometry:
         return top * scale_h, left * scale_w, bottom * scale_h, right * scale_w
 
     def record(self) -> dict[str, Any]:
+        """The geometry as JSON, for the outputs; :meth:`from_record` reads it back."""
         return {"resize": self.resize if isinstance(self.resize, int) else list(self.resize),
                 "resize_kind": "shorter side" if isinstance(self.resize, int) else "whole image",
-                "center_crop": list(self.crop)}
+                "center_crop": list(self.crop),
+                "crop_offset": "floor" if self.floor else "round"}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Geometry:
+        """The geometry a :meth:`record` (in a run's or an explain's outputs) describes.
+
+        Example:
+            >>> geometry = camfunc.models.Geometry(64, (48, 48))
+            >>> camfunc.models.Geometry.from_record(geometry.record()) == geometry
+            True
+        """
+        resize = record["resize"]
+        return cls(int(resize) if isinstance(resize, int) else (int(resize[0]), int(resize[1])),
+                   (int(record["center_crop"][0]), int(record["center_crop"][1])),
+                   record.get("crop_offset") == "floor")
 
 
 #: (the library's transform without normalisation: RGB Pillow image -> (C, H, W) in [0, 1], geometry)
@@ -56,12 +72,12 @@ class UnsupportedTransform(ValueError):
 
 def timm_pipeline(config: dict[str, Any]) -> Pipeline:
     """timm's own eval transform for ``config`` (``resolve_data_config``'s), unnormalised."""
-    import timm.data
+    from timm.data.transforms_factory import create_transform
 
     channels = int(config["input_size"][0])
     unit = dict(config, mean=(0.0,) * channels, std=(1.0,) * channels)
-    transform = timm.data.create_transform(**unit, is_training=False)
-    return _tensor_of(transform), geometry_of(list(getattr(transform, "transforms", [transform])))
+    transform = create_transform(**unit, is_training=False)
+    return _TensorOf(transform), geometry_of(list(getattr(transform, "transforms", [transform])))
 
 
 def geometry_of(steps: list[Any]) -> Geometry:
@@ -97,17 +113,25 @@ def torchvision_pipeline(transform: Any) -> Pipeline:
                                interpolation=transform.interpolation, antialias=transform.antialias)
     resize = [int(v) for v in transform.resize_size]
     side = int(transform.crop_size[0])
-    return _tensor_of(unit), Geometry(resize[0] if len(resize) == 1 else (resize[0], resize[1]),
+    return _TensorOf(unit), Geometry(resize[0] if len(resize) == 1 else (resize[0], resize[1]),
                                       (side, side))
 
 
 def hf_pipeline(processor: Any) -> Pipeline:
     """A Hugging Face image processor, run with ``do_normalize=False``."""
-    def pixels(image: Any) -> Tensor:
-        out = processor(images=image, do_normalize=False, return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(out[0], dtype=torch.float32)
+    return _ProcessorPixels(processor), hf_geometry(processor)
 
-    return pixels, hf_geometry(processor)
+
+@dataclasses.dataclass(frozen=True)
+class _ProcessorPixels:
+    """An image processor's pixel values without normalisation; a class, not a closure, so a
+    dataset holding it can go to DataLoader workers that are spawned."""
+
+    processor: Any
+
+    def __call__(self, image: Any) -> Tensor:
+        out = self.processor(images=image, do_normalize=False, return_tensors="pt")["pixel_values"]
+        return torch.as_tensor(out[0], dtype=torch.float32)
 
 
 def hf_geometry(processor: Any) -> Geometry:
@@ -143,16 +167,31 @@ def _sides(value: Any) -> dict[str, int]:
             ("height", "width", "shortest_edge")}
 
 
-def _tensor_of(transform: Callable[[Any], Any]) -> Callable[[Any], Tensor]:
-    def pixels(image: Any) -> Tensor:
-        return torch.as_tensor(transform(image), dtype=torch.float32)
-    return pixels
+@dataclasses.dataclass(frozen=True)
+class _TensorOf:
+    """A torchvision-style transform's output as float32 (picklable, as ``_ProcessorPixels``)."""
+
+    transform: Callable[[Any], Any]
+
+    def __call__(self, image: Any) -> Tensor:
+        return torch.as_tensor(self.transform(image), dtype=torch.float32)
 
 
 def on_original(cam: Tensor, height: int, width: int,
                 box: tuple[float, float, float, float]) -> Tensor:
     """A map on the model's pixels, (h, w), put back on the original ``height`` x ``width``
-    image: bilinearly resized into ``box`` (rounded to whole pixels), zero outside it."""
+    image: bilinearly resized into ``box`` (``(top, left, bottom, right)`` in the image's
+    pixels, as ``Geometry.box`` or ``LoadedModel.box`` give it; rounded to whole pixels), zero
+    outside it, so an overlay on the original image lines up.
+
+    Example:
+        >>> box = camfunc.models.Geometry(64, (48, 48)).box(60, 90)   # shorter side 64, crop 48
+        >>> box
+        (7.5, 22.5, 52.5, 67.5)
+        >>> full = camfunc.models.on_original(torch.ones(2, 2), 60, 90, box)
+        >>> full.shape, bool(full[8:52, 22:68].gt(0.99).all()), round(full.sum().item())  # 44 x 46
+        (torch.Size([60, 90]), True, 2024)
+    """
     top, left, bottom, right = (round(v) for v in box)
     top, left = max(0, top), max(0, left)
     bottom, right = min(height, max(bottom, top + 1)), min(width, max(right, left + 1))

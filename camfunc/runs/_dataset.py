@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from camfunc.io import IMAGE_SUFFIXES, read_resized_bytes, unit_float
+from camfunc.models import ImageReader
 
 SCENES_PREFIX = "scenes:"
 DEFAULT_SCENES_SEED = 0
@@ -99,14 +100,21 @@ def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
 class ImageFolderData(torch.utils.data.Dataset):
     """An ImageFolder tree read with Pillow, each image resized to ``size`` (H, W) with
     ``channels`` channels, turned by its EXIF orientation when ``exif``. With
-    ``jpeg_bytes``, JPEG files are only read, for the device to decode."""
+    ``jpeg_bytes``, JPEG files are only read, for the device to decode. With ``reader`` (a
+    ``camfunc.models.ImageReader`` with the model's own transform), each image is read
+    through it instead, as float32: the model's resize, crop and interpolation."""
 
     def __init__(self, root: str | Path, size: tuple[int, int], channels: int = 3,
-                 exif: bool = True, jpeg_bytes: bool = False) -> None:
+                 exif: bool = True, jpeg_bytes: bool = False,
+                 reader: ImageReader | None = None) -> None:
+        if reader is not None and jpeg_bytes:
+            raise ValueError("JPEG bytes are decoded on the device with camfunc's whole-image "
+                             "resize; a model's own transform reads them with Pillow")
         self.root = Path(root).resolve()
         height, width = size
         self.size = (height, width)
         self.channels, self.exif, self.jpeg_bytes = channels, exif, jpeg_bytes
+        self.reader = reader
         self.classes, self.files, self.labels = list_image_folder(self.root)
 
     def __len__(self) -> int:
@@ -129,9 +137,11 @@ class ImageFolderData(torch.utils.data.Dataset):
                 if data.startswith(JPEG_MAGIC):
                     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                     return Item(index, blank, self.labels[index], None, "", encoded)
-            # uint8 for 8-bit files: workers ship a quarter of float32's bytes.
-            image = read_resized_bytes(self.files[index], self.size, channels=self.channels,
-                                       exif=self.exif)
+            if self.reader is not None:
+                image = self.reader(self.files[index], exif=self.exif)
+            else:  # uint8 for 8-bit files: workers ship a quarter of float32's bytes.
+                image = read_resized_bytes(self.files[index], self.size, channels=self.channels,
+                                           exif=self.exif)
             error = ""
         except Exception as failure:  # any unreadable file is recorded, never fatal
             image = blank
@@ -185,12 +195,15 @@ def parse_scenes(spec: str) -> tuple[int, int] | None:
 
 
 def open_data(data: str | Path, size: tuple[int, int], channels: int = 3, exif: bool = True,
-              jpeg_bytes: bool = False) -> ImageFolderData | ScenesData:
+              jpeg_bytes: bool = False,
+              reader: ImageReader | None = None) -> ImageFolderData | ScenesData:
     """The dataset ``data`` names, as :func:`run` reads it: an image folder (one subfolder per
-    class, images read at ``size`` with ``channels`` channels, EXIF-turned unless ``exif`` is
-    False; 8-bit images stay uint8 when ``jpeg_bytes``), or ``scenes:N[:SEED]`` (N embedded
-    shapes scenes). Indexing gives an ``Item`` (dataset_index, image, label, mask, error);
-    ``classes`` names the labels.
+    class, images resized whole to ``size`` with ``channels`` channels, EXIF-turned unless
+    ``exif`` is False; 8-bit images stay uint8 when ``jpeg_bytes``; with ``reader``, a model's
+    ``LoadedModel.reader()``, read through the model's own transform instead), or
+    ``scenes:N[:SEED]`` (N embedded shapes scenes, resized whole; ``reader`` is not for them).
+    Indexing gives an ``Item`` (dataset_index, image, label, mask, error); ``classes`` names
+    the labels.
 
     Example:
         >>> data = camfunc.runs.open_data("scenes:8", (64, 64))
@@ -202,7 +215,11 @@ def open_data(data: str | Path, size: tuple[int, int], channels: int = 3, exif: 
         if channels != 3:
             raise ValueError(f"scenes are RGB, but the model takes {channels} channel(s); "
                              "use an image folder")
+        if reader is not None and reader.transform is not None:
+            raise ValueError("scenes are generated tensors, resized whole to the model's size; "
+                             "a model's own transform is for image files")
         return ScenesData(*scenes, size)
     if not isinstance(data, (str, Path)):
         raise TypeError(f"data must be a folder path or 'scenes:N[:SEED]', got {type(data).__name__}")
-    return ImageFolderData(data, size, channels, exif, jpeg_bytes)
+    return ImageFolderData(data, size, channels, exif, jpeg_bytes,
+                           reader if reader is not None and reader.transform is not None else None)

@@ -36,6 +36,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def rank() -> int:
+    """This process's global rank as torchrun set it (0 alone), before the group starts."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def start(device: torch.device) -> Group:
     """Join the group torchrun set up (or the one already running)."""
     if dist.is_available() and dist.is_initialized():

@@ -27,13 +27,23 @@ from camfunc.models import (
     with_normalisation,
 )
 from camfunc.runs import _distributed, _lock, _settings, _shards
-from camfunc.runs._dataset import Batch, collate, open_data
+from camfunc.runs._dataset import (
+    Batch,
+    ImageFolderData,
+    ScenesData,
+    collate,
+    open_data,
+    parse_scenes,
+)
 from camfunc.runs._decode import decoded_batch
 from camfunc.runs._work import Explained, Work, explain_batch
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 METRICS = "metrics.csv"
+
+#: A dataset a run reads: an image folder, or generated scenes.
+Data = ImageFolderData | ScenesData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +128,7 @@ def probe(split: camfunc.Split, loaded: LoadedModel, device: torch.device) -> tu
     return activations.shape[1], scores.shape[1], tuple(activations.shape[2:])
 
 
-def label_classes(data, loaded: LoadedModel, num_classes: int) -> Tensor:
+def label_classes(data: Data, loaded: LoadedModel, num_classes: int) -> Tensor:
     """Dataset label -> model class: by name where the model names every folder, else by order."""
     names = loaded.class_names
     if names and all(c in names for c in data.classes):
@@ -200,8 +210,8 @@ def empty_result(methods: Sequence[str], k: int, map_size: tuple, map_dtype: str
                      torch.zeros(0, k), maps, table)
 
 
-def merge(out: Path, manifest: dict[str, Any], data, count: int, class_names,
-          columns: list[str]) -> dict[str, Any]:
+def merge(out: Path, manifest: dict[str, Any], data: Data, count: int,
+          class_names: Sequence[str] | None, columns: list[str]) -> dict[str, Any]:
     """Rank 0, after every shard is written: index.csv, metrics.csv, and the final manifest."""
     names = [data.name(i) for i in range(len(data))]
     labels = [int(v) for v in data.labels]
@@ -245,8 +255,8 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     Images are read as they are: every Pillow mode, 16-bit and float ones
     scaled to [0, 1] by their range (never clipped), turned by their EXIF
     orientation (``exif=False`` keeps them as stored), with the channels the
-    model takes (grayscale to RGB only for a three-channel model), resized to
-    the model's size and normalised as it expects. An unreadable image is
+    model takes (grayscale to RGB only for a three-channel model), fed as the
+    model is (below) and normalised as it expects. An unreadable image is
     recorded as failed, with the reason, and the run goes on. JPEG files are
     decoded on the device (``torchvision.io.decode_jpeg``, batched; the
     loader's workers only read bytes) with ``decode="device"``, the default
@@ -256,8 +266,20 @@ def run(data: str | Path, out: str | Path, *, model: str | nn.Module = "builtin"
     **Model.** ``model`` is a spec, as for the command line (``"builtin"``,
     ``"torchvision:NAME"``, ``"timm:NAME"`` with ``pretrained_cfg`` a JSON
     overlay, ``"hf:PATH"``, ``"package.module:factory"``, with ``weights`` a
-    state-dict file; ``camfunc.models.load``), fed at its configured size and
-    normalisation unless ``size``, ``mean``/``std`` say otherwise; or an
+    state-dict file; ``camfunc.models.load``). Image files go through the
+    model's own transform where its library states one (timm's
+    ``resolve_data_config`` and ``create_transform``, the folder's
+    ``AutoImageProcessor``, torchvision weights' ``transforms()``: their
+    resize, centre crop and interpolation), normalised by its mean and std;
+    the maps lie on those pixels, and the manifest's ``preprocessing``
+    records the transform, its resize and crop, so they can be put back on
+    the original image (``camfunc.models.Geometry.from_record``,
+    ``camfunc.models.on_original``; ``camfunc report`` does). Such images
+    are read by Pillow in the loader's workers, never on the device, and
+    generated scenes are resized whole: each said in one line on stderr and
+    in the manifest's ``run.notes``. ``size`` resizes the whole image to
+    ``size`` x ``size`` instead (as builtin and factory models always are),
+    and ``mean``/``std`` replace the normalisation. ``model`` may also be an
     ``nn.Module`` in eval mode fed ``size`` x ``size`` (default 224) images,
     normalised by ``mean``/``std`` if given. Random initial weights
     are drawn from ``seed``, so every rank and restart builds the same model.
@@ -345,6 +367,7 @@ class Prepared:
     settings: dict[str, Any]                  # what the results depend on
     fingerprint: str
     count: int                                # shards
+    notes: list[str] = dataclasses.field(default_factory=list)   # preprocessing departures
 
 
 def execute(request: _settings.Request) -> RunResult:
@@ -366,7 +389,8 @@ def execute(request: _settings.Request) -> RunResult:
                 failure = error
         shared = _distributed.broadcast(group, {"summary": summary, "error": _described(failure)})
         _raise_any(failure, [shared["error"]])
-        return shared["summary"]
+        result: RunResult = shared["summary"]
+        return result
     finally:
         lock.release()
         _distributed.finish(group)
@@ -383,9 +407,10 @@ def prepare(request: _settings.Request) -> Prepared:
     decoder = _settings.check_reading(request.exif, request.decode, device)
     loaded, state = load(request.model, request.weights, request.layer, size, request.mean,
                          request.std, options.seed, device, request.pretrained_cfg)
+    loaded, decoder, notes = own_transform(request.data, loaded, decoder)
     split = _user_error(lambda: make_split(loaded, request.layer))
     dataset = open_data(request.data, loaded.size, loaded.channels, request.exif,
-                        jpeg_bytes=decoder == "device")
+                        jpeg_bytes=decoder == "device", reader=loaded.reader())
     channels, num_classes, layer_size = probe(split, loaded, device)
     if options.topk is not None and options.topk > num_classes:
         raise ValueError(f"classes={options.classes!r} asks for more classes than the model's "
@@ -396,7 +421,31 @@ def prepare(request: _settings.Request) -> Prepared:
                     method_functions, channels, layer_size, class_of_label,
                     metric_columns(options.metrics, hasattr(dataset, "masks")), settings,
                     _settings.fingerprint(settings),
-                    _shards.shard_count(len(dataset), options.shard_size))
+                    _shards.shard_count(len(dataset), options.shard_size), notes)
+
+
+def own_transform(data: str | Path, loaded: LoadedModel,
+                  decoder: str) -> tuple[LoadedModel, str, list[str]]:
+    """The model, the JPEG decoder and notes, where the model has its own transform (timm's,
+    an image processor's, torchvision weights'): image files go through it, read by Pillow in
+    the loader's workers (the device decoder only resizes whole); generated scenes are resized
+    whole. Each departure is a one-line note on stderr (rank 0) and in the manifest."""
+    if loaded.pipeline is None:
+        return loaded, decoder, []
+    notes = []
+    if isinstance(data, str) and parse_scenes(data) is not None:
+        notes.append(f"scenes are resized whole to the model's {loaded.size[1]}x{loaded.size[0]}; "
+                     f"its own ({loaded.source}) transform is for image files")
+        loaded = dataclasses.replace(loaded, pipeline=None)
+    elif decoder == "device":
+        notes.append(f"JPEGs are decoded by Pillow, not on the device: the model's own "
+                     f"({loaded.source}) transform runs in the loader's workers (give --size to "
+                     "resize whole and decode on the device)")
+        decoder = "pillow"
+    if _distributed.rank() == 0:
+        for note in notes:
+            print(f"camfunc run: note: {note}", file=sys.stderr)
+    return loaded, decoder, notes
 
 
 def begin_manifest(prepared: Prepared, group: _distributed.Group,
@@ -408,7 +457,9 @@ def begin_manifest(prepared: Prepared, group: _distributed.Group,
                 "run": {"world_size": group.world, "batch_size": options.batch_size,
                         "num_workers": options.num_workers, "device": str(prepared.device),
                         "compile": bool(request.compile), "data": str(request.data),
-                        "out": str(prepared.out), "decode": prepared.decoder},
+                        "out": str(prepared.out), "decode": prepared.decoder,
+                        **({"notes": prepared.notes} if prepared.notes else {})},
+                "preprocessing": prepared.loaded.preprocessing(),
                 "versions": _settings.versions(), "num_images": len(prepared.dataset),
                 "num_shards": prepared.count, "recomputed": damaged}
     if group.rank == 0:
@@ -489,15 +540,17 @@ def _raise_any(own: BaseException | None, reported: list[str | None]) -> None:
         raise RuntimeError("the run failed on another rank: " + "; ".join(errors))
 
 
-def result_settings(dataset, model: str | nn.Module, state: str, split: camfunc.Split,
+def result_settings(dataset: Data, model: str | nn.Module, state: str, split: camfunc.Split,
                     loaded: LoadedModel, options: _settings.Options) -> dict[str, Any]:
     """Everything the results depend on: what the fingerprint hashes."""
     return {"format": _shards.FORMAT, "data": dataset.identity(),
             "model": {"spec": model if isinstance(model, str) else type(model).__qualname__,
                       "weights_sha256": state, "layers": list(split.layers),
                       "size": list(loaded.size), "mean": loaded.mean, "std": loaded.std,
-                      # Whose config fed the model; left out for camfunc's own, as before.
-                      **({} if loaded.source == "camfunc" else {"source": loaded.source})},
+                      # Whose config fed the model, and its transform; left out for
+                      # camfunc's own, as before.
+                      **({} if loaded.source == "camfunc" else
+                         {"source": loaded.source, "preprocessing": loaded.preprocessing()})},
             "methods": list(options.methods), "classes": options.classes,
             "metrics": options.metrics, "map_dtype": options.map_dtype,
             "upsample": options.upsample, "shard_size": options.shard_size, "seed": options.seed}
@@ -541,7 +594,7 @@ def timing(stats: list[dict[str, Any]], total_seconds: float) -> dict[str, Any]:
             "total_seconds": total_seconds, "ranks": stats}
 
 
-def process(work: Work, dataset, out: Path, shards: list[int], options: _settings.Options,
+def process(work: Work, dataset: Data, out: Path, shards: list[int], options: _settings.Options,
             common: dict[str, Any], empty: Explained, show: bool,
             device: torch.device) -> tuple[int, float]:
     """This rank's shards, batch by batch; each shard written as soon as its last batch is done."""
@@ -571,10 +624,11 @@ def process(work: Work, dataset, out: Path, shards: list[int], options: _setting
     return processed, time.perf_counter() - start
 
 
-def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset) -> None:
+def add_batch(buffer: ShardBuffer, work: Work, batch: Batch, dataset: Data) -> None:
     if work.decode is not None:
+        assert isinstance(dataset, ImageFolderData)  # decoding on the device reads files
         batch = work.decode(batch, [dataset.files[i] for i in batch.indices.tolist()])
-    for index, error in zip(batch.indices.tolist(), batch.errors):
+    for index, error in zip(batch.indices.tolist(), batch.errors, strict=True):
         if error:
             buffer.failed.append({"index": index, "name": dataset.name(index), "reason": error})
     explained = explain_batch(work, batch)

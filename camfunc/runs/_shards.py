@@ -15,7 +15,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -188,7 +188,7 @@ def shards_in_order(out: Path, count: int) -> Iterator[dict[str, Any]]:
 
 
 def metric_rows(shard: dict[str, Any], names: list[str],
-                class_names: list[str] | None) -> Iterator[dict[str, Any]]:
+                class_names: Sequence[str] | None) -> Iterator[dict[str, Any]]:
     """One row per image, method and explained class (rank 0 = first class)."""
     classes, scores, probabilities = shard["classes"], shard["scores"], shard["probabilities"]
     for row, index in enumerate(shard["indices"].tolist()):

@@ -80,7 +80,7 @@ def _close(got: Tensor, want: Tensor, what: str, method: Method, case: Case,
 
 
 def _sample_target(cls: Any, i: int) -> Any:
-    if isinstance(cls, Tensor) and cls.ndim >= 1 or isinstance(cls, (list, tuple)):
+    if (isinstance(cls, Tensor) and cls.ndim >= 1) or isinstance(cls, (list, tuple)):
         return cls[i:i + 1]  # one class per sample (or a row of classes per sample)
     return cls
 
