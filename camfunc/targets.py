@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor
 from camfunc._core.targets import class_scores
 
 __all__ = ["Binary", "BoxScore", "Segmentation", "Similarity", "Softmax", "binary", "box_score",
-           "clip", "segmentation", "similarity", "softmax"]
+           "clip", "segmentation", "similarity", "softmax", "yolo_detections"]
 
 
 def _per_sample(values: Tensor, shared_ndim: int, batch: int, device: torch.device,
@@ -244,8 +244,11 @@ class BoxScore:
     boxes: tuple[Tensor, ...]
     labels: tuple[Tensor, ...]
     iou_threshold: float
+    decode: Callable[[Any], Any] | None = None
 
     def __call__(self, output: Any) -> Tensor:
+        if self.decode is not None:
+            output = self.decode(output)
         if not isinstance(output, Sequence) or not all(isinstance(o, Mapping) for o in output):
             raise ValueError(f"box_score reads a detector's list of per-image dicts (boxes, labels, "
                              f"scores), got {type(output).__name__}")
@@ -276,7 +279,8 @@ class BoxScore:
 
 
 def box_score(boxes: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor],
-              iou_threshold: float = 0.5) -> BoxScore:
+              iou_threshold: float = 0.5, *,
+              decode: Callable[[Any], Any] | None = None) -> BoxScore:
     r"""How well a detector still finds the reference boxes: for each reference box, the
     detection with the highest IoU; if that IoU is above ``iou_threshold`` and its label is
     the box's, it adds :math:`\mathrm{IoU} + \mathrm{score}`. Summed per image; an image
@@ -307,4 +311,41 @@ def box_score(boxes: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor
                              f"{tuple(each.shape)}")
         checked.append(each)
     return BoxScore(tuple(checked), tuple(torch.as_tensor(each).long().detach() for each in labels),
-                    float(iou_threshold))
+                    float(iou_threshold), decode)
+
+
+def yolo_detections(output: Any) -> list[dict[str, Tensor]]:
+    r"""An Ultralytics YOLO output as torchvision's per-image dicts, every anchor a detection.
+
+    Reads the ``(B, 4 + C, N)`` tensor that Ultralytics' ``Detect`` head returns in eval
+    mode (alone, or first in its ``(predictions, raw)`` pair): for anchor :math:`n`, a box
+    :math:`(c_x, c_y, w, h)` in input pixels and C class probabilities :math:`p_{c,n}`.
+    Image ``i`` gets ``boxes`` :math:`(c_x \mp w/2,\ c_y \mp h/2)` as x1, y1, x2, y2,
+    ``scores`` :math:`\max_c p_{c,n}` and ``labels`` :math:`\arg\max_c p_{c,n}`, for all
+    N anchors. There is no NMS and no threshold, so :func:`box_score` compares each
+    reference box with every anchor; a box taken from the model's own (NMS'd) detections
+    matches the anchor it came from. A head switched to end-to-end decoding (its ``end2end``
+    flag, YOLOv10 and YOLO26) returns ``(B, max_det, 6)`` instead, which is refused.
+    pytorch-grad-cam has no YOLOv8 target; its ``FasterRCNNBoxScoreTarget``, on a model
+    wrapped to return these dicts, scores the same.
+
+    Example:
+        >>> s = camfunc.split(yolo, "model.9", example_input=x)   # a DetectionModel
+        >>> decode = camfunc.targets.yolo_detections
+        >>> target = camfunc.targets.box_score(boxes, labels, decode=decode)
+        >>> camfunc.gradcam(s, x, target).shape
+    """
+    predictions = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(predictions, Tensor) or predictions.ndim != 3 or predictions.shape[1] < 5:
+        got = tuple(predictions.shape) if isinstance(predictions, Tensor) else type(output).__name__
+        raise ValueError(f"yolo_detections reads a YOLO Detect output (B, 4 + classes, anchors), "
+                         f"got {got}")
+    if predictions.shape[2] == 6:  # a Detect head has at least 21 anchors (three levels)
+        raise ValueError(f"yolo_detections reads (B, 4 + classes, anchors); "
+                         f"{tuple(predictions.shape)} looks like an end-to-end head's "
+                         "(B, max_det, 6) detections")
+    centre, half = predictions[:, :2], predictions[:, 2:4] / 2
+    boxes = torch.cat([centre - half, centre + half], 1).transpose(1, 2)  # (B, N, 4)
+    scores, labels = predictions[:, 4:].max(1)
+    return [{"boxes": b, "scores": s, "labels": lab}
+            for b, s, lab in zip(boxes, scores, labels, strict=True)]

@@ -7,6 +7,9 @@ from pathlib import Path
 # pytester runs a researcher's test files against the installed plugin (tests/test_pytest_plugin.py).
 pytest_plugins = ["pytester"]
 
+# Ultralytics checks for a network on import; the tests build YOLO from configs and need none.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
 # Tests import their shared helpers as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
 

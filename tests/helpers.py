@@ -155,6 +155,28 @@ def pytorch_grad_cam_raw(extractor, layer, x: torch.Tensor, classes: list[int],
     return torch.from_numpy(np.maximum(raw, 0) if relu else raw).float()
 
 
+def pytorch_grad_cam_box_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor,
+                                  boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """pytorch-grad-cam's Grad-CAM for its ``FasterRCNNBoxScoreTarget``, one per image, at the
+    layer's resolution and ReLU'd: its own hooks and backward on a ``model`` that returns
+    torchvision's per-image dicts. Clears the gradients it leaves on the parameters."""
+    import numpy as np
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    peer_targets = [FasterRCNNBoxScoreTarget(lab.tolist(), box.numpy())
+                    for box, lab in zip(boxes, labels, strict=True)]
+    with GradCAM(model, [layer]) as extractor:
+        outputs = extractor.activations_and_grads(x)
+        model.zero_grad()
+        sum(t(o) for t, o in zip(peer_targets, outputs, strict=True)).backward()
+        acts = extractor.activations_and_grads.activations[0].numpy()
+        grads = extractor.activations_and_grads.gradients[0].numpy()
+        raw = extractor.get_cam_image(x, layer, peer_targets, acts, grads, False)
+    model.zero_grad(set_to_none=True)
+    return torch.from_numpy(np.maximum(raw, 0)).float()
+
+
 class LinearTail(nn.Module):
     """The original CAM's setting: global average pool -> linear."""
 

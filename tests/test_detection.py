@@ -2,10 +2,9 @@
 layer from their own modules, giving pytorch-grad-cam's Grad-CAM (box-score target, its own
 hooks) and Eigen-CAM maps, at a square and a non-square size, with the model untouched."""
 
-import numpy as np
 import pytest
 import torch
-from helpers import assert_unchanged, pytorch_grad_cam_raw, snapshot
+from helpers import assert_unchanged, pytorch_grad_cam_box_gradcam, pytorch_grad_cam_raw, snapshot
 from torchvision.models.detection import (
     FCOS,
     MaskRCNN,
@@ -80,23 +79,6 @@ def _references(found, counts=(3, 1)):
     return boxes, labels
 
 
-def _peer_gradcam(model, layer, x, boxes, labels):
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
-
-    peer_targets = [FasterRCNNBoxScoreTarget(lab.tolist(), box.numpy())
-                    for box, lab in zip(boxes, labels, strict=True)]
-    with GradCAM(model, [layer]) as extractor:
-        outputs = extractor.activations_and_grads(x)
-        model.zero_grad()
-        sum(t(o) for t, o in zip(peer_targets, outputs, strict=True)).backward()
-        acts = extractor.activations_and_grads.activations[0].numpy()
-        grads = extractor.activations_and_grads.gradients[0].numpy()
-        raw = extractor.get_cam_image(x, layer, peer_targets, acts, grads, False)
-    model.zero_grad(set_to_none=True)
-    return torch.from_numpy(np.maximum(raw, 0)).float()
-
-
 @pytest.mark.parametrize("size", SIZES, ids=["square", "non-square"])
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_gradcam_and_eigencam_equal_the_peers(name, size):
@@ -117,7 +99,7 @@ def test_gradcam_and_eigencam_equal_the_peers(name, size):
     assert_unchanged(before, model)
 
     module = model.get_submodule(layer)
-    peer = _peer_gradcam(model, module, x, boxes, labels)
+    peer = pytorch_grad_cam_box_gradcam(model, module, x, boxes, labels)
     assert maps.shape == peer.shape and peer.max() > 0
     assert torch.allclose(maps, peer, rtol=1e-4, atol=1e-5 * peer.max().item())
 

@@ -98,6 +98,24 @@ def test_box_score_of_degenerate_boxes_is_finite_and_so_is_its_gradient():
                                                   [torch.tensor([1, 1])], 0.5))
 
 
+def test_yolo_detections_and_a_box_score_through_them_by_hand():
+    # One image, two anchors, two classes; rows cx, cy, w, h, p0, p1.
+    out = torch.tensor([[[10.0, 30.0], [20.0, 30.0], [4.0, 10.0], [6.0, 2.0], [0.9, 0.2],
+                         [0.3, 0.7]]])
+    found = targets.yolo_detections((out, {}))  # the eval pair: its first element is read
+    assert found[0]["boxes"].tolist() == [[8.0, 17.0, 12.0, 23.0], [25.0, 29.0, 35.0, 31.0]]
+    assert found[0]["scores"].tolist() == pytest.approx([0.9, 0.7])
+    assert found[0]["labels"].tolist() == [0, 1]
+    # The first reference is anchor 0's box shifted by 1: IoU 18/30; the second's anchor says class 1.
+    target = targets.box_score(torch.tensor([[9.0, 17, 13, 23], [25.0, 29, 35, 31]]),
+                               torch.tensor([0, 0]), decode=targets.yolo_detections)
+    assert target(out).tolist() == pytest.approx([18 / 30 + 0.9])
+    with pytest.raises(ValueError, match="end-to-end"):
+        targets.yolo_detections(torch.zeros(1, 300, 6))
+    with pytest.raises(ValueError, match="YOLO Detect output"):
+        targets.yolo_detections(found)
+
+
 # ---------------------------------------------------------------- against the peer's targets
 
 
