@@ -30,6 +30,7 @@ from camfunc._core.ops import upsample
 from camfunc._core.split import Split
 from camfunc._methods import finercam
 from camfunc._util.atomic import write_atomic, write_json
+from camfunc._util.images import failure_reason
 from camfunc._version import __version__
 from camfunc.models import LoadedModel, UsageError, load, make_split, resolve_methods
 from camfunc.viz import figure, overlay
@@ -114,8 +115,8 @@ def explain(model: LoadedModel | str, image: str | Path, *, expected: int | str 
     wanted = None if expected is None else class_index(loaded, expected)
     try:
         original, seen = loaded.read(image, exif=exif)
-    except (OSError, ValueError) as error:
-        raise UnreadableImage(str(error).splitlines()[0]) from None
+    except Exception as error:  # whatever the decoder raised, one line
+        raise UnreadableImage(failure_reason(error)) from None
     split = split if split is not None else make_split(loaded, layer)
     x = loaded.normalise(seen.unsqueeze(0))
     with torch.no_grad():

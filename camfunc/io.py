@@ -18,6 +18,7 @@ from camfunc._util.atomic import write_atomic, write_json, write_text_atomic
 from camfunc._util.images import (
     IMAGE_SUFFIXES,
     expand_images,
+    failure_reason,
     open_image,
     read_image,
     read_opened,
@@ -28,7 +29,7 @@ from camfunc._util.images import (
 )
 from camfunc._util.progress import progress, progress_bar
 
-__all__ = ["IMAGE_SUFFIXES", "expand_images", "open_image", "progress", "progress_bar",
+__all__ = ["IMAGE_SUFFIXES", "expand_images", "failure_reason", "open_image", "progress", "progress_bar",
            "read_image", "read_opened", "read_resized", "read_resized_bytes", "read_shown",
            "unit_float",
            "write_atomic", "write_json", "write_text_atomic"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.md"))
@@ -34,6 +35,9 @@ def test_every_tutorial_is_in_the_nav():
 @pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # A tutorial that imports Ultralytics has PIL.Image.open replaced process-wide; it is
+    # put back after the page, so later tests read images as without it.
+    monkeypatch.setattr(Image, "open", Image.open)
     torch.manual_seed(0)
     namespace: dict = {"__name__": f"tutorial_{page.stem.replace('-', '_')}"}
     exec(compile(code_of(page), str(page), "exec"), namespace)

@@ -106,6 +106,22 @@ def open_image(path: str | Path, exif: bool = True, data: bytes | None = None) -
         raise ValueError(f"corrupt image {path}: {error}") from None
 
 
+def failure_reason(error: BaseException) -> str:
+    """Why a file could not be read, in one line: the message of camfunc's own
+    ``OSError``/``ValueError``, else the exception's type and message (a decoder plugin, or
+    a library that replaced ``Image.open``, can raise anything).
+
+    Example:
+        >>> camfunc.io.failure_reason(ValueError("corrupt image cat.png: truncated\\nmore"))
+        'corrupt image cat.png: truncated'
+        >>> camfunc.io.failure_reason(ModuleNotFoundError("No module named 'pi_heif'"))
+        "ModuleNotFoundError: No module named 'pi_heif'"
+    """
+    text = str(error) if isinstance(error, (OSError, ValueError)) else \
+        f"{type(error).__name__}: {error}"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def is_deep(image: Any) -> bool:
     """More than 8 bits a sample: scaled by range, not converted by Pillow."""
     mode: str = image.mode

@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 
 from torch import Tensor
 
+from camfunc.io import failure_reason
 from camfunc.models import LoadedModel, UsageError
 
 # What add_subparsers returns; argparse names no public type for it.
@@ -60,9 +61,10 @@ def read_batches(paths: list[Path], loaded: LoadedModel, batch_size: int,
         for index in range(start, min(start + batch_size, len(paths))):
             try:
                 stored, resized = loaded.read(paths[index], exif=exif)
-            except (OSError, ValueError) as error:
-                error_line(str(error))
-                failed.append({"path": str(paths[index]), "reason": str(error)})
+            except Exception as error:  # any unreadable file is recorded; the rest go on
+                reason = failure_reason(error)
+                error_line(reason)
+                failed.append({"path": str(paths[index]), "reason": reason})
                 continue
             warning = None if loaded.pipeline is not None else \
                 squash_warning(paths[index], stored, loaded.size)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from camfunc.io import IMAGE_SUFFIXES, read_resized_bytes, unit_float
+from camfunc.io import IMAGE_SUFFIXES, failure_reason, read_resized_bytes, unit_float
 from camfunc.models import ImageReader
 
 SCENES_PREFIX = "scenes:"
@@ -145,8 +145,7 @@ class ImageFolderData(torch.utils.data.Dataset):
             error = ""
         except Exception as failure:  # any unreadable file is recorded, never fatal
             image = blank
-            error = str(failure) if isinstance(failure, (OSError, ValueError)) \
-                else f"{type(failure).__name__}: {failure}"
+            error = failure_reason(failure)
         return Item(index, image, self.labels[index], None, error)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camfunc.io import open_image, read_opened, unit_float
+from camfunc.io import failure_reason, open_image, read_opened, unit_float
 from camfunc.runs._dataset import Batch
 
 
@@ -36,8 +36,8 @@ def decoded_batch(batch: Batch, names: Sequence[str], size: tuple[int, int], cha
             try:
                 image = read_opened(open_image(names[row], exif, files[row].numpy().tobytes()),
                                     size, channels, names[row]).to(device)
-            except (OSError, ValueError) as error:
-                errors[row] = str(error)
+            except Exception as error:  # any unreadable file is recorded, never fatal
+                errors[row] = failure_reason(error)
                 continue
         else:
             image = resized(image, size)
