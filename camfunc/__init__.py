@@ -8,7 +8,7 @@ one pass with ``torch.func.vmap``. Nothing is registered on the model.
 The package is layered; each layer imports only from those above it here:
 ``_util`` (files, images, progress), ``_core`` (the split, targets, the
 gradients engine), ``_methods`` (one module per CAM method), ``_tools``
-(whole-model methods and wrappers), ``metrics``, ``viz`` and ``models``, this
+(whole-model methods and wrappers), ``metrics``, ``viz``, ``models`` and ``evidence``, this
 namespace, then the applications: ``testing``, ``runs`` (dataset-scale runs) and
 ``cli``, which use only public names. ``runs`` is loaded on first use of
 ``camfunc.runs``, so that it can build on this namespace.

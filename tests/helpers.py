@@ -276,3 +276,18 @@ def assert_gradcam_oracle(split, model: nn.Module, layer: str, x: torch.Tensor, 
     assert want.amax() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     return got
+
+
+def saved_timm(folder, name: str, num_classes: int, config: dict):
+    """A random-weight timm model (seed 0) saved as ``folder/ckpt.pt``, with ``config`` as
+    ``folder/cfg.json`` (a pretrained-config overlay): what ``--weights`` and
+    ``--pretrained-cfg`` take. Returns ``folder``."""
+    import json
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    torch.save(model.state_dict(), folder / "ckpt.pt")
+    (folder / "cfg.json").write_text(json.dumps(config))
+    return folder

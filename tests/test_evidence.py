@@ -10,6 +10,7 @@ import json
 import numpy
 import pytest
 import torch
+from helpers import saved_timm
 from PIL import Image
 from test_cli import camfunc_cli
 
@@ -134,11 +135,8 @@ def test_expected_with_class_is_refused(scene, tmp_path):
 
 def test_timm_bundle_records_its_own_crop(scene, tmp_path):
     timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
-    (tmp_path / "cfg.json").write_text(json.dumps({"num_classes": 3, "input_size": [3, 48, 48],
-                                                   "crop_pct": 0.75, "label_names": ["a", "b", "c"]}))
+    saved_timm(tmp_path, "resnet18", 3, {"num_classes": 3, "input_size": [3, 48, 48],
+                                         "crop_pct": 0.75, "label_names": ["a", "b", "c"]})
     done = camfunc_cli("explain", scene, "--model", "timm:resnet18", "--weights", tmp_path / "ckpt.pt",
                        "--pretrained-cfg", tmp_path / "cfg.json", "--expected", "b",
                        "--out", tmp_path / "out")

@@ -11,6 +11,7 @@ import json
 import numpy
 import pytest
 import torch
+from helpers import saved_timm
 from PIL import Image
 from test_cli import camfunc_cli
 
@@ -47,14 +48,9 @@ def hf_vit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def timm_resnet(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=5)
-    torch.save(model.state_dict(), folder / "ckpt.pt")
-    (folder / "cfg.json").write_text(json.dumps({
+    return saved_timm(tmp_path_factory.mktemp("timm"), "resnet18", 5, {
         "num_classes": 5, "input_size": [3, 48, 48], "mean": [0.1, 0.2, 0.3],
-        "std": [0.3, 0.2, 0.1], "interpolation": "bilinear", "label_names": ["a", "b", "c", "d", "e"]}))
-    return folder
+        "std": [0.3, 0.2, 0.1], "interpolation": "bilinear", "label_names": ["a", "b", "c", "d", "e"]})
 
 
 def api_maps(loaded, layer, picture, cls):

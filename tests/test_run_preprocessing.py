@@ -15,6 +15,7 @@ import math
 import numpy
 import pytest
 import torch
+from helpers import saved_timm
 from PIL import Image
 from test_cli import camfunc_cli
 from torch import nn
@@ -61,12 +62,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def timm_model(tmp_path_factory):
     """A random-weight resnet10t with a non-default pretrained config (crop_pct, mean, std)."""
-    folder = tmp_path_factory.mktemp("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=2)
-    torch.save(model.state_dict(), folder / "ckpt.pt")
-    (folder / "cfg.json").write_text(json.dumps(TIMM_CFG))
-    return folder
+    return saved_timm(tmp_path_factory.mktemp("timm"), "resnet10t", 2, TIMM_CFG)
 
 
 @pytest.fixture(scope="module")

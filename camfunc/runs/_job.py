@@ -358,7 +358,7 @@ class Prepared:
     decoder: str                              # "device" or "pillow"
     loaded: LoadedModel
     split: camfunc.Split
-    dataset: Any
+    dataset: Data
     methods: dict[str, Callable[..., Any]]
     layer_channels: int
     layer_size: tuple[int, ...]
